@@ -1,0 +1,545 @@
+"""The few pieces every experiment script shares: data, feature metrics, distributed set-up,
+checkpoints, results and command-line plumbing. Importing this module has no side effects.
+
+Conventions: accuracies are percentages (0-100); images are uint8 tensors (N, C, H, W); labels int64.
+Data live under one root (`--data-dir`, default $DATA_DIR or ./data), one folder per data set.
+"""
+import argparse, gzip, json, math, os, pickle, re, signal, subprocess, sys, tarfile, time
+from collections import Counter, namedtuple
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing file); printed as one line, no traceback."""
+
+
+def run_main(main):
+    """Run `main()`, turning UserError into a one-line message and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check(cond, msg):
+    if not cond:
+        raise UserError(msg)
+
+
+def parse_list(text, typ=float, flag="list"):
+    """'0,1,10' -> [0.0, 1.0, 10.0]; a one-line UserError naming the flag on bad input."""
+    items = [s.strip() for s in str(text).split(",") if s.strip()]
+    check(items, f"{flag} is empty: give a comma-separated list, e.g. {flag} 0,1,10")
+    try:
+        return [typ(s) for s in items]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: every item must be a {typ.__name__}") from None
+
+
+def add_common_args(p, script):
+    """The flags every script shares (see README, 'Conventions')."""
+    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"), help="data root ($DATA_DIR)")
+    p.add_argument("--out", default=None, help=f"output dir (default out/{script}/<run-name>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny CPU-sized run (tests)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--no-download", action="store_true", help="never try to download data")
+    p.add_argument("--stop-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: act as if SIGTERM came here
+    return p
+
+
+def prepare_out_dir(path):
+    """Create the output dir and prove it is writable before any training starts."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out {path} is not writable ({e.strerror}): pick another directory") from None
+    return path
+
+# ----------------------------------------------------------------------------------------------------
+# data
+
+DATASET_STATS = {  # channel mean / std of the training split, in [0, 1] units
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "mnist": ((0.5,), (0.5,)),  # the self-modeling paper's Normalize(0.5, 0.5)
+    "imagenet100": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "imagenet100": 100, "imdb": 2}
+_SOURCES = {  # folder, archive url, official md5
+    "cifar10": ("cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                "c58f30108f718f92721af3b95e74349a"),
+    "cifar100": ("cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                 "eb9058c3a382ffc7106e4002c42a8d85"),
+    "imdb": ("aclImdb", "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",
+             "7c2ac02c03563afcf9b574c7e56c153a"),
+}
+_MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+_MNIST_FILES = {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+                "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+                "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}
+
+
+def _ensure(root, names, download, fetch):
+    """Return `root` if every file in `names` is there, else download (if allowed) or fail in one line."""
+    missing = [n for n in names if not os.path.exists(os.path.join(root, n))]
+    if missing and download:
+        try:
+            fetch()
+        except Exception as e:  # offline, bad md5, read-only disk: all fixable by the user
+            raise UserError(f"could not download into {root} ({type(e).__name__}: {str(e)[:80]}); "
+                            f"put {', '.join(missing)} there or pass --data-dir") from None
+        missing = [n for n in names if not os.path.exists(os.path.join(root, n))]
+    check(not missing, f"missing {', '.join(missing)} in {root}: put the files there or pass --data-dir "
+                       "(drop --no-download to fetch them)")
+    return root
+
+
+def _cifar(name, data_dir, train, download, label_key):
+    from torchvision.datasets.utils import download_and_extract_archive
+    folder, url, md5 = _SOURCES[name]
+    base, root = os.path.join(data_dir, name), os.path.join(data_dir, name, folder)
+    if name == "cifar10":
+        files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    else:
+        files = ["train" if train else "test"]
+    _ensure(root, files, download, lambda: download_and_extract_archive(url, base, md5=md5))
+    xs, ys = [], []
+    for f in files:
+        with open(os.path.join(root, f), "rb") as fh:
+            d = pickle.load(fh, encoding="bytes")  # py2 pickles; we read only data + labels
+        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d[label_key], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def load_cifar10(data_dir, train=True, download=False):
+    return _cifar("cifar10", data_dir, train, download, b"labels")
+
+
+def load_cifar100(data_dir, train=True, download=False):
+    return _cifar("cifar100", data_dir, train, download, b"fine_labels")
+
+
+def load_mnist(data_dir, train=True, download=False):
+    from torchvision.datasets.utils import download_url
+    root = os.path.join(data_dir, "mnist", "MNIST", "raw")
+    prefix = "train" if train else "t10k"
+    names = [f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"]
+    _ensure(root, names, download, lambda: [download_url(_MNIST_URL + n, root, md5=_MNIST_FILES[n]) for n in names])
+
+    def idx(path):  # idx format: zero bytes, dtype code, ndim, then big-endian int32 dims, then raw bytes
+        with gzip.open(path, "rb") as fh:
+            raw = fh.read()
+        ndim = raw[3]
+        dims = np.frombuffer(raw, ">i4", ndim, 4)
+        return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    x = idx(os.path.join(root, names[0]))
+    y = idx(os.path.join(root, names[1]))
+    return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
+
+
+def load_dataset(name, data_dir, train=True, download=False):
+    loaders = {"cifar10": load_cifar10, "cifar100": load_cifar100, "mnist": load_mnist}
+    check(name in loaders, f"--dataset {name!r} is not one of {', '.join(loaders)}")
+    return loaders[name](data_dir, train, download)
+
+
+def cache_dir():
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "decay-sim-selfmodel")
+
+
+def tokenize(text):
+    """Lower-case words (apostrophes kept) and a few punctuation marks; IMDB's <br /> tags dropped."""
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?|[!?.,()]", text.lower().replace("<br />", " "))
+
+
+Imdb = namedtuple("Imdb", "train_x train_y test_x test_y vocab")
+
+
+def load_imdb(data_dir, vocab_size=20000, download=False):
+    """Raw aclImdb reviews -> token-id sequences (lists of int64 tensors) and 0/1 labels (1 = positive).
+
+    Reads `imdb/aclImdb/` or extracts an archive beside it (`aclImdb_v1.tar.gz` as downloaded, or
+    `aclImdb.tar.xz`) into that folder, or into the user cache when the data folder is read-only.
+    Vocabulary: id 0 = padding, 1 = unknown, then the most frequent training words.
+    """
+    base = os.path.join(data_dir, "imdb")
+    folders = [os.path.join(base, "aclImdb"), os.path.join(cache_dir(), "imdb", "aclImdb")]
+    src = next((f for f in folders if os.path.isdir(os.path.join(f, "test", "neg"))), None)
+    if src is None:
+        archives = [os.path.join(base, a) for a in ("aclImdb_v1.tar.gz", "aclImdb.tar.xz", "aclImdb.tar.gz")]
+        if not any(map(os.path.exists, archives)) and download:
+            from torchvision.datasets.utils import download_url
+            _, url, md5 = _SOURCES["imdb"]
+            _ensure(base, ["aclImdb_v1.tar.gz"], True, lambda: download_url(url, base, md5=md5))
+        archive = next((a for a in archives if os.path.exists(a)), None)
+        check(archive, f"no IMDB data in {base}: expected aclImdb/ or aclImdb_v1.tar.gz there; "
+                       "pass --data-dir or drop --no-download")
+        dest = base if os.access(base, os.W_OK) else os.path.dirname(folders[1])
+        os.makedirs(dest, exist_ok=True)
+        with tarfile.open(archive) as tf:
+            members = [m for m in tf.getmembers() if re.match(r"aclImdb/(train|test)/(pos|neg)/[^/]+\.txt$", m.name)]
+            tf.extractall(dest, members=members, filter="data")
+        src = os.path.join(dest, "aclImdb")
+
+    def read(split):
+        texts, labels = [], []
+        for label, sub in ((0, "neg"), (1, "pos")):
+            d = os.path.join(src, split, sub)
+            for f in sorted(os.listdir(d)):
+                with open(os.path.join(d, f), encoding="utf-8") as fh:
+                    texts.append(tokenize(fh.read()))
+                labels.append(label)
+        return texts, torch.tensor(labels, dtype=torch.int64)
+
+    train_t, train_y = read("train")
+    test_t, test_y = read("test")
+    counts = Counter(w for t in train_t for w in t)
+    vocab = ["<pad>", "<unk>"] + [w for w, _ in counts.most_common(max(vocab_size - 2, 0))]
+    ids = {w: i for i, w in enumerate(vocab)}
+    enc = lambda ts: [torch.tensor([ids.get(w, 1) for w in t], dtype=torch.int64) for t in ts]
+    return Imdb(enc(train_t), train_y, enc(test_t), test_y, vocab)
+
+
+def imagenet100_datasets(root, class_file=None, img_size=224, crop_scale=(0.2, 1.0)):
+    """ImageFolder readers of root/train and root/val restricted to the classes listed in `class_file`
+    (one wnid per line; default root/imagenet100.txt), with the usual train / eval transforms."""
+    from torchvision import datasets, transforms as T
+    class_file = class_file or os.path.join(root, "imagenet100.txt")
+    check(os.path.isfile(class_file), f"class list {class_file} not found: pass it or put imagenet100.txt in {root}")
+    wanted = [l.strip() for l in open(class_file) if l.strip()]
+
+    class Subset(datasets.ImageFolder):
+        def find_classes(self, directory):
+            missing = [c for c in wanted if not os.path.isdir(os.path.join(directory, c))]
+            check(not missing, f"{directory} lacks {len(missing)} listed classes, e.g. {missing[0]}")
+            return sorted(wanted), {c: i for i, c in enumerate(sorted(wanted))}
+
+    mean, std = DATASET_STATS["imagenet100"]
+    norm = [T.ToTensor(), T.Normalize(mean, std)]
+    train_tf = T.Compose([T.RandomResizedCrop(img_size, scale=crop_scale, interpolation=T.InterpolationMode.BICUBIC),
+                          T.RandomHorizontalFlip()] + norm)
+    val_tf = T.Compose([T.Resize(int(img_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
+                        T.CenterCrop(img_size)] + norm)
+    for split in ("train", "val"):
+        check(os.path.isdir(os.path.join(root, split)), f"{os.path.join(root, split)} not found: expected "
+                                                        "ImageNet-100 as root/train/<wnid>/*.JPEG and root/val/<wnid>/*.JPEG")
+    return Subset(os.path.join(root, "train"), train_tf), Subset(os.path.join(root, "val"), val_tf)
+
+
+class GPUBatches:
+    """A whole small image set resident on one device, batched, augmented and normalised there.
+
+    `batch_size` is the global batch; each of `world_size` ranks gets batch_size // world_size rows.
+    Shuffling and augmentation draw from a generator seeded by (seed, epoch, batch index), so a run
+    resumed mid-epoch sees exactly the batches it would have seen, and the rows of all ranks together
+    equal the single-process batch. Train: shuffle, random crop after zero padding `pad`, horizontal flip.
+    Eval: fixed order, no augmentation, the last short batch kept, rank r takes rows r::world_size.
+    """
+
+    def __init__(self, images, labels, batch_size, *, train, device="cpu", mean=None, std=None, pad=4,
+                 flip=True, seed=0, rank=0, world_size=1, drop_last=True, channels_last=False):
+        check(batch_size % world_size == 0, f"--batch-size {batch_size} must divide by the {world_size} processes")
+        self.x, self.y = images.to(device), labels.to(device)
+        self.bs, self.train, self.device, self.seed = batch_size, train, torch.device(device), seed
+        self.pad, self.flip = (pad, flip) if train else (0, False)
+        self.rank, self.world, self.drop_last = rank, world_size, drop_last and train
+        self.channels_last = channels_last
+        c = images.shape[1]
+        self.mean = torch.tensor(mean or [0.5] * c, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std or [0.5] * c, device=device).view(1, -1, 1, 1) * 255
+
+    def __len__(self):
+        n = len(self.x)
+        return n // self.bs if self.drop_last else math.ceil(n / self.bs)
+
+    def __iter__(self):
+        return self.epoch(0)
+
+    def _gen(self, *keys):
+        g = torch.Generator()  # CPU generator: identical streams on every device type
+        s = self.seed
+        for k in keys:
+            s = s * 1_000_003 + k + 1
+        g.manual_seed(s % 2**63)
+        return g
+
+    def epoch(self, epoch, start=0):
+        """Yield (x float32 normalised, y) for batches start, start+1, ... of `epoch`."""
+        n = len(self.x)
+        order = torch.randperm(n, generator=self._gen(epoch)) if self.train else torch.arange(n)
+        for i in range(start, len(self)):
+            idx = order[i * self.bs:(i + 1) * self.bs].to(self.device)
+            x = self.x[idx].float()
+            if self.pad or self.flip:
+                x = self._augment(x, self._gen(epoch, i))
+            x = ((x - self.mean) / self.std)[self.rank::self.world]
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.y[idx][self.rank::self.world]
+
+    def _augment(self, x, g):
+        b, c, h, w = x.shape
+        if self.pad:
+            p = self.pad
+            dy = torch.randint(0, 2 * p + 1, (b,), generator=g).to(self.device)
+            dx = torch.randint(0, 2 * p + 1, (b,), generator=g).to(self.device)
+            # black border (raw 0) as torchvision's RandomCrop(padding=4); one gather crops every row
+            xp = F.pad(x, (p, p, p, p))
+            rows = (dy[:, None] + torch.arange(h, device=self.device))[:, None, :, None]
+            cols = (dx[:, None] + torch.arange(w, device=self.device))[:, None, None, :]
+            x = xp[torch.arange(b, device=self.device)[:, None, None, None],
+                   torch.arange(c, device=self.device)[None, :, None, None], rows, cols]
+        if self.flip:
+            m = (torch.rand(b, generator=g) < 0.5).to(self.device).view(-1, 1, 1, 1)
+            x = torch.where(m, x.flip(3), x)
+        return x
+
+# ----------------------------------------------------------------------------------------------------
+# feature metrics (the papers' evaluation protocol)
+
+
+def effective_rank(features, use_exp=False, covariance=True):
+    """Roy & Vetterli effective rank. With s_i = sigma_i / sum_j sigma_j the singular values normalised,
+    H = -sum_i s_i log s_i (natural log) is what arXiv 2404.10947 Eq. 6 calls the effective rank;
+    exp(H) (`use_exp=True`) is Roy & Vetterli's original, in [1, rank]. With `covariance=True` the
+    singular values are those of the feature covariance across samples (rows), as in the paper."""
+    a = features.double()
+    if covariance:
+        a = a - a.mean(0, keepdim=True)
+        a = a.T @ a / max(len(a) - 1, 1)
+    s = torch.linalg.svdvals(a)
+    p = s / s.sum()
+    h = -(p * torch.log(p.clamp_min(1e-300))).sum().item()
+    return math.exp(h) if use_exp else h
+
+
+@torch.no_grad()
+def knn_accuracy(train_f, train_y, test_f, test_y, k=20, T=0.07, chunk=1024):
+    """Weighted kNN (Wu et al. 2018): cosine similarity, votes weighted by exp(sim / T). Top-1 in %."""
+    train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
+    c = int(max(train_y.max(), test_y.max())) + 1
+    k = min(k, len(train_f))
+    correct = 0
+    for i in range(0, len(test_f), chunk):
+        sim, idx = (test_f[i:i + chunk] @ train_f.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), c, device=sim.device)
+        votes.scatter_add_(1, train_y[idx], (sim / T).exp())
+        correct += (votes.argmax(1) == test_y[i:i + chunk]).sum().item()
+    return 100.0 * correct / len(test_f)
+
+
+def linear_probe(train_f, train_y, test_f, test_y, epochs=50, lr=0.1, batch_size=1024, wd=0.0, seed=0):
+    """MAE protocol on frozen features: BatchNorm1d(affine=False, eps=1e-6) + Linear, SGD momentum 0.9
+    with a cosine schedule, trained where the features live. Returns test top-1 in %."""
+    g = torch.Generator().manual_seed(seed)
+    dev = train_f.device
+    c = int(max(train_y.max(), test_y.max())) + 1
+    head = nn.Sequential(nn.BatchNorm1d(train_f.shape[1], affine=False, eps=1e-6), nn.Linear(train_f.shape[1], c))
+    with torch.no_grad():
+        head[1].weight.copy_(torch.randn(head[1].weight.shape, generator=g) * 0.01)
+        head[1].bias.zero_()
+    head.to(dev)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    n = len(train_f)
+    steps = epochs * math.ceil(n / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    train_f, test_f = train_f.float(), test_f.float()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g).to(dev)
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            if len(idx) < 2:  # BatchNorm needs two rows
+                continue
+            loss = F.cross_entropy(head(train_f[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    head.eval()
+    with torch.no_grad():
+        return 100.0 * (head(test_f).argmax(1) == test_y).float().mean().item()
+
+
+def evaluate_features(train_f, train_y, test_f, test_y, k=20, seed=0, probe_epochs=50):
+    """The one evaluation every script and probe.py report, so their numbers agree exactly."""
+    return {"linear_probe": linear_probe(train_f, train_y, test_f, test_y, epochs=probe_epochs, seed=seed),
+            "knn": knn_accuracy(train_f, train_y, test_f, test_y, k=k),
+            "erank": effective_rank(test_f), "erank_exp": effective_rank(test_f, use_exp=True),
+            "feat_norm": test_f.float().norm(dim=1).mean().item()}
+
+# ----------------------------------------------------------------------------------------------------
+# devices, distributed runs, speed
+
+Dist = namedtuple("Dist", "rank local_rank world_size device is_main")
+
+
+def setup_distributed(device="auto"):
+    """Read torchrun's env vars (RANK, LOCAL_RANK, WORLD_SIZE); nccl on GPUs, gloo on the CPU.
+    Without torchrun: one process, rank 0."""
+    check(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"), f"--device {device!r}: use auto, cpu or cuda")
+    cuda = torch.cuda.is_available() and device != "cpu"
+    check(cuda or not device.startswith("cuda"), "--device cuda asked for but no GPU is visible: use --device cpu")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, local, world, dev, rank == 0)
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_gather_cat(t):
+    """Concatenate a tensor's rows from every rank (rows may differ in number); identity when single."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    n = torch.tensor([len(t)], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    m = int(max(s.item() for s in sizes))
+    padded = torch.zeros((m,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[:len(t)] = t
+    out = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:int(s.item())] for o, s in zip(out, sizes)])
+
+
+def autocast(device):
+    """bf16 autocast on GPUs that support it; plain fp32 elsewhere (CPU bf16 is slow and lossy)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+
+
+def peak_flops(device):
+    """Dense bf16 peak of the GPU (for MFU), or None when unknown."""
+    name = device_name(device)
+    for key, peak in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12)):
+        if key in name:
+            return peak
+    return None
+
+
+def count_flops(fn):
+    """FLOPs of running `fn()` once (forward and backward if it does both), by torch's flop counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+class StopSignal:
+    """SIGTERM / SIGINT set a flag instead of killing the process, so the loop can checkpoint and exit.
+    `requested(step)` also fires at `--stop-at-step` (a testing aid) and agrees across DDP ranks."""
+
+    def __init__(self, stop_at_step=None):
+        self.flag, self.stop_at = False, stop_at_step
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, *_):
+        self.flag = True
+
+    def requested(self, step):
+        want = self.flag or (self.stop_at is not None and step >= self.stop_at)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            t = torch.tensor([float(want)], device=dev)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            want = bool(t.item())
+        return want
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints and results
+
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def clean_state_dict(sd):
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k).replace("._orig_mod.", "."): v for k, v in sd.items()}
+
+
+def save_checkpoint(path, obj):
+    """torch.save to a temp file, fsync, then rename over `path`: the old file survives any crash."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    check(os.path.isfile(path), f"no checkpoint at {path}: drop --resume or point --out at the run to continue")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it or restore a copy") from None
+    check(isinstance(ck, dict) and "model" in ck and "config" in ck,
+          f"{path} is not a checkpoint written by this repo (no model/config keys)")
+    ck["model"] = clean_state_dict(ck["model"])
+    return ck
+
+
+def nan_guard(loss, step, ckpt_path):
+    """Stop with a message when the loss is not finite; the last checkpoint on disk is left intact."""
+    if not math.isfinite(float(loss)):
+        where = ckpt_path if ckpt_path and os.path.exists(ckpt_path) else "none written yet"
+        raise UserError(f"loss is {float(loss)} at step {step}; stopped. Last good checkpoint: {where} "
+                        "(lower the learning rate or check the data, then --resume)")
+
+
+def git_commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def write_results(out_dir, script, config, metrics, seconds, device):
+    """out_dir/results.json: config, metrics, device, wall seconds, git commit; written atomically."""
+    res = {"script": script, "config": config, "metrics": metrics, "device": device_name(device),
+           "seconds": round(seconds, 3), "git_commit": git_commit(), "torch": torch.__version__,
+           "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    path = os.path.join(out_dir, "results.json")
+    with open(path + ".tmp", "w") as fh:
+        json.dump(res, fh, indent=2, default=float)
+    os.replace(path + ".tmp", path)
+    return path

@@ -1,0 +1,51 @@
+"""Shared test fixtures: the real data root (skip when absent) and running a script as a user would."""
+import os, subprocess, sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _find_data_dir():
+    for d in (os.environ.get("DATA_DIR"), os.path.join(ROOT, "..", "shared", "data")):
+        if d and os.path.isdir(d):
+            return os.path.abspath(d)
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    d = _find_data_dir()
+    if d is None:
+        pytest.skip("real data not found: set DATA_DIR or put ../shared/data beside the repo")
+    return d
+
+
+def need(data_dir, *parts):
+    """Skip (with the path as reason) unless data_dir/parts exists."""
+    p = os.path.join(data_dir, *parts)
+    if not os.path.exists(p):
+        pytest.skip(f"{p} not present")
+    return p
+
+
+def run_script(args, *, env=None, timeout=300, torchrun=0):
+    """Run `python SCRIPT ARGS` (or `torchrun --nproc_per_node N ...`) from the repo root on the CPU."""
+    e = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
+               "--master_port", str(29500 + os.getpid() % 1000)] + [str(a) for a in args]
+    else:
+        cmd = [sys.executable] + [str(a) for a in args]
+    return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clean_error(proc, *words):
+    """Exit non-zero, one-line message on stderr, no traceback; the message names each of `words`."""
+    err = proc.stderr.strip()
+    assert proc.returncode != 0, f"expected failure, got rc 0\n{proc.stdout[-2000:]}"
+    assert "Traceback" not in err, err[-3000:]
+    last = err.splitlines()[-1] if err else ""
+    for w in words:
+        assert w in last, f"{w!r} not in error line {last!r}"
