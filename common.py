@@ -190,11 +190,14 @@ def load_imdb(data_dir, vocab_size=20000, download=False):
         check(archive, f"no IMDB data in {base}: expected aclImdb/ or aclImdb_v1.tar.gz there; "
                        "pass --data-dir or drop --no-download")
         dest = base if os.access(base, os.W_OK) else os.path.dirname(folders[1])
-        os.makedirs(dest, exist_ok=True)
+        tmp = os.path.join(dest, f".partial{os.getpid()}")  # renamed when complete: no half-extracted cache
+        os.makedirs(tmp, exist_ok=True)
         with tarfile.open(archive) as tf:
             members = [m for m in tf.getmembers() if re.match(r"aclImdb/(train|test)/(pos|neg)/[^/]+\.txt$", m.name)]
-            tf.extractall(dest, members=members, filter="data")
+            tf.extractall(tmp, members=members, filter="data")
         src = os.path.join(dest, "aclImdb")
+        os.replace(os.path.join(tmp, "aclImdb"), src)
+        os.rmdir(tmp)
 
     def read(split):
         texts, labels = [], []
@@ -226,7 +229,7 @@ def imagenet100_datasets(root, class_file=None, img_size=224, crop_scale=(0.2, 1
     class Subset(datasets.ImageFolder):
         def find_classes(self, directory):
             missing = [c for c in wanted if not os.path.isdir(os.path.join(directory, c))]
-            check(not missing, f"{directory} lacks {len(missing)} listed classes, e.g. {missing[0]}")
+            check(not missing, f"{directory} lacks {len(missing)} listed classes: {' '.join(missing[:3])}")
             return sorted(wanted), {c: i for i, c in enumerate(sorted(wanted))}
 
     mean, std = DATASET_STATS["imagenet100"]
@@ -497,11 +500,15 @@ def clean_state_dict(sd):
 def save_checkpoint(path, obj):
     """torch.save to a temp file, fsync, then rename over `path`: the old file survives any crash."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_checkpoint(path):
@@ -543,3 +550,17 @@ def write_results(out_dir, script, config, metrics, seconds, device):
         json.dump(res, fh, indent=2, default=float)
     os.replace(path + ".tmp", path)
     return path
+
+
+@torch.no_grad()
+def extract_features(feature_fn, batches, seed=0):
+    """Run `feature_fn(x, generator) -> {key: (B, D)}` over eval `batches` (a GPUBatches with train=False).
+    The generator (seeded once) serves any noise the features need, so two calls agree exactly.
+    Returns ({key: (N, D) float32}, labels), gathered from every rank."""
+    g = torch.Generator(device=batches.device).manual_seed(seed)
+    feats, ys = {}, []
+    for x, y in batches:
+        for k, f in feature_fn(x, g).items():
+            feats.setdefault(k, []).append(f.float())
+        ys.append(y)
+    return {k: all_gather_cat(torch.cat(v)) for k, v in feats.items()}, all_gather_cat(torch.cat(ys))

@@ -1,0 +1,373 @@
+"""Tests of common.py: real data files, generated stand-ins for the data sets we cannot ship,
+the feature metrics against hand-computed cases, the GPU-resident iterator, checkpoints, distributed set-up."""
+import io, json, math, os, pickle, signal, subprocess, sys, tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+from conftest import ROOT, need, run_script
+
+
+# ---------------------------------------------------------------------------------------------- real data
+
+def test_cifar10_real_files(data_dir):
+    need(data_dir, "cifar10", "cifar-10-batches-py", "data_batch_1")
+    x, y = common.load_cifar10(data_dir, train=True)
+    assert x.shape == (50000, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert torch.equal(y.bincount(), torch.full((10,), 5000))
+    mean = (x.float() / 255).mean((0, 2, 3))
+    assert torch.allclose(mean, torch.tensor([0.4914, 0.4822, 0.4465]), atol=5e-4)
+    xt, yt = common.load_cifar10(data_dir, train=False)
+    assert xt.shape == (10000, 3, 32, 32) and torch.equal(yt.bincount(), torch.full((10,), 1000))
+
+
+def test_mnist_real_files(data_dir):
+    need(data_dir, "mnist", "MNIST", "raw")
+    x, y = common.load_mnist(data_dir, train=True)
+    assert x.shape == (60000, 1, 28, 28) and x.dtype == torch.uint8 and y.shape == (60000,)
+    assert y.min() == 0 and y.max() == 9 and y.bincount()[1] == 6742  # the official count of ones
+    xt, yt = common.load_mnist(data_dir, train=False)
+    assert xt.shape == (10000, 1, 28, 28) and yt[:5].tolist() == [7, 2, 1, 0, 4]
+    assert 0.12 < (x.float() / 255).mean() < 0.14  # MNIST's well-known mean 0.1307
+
+
+def test_imdb_real_archive(data_dir, tmp_path, monkeypatch):
+    need(data_dir, "imdb")
+    d = common.load_imdb(data_dir, vocab_size=5000)
+    assert len(d.train_x) == len(d.train_y) == 25000 and len(d.test_x) == len(d.test_y) == 25000
+    assert d.train_y.sum() == 12500 and d.test_y.sum() == 12500
+    assert len(d.vocab) == 5000 and d.vocab[:2] == ["<pad>", "<unk>"] and "movie" in d.vocab[:50]
+    assert max(int(t.max()) for t in d.train_x[:500]) < 5000
+    assert all(t.dtype == torch.int64 and len(t) > 0 for t in d.test_x[:500])
+
+
+def test_tokenize():
+    assert common.tokenize("Great film!<br /><br />I'd watch it AGAIN.") == \
+        ["great", "film", "!", "i'd", "watch", "it", "again", "."]
+
+# ----------------------------------------------------------------------------------- generated stand-ins
+
+def _write_cifar100(root, n=20):
+    d = root / "cifar100" / "cifar-100-python"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        with open(d / split, "wb") as fh:
+            pickle.dump({b"data": data, b"fine_labels": list(range(n)), b"coarse_labels": [0] * n}, fh)
+    return data
+
+
+def test_cifar100_generated(tmp_path):
+    data = _write_cifar100(tmp_path)
+    x, y = common.load_cifar100(str(tmp_path), train=False)
+    assert x.shape == (20, 3, 32, 32) and y.tolist() == list(range(20))
+    assert torch.equal(x[3].reshape(-1), torch.from_numpy(data[3]))  # channel-major layout kept
+
+
+@pytest.mark.parametrize("name,files", [("cifar10", "data_batch_1"), ("cifar100", "train"),
+                                        ("mnist", "train-images-idx3-ubyte.gz")])
+def test_missing_files_one_line_error(tmp_path, name, files):
+    with pytest.raises(common.UserError) as e:
+        common.load_dataset(name, str(tmp_path), train=True, download=False)
+    msg = str(e.value)
+    assert "\n" not in msg and files in msg and str(tmp_path) in msg and "--data-dir" in msg
+
+
+def test_download_failure_is_one_line(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as u
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(u, "download_and_extract_archive", offline)
+    with pytest.raises(common.UserError, match="could not download"):
+        common.load_cifar10(str(tmp_path), download=True)
+
+
+def _review_tree(root, n=3):
+    for split in ("train", "test"):
+        for lab, word in (("pos", "wonderful"), ("neg", "awful")):
+            d = root / "aclImdb" / split / lab
+            d.mkdir(parents=True)
+            for i in range(n):
+                (d / f"{i}_7.txt").write_text(f"A {word} movie.<br />Truly {word} {i}!")
+
+
+def test_imdb_from_generated_archive_readonly(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    _review_tree(src)
+    data = tmp_path / "data" / "imdb"
+    data.mkdir(parents=True)
+    with tarfile.open(data / "aclImdb_v1.tar.gz", "w:gz") as tf:
+        tf.add(src / "aclImdb", arcname="aclImdb")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(os, "access", lambda p, mode: False)  # a read-only data folder (root ignores chmod)
+    d = common.load_imdb(str(tmp_path / "data"), vocab_size=100)
+    assert len(d.train_x) == 6 and d.train_y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert (tmp_path / "cache" / common.cache_dir().split(os.sep)[-1] / "imdb" / "aclImdb" / "test").is_dir()
+    assert not (data / "aclImdb").exists()
+    neg0 = [d.vocab[i] for i in d.train_x[0]]
+    assert neg0 == ["a", "awful", "movie", ".", "truly", "awful", "0", "!"]
+
+
+def test_imdb_missing_one_line(tmp_path):
+    with pytest.raises(common.UserError, match="aclImdb_v1.tar.gz"):
+        common.load_imdb(str(tmp_path), download=False)
+
+
+def test_imagenet100_folder(tmp_path):
+    from PIL import Image
+    classes = ["n01", "n02", "n03"]
+    (tmp_path / "imagenet100.txt").write_text("n02\nn01\n")  # n03 exists on disk but is not listed
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.JPEG")
+    tr, va = common.imagenet100_datasets(str(tmp_path), img_size=32)
+    assert tr.classes == ["n01", "n02"] and len(tr) == 4 and len(va) == 4
+    x, y = va[3]
+    assert x.shape == (3, 32, 32) and y == 1
+    (tmp_path / "imagenet100.txt").write_text("n09\n")
+    with pytest.raises(common.UserError, match="n09"):
+        common.imagenet100_datasets(str(tmp_path), img_size=32)
+
+# ----------------------------------------------------------------------------------------- GPU batches
+
+def _batches(n=40, bs=8, **kw):
+    x = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 6, 6).contiguous()
+    return common.GPUBatches(x, torch.arange(n), bs, mean=[0.0], std=[1 / 255], **kw)
+
+
+def test_batches_shard_every_index_once():
+    seen = []
+    for rank in (0, 1):
+        b = _batches(train=True, pad=0, flip=False, rank=rank, world_size=2, seed=3)
+        assert len(b) == 5
+        for x, y in b.epoch(2):
+            assert x.shape == (4, 1, 6, 6) and torch.equal(x[:, 0, 0, 0], y.float())  # rows stay paired
+            seen += y.tolist()
+    assert sorted(seen) == list(range(40))
+    single = torch.cat([y for _, y in _batches(train=True, pad=0, flip=False, seed=3).epoch(2)])
+    assert sorted(single.tolist()) == list(range(40)) and not torch.equal(single, torch.arange(40))
+
+
+def test_batches_union_of_ranks_equals_single_process():
+    one = list(_batches(train=True, seed=1).epoch(0))
+    r0, r1 = (list(_batches(train=True, seed=1, rank=r, world_size=2).epoch(0)) for r in (0, 1))
+    for (x, y), (x0, y0), (x1, y1) in zip(one, r0, r1):
+        assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1) and torch.equal(y[1::2], y1)
+
+
+def test_batches_resume_and_reshuffle():
+    b = _batches(train=True, seed=5)
+    full = [y for _, y in b.epoch(1)]
+    tail = [y for _, y in b.epoch(1, start=3)]
+    assert all(torch.equal(a, c) for a, c in zip(full[3:], tail)) and len(tail) == 2
+    assert not torch.equal(torch.cat(full), torch.cat([y for _, y in b.epoch(2)]))
+    b2 = _batches(train=True, seed=6)
+    assert not torch.equal(torch.cat(full), torch.cat([y for _, y in b2.epoch(1)]))
+
+
+def test_batches_crop_and_flip_are_real_augmentations():
+    n = 64
+    img = torch.randint(1, 256, (n, 3, 8, 8), dtype=torch.uint8)
+    b = common.GPUBatches(img, torch.arange(n), 64, train=True, mean=[0, 0, 0], std=[1 / 255] * 3, pad=2, seed=0)
+    x, y = next(iter(b))
+    padded = torch.nn.functional.pad(img.float(), (2, 2, 2, 2))
+    shifted = flipped = 0
+    for xi, i in zip(x, y):
+        hits = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (0, 1)
+                if torch.equal(xi, (lambda w: w.flip(2) if f else w)(padded[i, :, dy:dy + 8, dx:dx + 8]))]
+        assert hits, "output is not a crop of the zero-padded image"
+        shifted += hits[0][:2] != (2, 2)
+        flipped += hits[0][2]
+    assert shifted > n // 2 and 10 < flipped < n - 10
+
+
+def test_batches_eval_keeps_order_and_last_batch():
+    b = _batches(n=10, bs=4, train=False, pad=4, flip=True)
+    ys = [y for _, y in b]
+    assert [len(y) for y in ys] == [4, 4, 2] and torch.equal(torch.cat(ys), torch.arange(10))
+    x, _ = next(iter(b))
+    assert torch.equal(x[:, 0, 0, 0], torch.arange(4.0))  # no augmentation, normalisation exact
+
+
+def test_batches_rejects_indivisible_batch():
+    with pytest.raises(common.UserError, match="--batch-size"):
+        _batches(bs=9, train=True, world_size=2)
+
+# ------------------------------------------------------------------------------------ feature metrics
+
+def test_effective_rank_known_spectra():
+    assert common.effective_rank(torch.eye(4), covariance=False) == pytest.approx(math.log(4))
+    assert common.effective_rank(torch.eye(4), use_exp=True, covariance=False) == pytest.approx(4)
+    assert common.effective_rank(torch.diag(torch.tensor([5.0, 0, 0])), covariance=False) == pytest.approx(0, abs=1e-12)
+    h = common.effective_rank(torch.diag(torch.tensor([3.0, 1.0])), covariance=False)
+    assert h == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    # covariance of these rows is diag(2a^2, 2b^2, 0) / 3: eigenvalues in ratio a^2 : b^2
+    a, b = 2.0, 1.0
+    x = torch.tensor([[a, 0, 0], [-a, 0, 0], [0, b, 0], [0, -b, 0]])
+    assert common.effective_rank(x) == pytest.approx(-(0.8 * math.log(0.8) + 0.2 * math.log(0.2)))
+    assert common.effective_rank(x + 7.0) == pytest.approx(common.effective_rank(x))  # centred
+    iso = torch.randn(20000, 8, generator=torch.Generator().manual_seed(0))
+    assert common.effective_rank(iso, use_exp=True) == pytest.approx(8, rel=0.01)
+
+
+def _clusters(n, d=32, c=10, noise=0.3, seed=0, random_labels=False):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(c, d, generator=torch.Generator().manual_seed(99)) * 2
+    y = torch.randint(0, c, (n,), generator=g)
+    f = centres[y] + noise * torch.randn(n, d, generator=g)
+    if random_labels:
+        y = torch.randint(0, c, (n,), generator=g)
+    return f, y
+
+
+def test_knn_and_probe_separable_vs_random():
+    tr_f, tr_y = _clusters(2000)
+    te_f, te_y = _clusters(500, seed=1)
+    assert common.knn_accuracy(tr_f, tr_y, te_f, te_y) > 99
+    assert common.linear_probe(tr_f, tr_y, te_f, te_y, epochs=10) > 99
+    tr_f, tr_y = _clusters(2000, random_labels=True)
+    te_f, te_y = _clusters(500, seed=1, random_labels=True)
+    assert common.knn_accuracy(tr_f, tr_y, te_f, te_y) < 20  # chance is 10 %
+    assert common.linear_probe(tr_f, tr_y, te_f, te_y, epochs=10) < 20
+
+
+def test_knn_hand_case():
+    # one test point; neighbours: two of class 1 at sim 0.6, one of class 0 at sim 1.0.
+    # weights exp(sim/T): class 0 gets e^{1/T}, class 1 gets 2 e^{0.6/T}; T = 1 -> class 1 wins, T = 0.1 -> class 0
+    tr = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8]])
+    ty = torch.tensor([0, 1, 1])
+    te, tey = torch.tensor([[1.0, 0.0]]), torch.tensor([1])
+    assert common.knn_accuracy(tr, ty, te, tey, k=3, T=1.0) == 100.0
+    assert common.knn_accuracy(tr, ty, te, tey, k=3, T=0.1) == 0.0
+
+
+def test_evaluate_features_is_deterministic():
+    tr_f, tr_y = _clusters(500)
+    te_f, te_y = _clusters(200, seed=1)
+    a = common.evaluate_features(tr_f, tr_y, te_f, te_y, seed=3, probe_epochs=3)
+    b = common.evaluate_features(tr_f, tr_y, te_f, te_y, seed=3, probe_epochs=3)
+    assert a == b and set(a) == {"linear_probe", "knn", "erank", "erank_exp", "feat_norm"}
+    assert a["erank_exp"] == pytest.approx(math.exp(a["erank"]))
+
+# ---------------------------------------------------------------------------------- checkpoints, misc
+
+def test_checkpoint_round_trip_compiled_and_ddp_names(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    compiled = torch.compile(net)  # wrapping only; state_dict keys gain "_orig_mod."
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    wrapper = nn.Module()
+    wrapper.module = compiled  # what DDP(torch.compile(model)) looks like to state_dict
+    assert common.unwrap(wrapper) is net
+    path = str(tmp_path / "ckpt.pt")
+    common.save_checkpoint(path, {"model": wrapper.state_dict(), "config": {"lr": 0.1}, "step": 7})
+    ck = common.load_checkpoint(path)
+    fresh = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    fresh.load_state_dict(ck["model"])  # strict: every key matched after stripping
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
+    assert ck["step"] == 7 and ck["config"] == {"lr": 0.1} and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_checkpoint_atomic_and_corrupt(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    common.save_checkpoint(path, {"model": {"w": torch.ones(2)}, "config": {}})
+    good = open(path, "rb").read()
+
+    def crash(obj, fh):
+        fh.write(b"partial")
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(RuntimeError):
+        common.save_checkpoint(path, {"model": {}, "config": {}})
+    assert open(path, "rb").read() == good and os.listdir(tmp_path) == ["ckpt.pt"]
+    monkeypatch.undo()
+    open(path, "wb").write(good[: len(good) // 2])
+    with pytest.raises(common.UserError, match="not a readable checkpoint"):
+        common.load_checkpoint(path)
+    with pytest.raises(common.UserError, match="no checkpoint"):
+        common.load_checkpoint(str(tmp_path / "nope.pt"))
+    torch.save({"weights": 1}, path)
+    with pytest.raises(common.UserError, match="not a checkpoint written by this repo"):
+        common.load_checkpoint(path)
+
+
+def test_nan_guard_and_parse_list(tmp_path):
+    common.nan_guard(torch.tensor(1.5), 3, None)
+    with pytest.raises(common.UserError, match="step 12.*none written yet"):
+        common.nan_guard(float("nan"), 12, str(tmp_path / "ckpt.pt"))
+    assert common.parse_list("0, 1,10", float, "--aw") == [0.0, 1.0, 10.0]
+    with pytest.raises(common.UserError, match="--aw is empty"):
+        common.parse_list(" , ", float, "--aw")
+    with pytest.raises(common.UserError, match="--layers"):
+        common.parse_list("1,x", int, "--layers")
+
+
+def test_out_dir_and_results(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("")
+    with pytest.raises(common.UserError, match="--out"):
+        common.prepare_out_dir(str(f / "run"))
+    out = common.prepare_out_dir(str(tmp_path / "a" / "b"))
+    p = common.write_results(out, "demo", {"lr": 0.1}, {"acc": np.float32(91.5)}, 1.23456, torch.device("cpu"))
+    r = json.load(open(p))
+    assert r["config"] == {"lr": 0.1} and r["metrics"]["acc"] == 91.5 and r["seconds"] == 1.235
+    assert r["script"] == "demo" and r["device"].startswith("cpu")
+
+
+def test_stop_signal():
+    stop = common.StopSignal(stop_at_step=5)
+    assert not stop.requested(4) and stop.requested(5)
+    stop = common.StopSignal()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.requested(0)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_import_has_no_side_effects(tmp_path):
+    p = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import common"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout == "" and p.stderr == "" and os.listdir(tmp_path) == []
+
+
+def test_setup_distributed_single():
+    d = common.setup_distributed("cpu")
+    assert (d.rank, d.world_size, d.is_main, d.device.type) == (0, 1, True, "cpu")
+    t = torch.arange(3)
+    assert common.all_gather_cat(t) is t
+    with pytest.raises(common.UserError, match="--device"):
+        common.setup_distributed("tpu")
+
+
+DIST_SCRIPT = r"""
+import json, os, sys, torch
+sys.path.insert(0, os.getcwd())
+import common
+d = common.setup_distributed("cpu")
+rows = torch.full((d.rank + 1, 2), float(d.rank))          # rank 0 has 1 row, rank 1 has 2
+g = common.all_gather_cat(rows)
+stop = common.StopSignal(stop_at_step=3 if d.rank == 1 else None)   # only rank 1 wants to stop
+out = {"rank": d.rank, "world": d.world_size, "main": d.is_main, "gathered": g.tolist(),
+       "stop2": stop.requested(2), "stop3": stop.requested(3)}
+json.dump(out, open(os.path.join(sys.argv[1], f"r{d.rank}.json"), "w"))
+common.cleanup_distributed()
+"""
+
+
+def test_setup_distributed_torchrun(tmp_path):
+    script = tmp_path / "dist_check.py"
+    script.write_text(DIST_SCRIPT)
+    p = run_script([script, tmp_path], torchrun=2, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = [json.load(open(tmp_path / f"r{i}.json")) for i in (0, 1)]
+    assert [x["rank"] for x in r] == [0, 1] and all(x["world"] == 2 for x in r)
+    assert [x["main"] for x in r] == [True, False]
+    assert r[0]["gathered"] == r[1]["gathered"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+    assert all(not x["stop2"] and x["stop3"] for x in r)  # a stop on one rank stops every rank
