@@ -285,31 +285,37 @@ class GPUBatches:
         """Yield (x float32 normalised, y) for batches start, start+1, ... of `epoch`."""
         n = len(self.x)
         order = torch.randperm(n, generator=self._gen(epoch)) if self.train else torch.arange(n)
-        for i in range(start, len(self)):
-            idx = order[i * self.bs:(i + 1) * self.bs].to(self.device)
+        order = order.to(self.device)  # one copy per epoch: no host-device sync per batch
+        sizes = [min(self.bs, n - i * self.bs) for i in range(start, len(self))]
+        if self.pad or self.flip:  # every batch's crop offsets and flips drawn up front, copied once
+            params = torch.cat([self._draw(b, self._gen(epoch, i)) for i, b in zip(range(start, len(self)), sizes)], 1)
+            params = params.to(self.device).split(sizes, 1)
+        for j, i in enumerate(range(start, len(self))):
+            idx = order[i * self.bs:(i + 1) * self.bs]
             x = self.x[idx].float()
             if self.pad or self.flip:
-                x = self._augment(x, self._gen(epoch, i))
+                x = self._augment(x, *params[j])
             x = ((x - self.mean) / self.std)[self.rank::self.world]
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.y[idx][self.rank::self.world]
 
-    def _augment(self, x, g):
+    def _draw(self, b, g):
+        p = self.pad
+        return torch.stack([torch.randint(0, 2 * p + 1, (b,), generator=g), torch.randint(0, 2 * p + 1, (b,), generator=g),
+                            (torch.rand(b, generator=g) < 0.5).long()])
+
+    def _augment(self, x, dy, dx, flip):
         b, c, h, w = x.shape
         if self.pad:
-            p = self.pad
-            dy = torch.randint(0, 2 * p + 1, (b,), generator=g).to(self.device)
-            dx = torch.randint(0, 2 * p + 1, (b,), generator=g).to(self.device)
             # black border (raw 0) as torchvision's RandomCrop(padding=4); one gather crops every row
+            p, ar = self.pad, lambda k: torch.arange(k, device=self.device)
             xp = F.pad(x, (p, p, p, p))
-            rows = (dy[:, None] + torch.arange(h, device=self.device))[:, None, :, None]
-            cols = (dx[:, None] + torch.arange(w, device=self.device))[:, None, None, :]
-            x = xp[torch.arange(b, device=self.device)[:, None, None, None],
-                   torch.arange(c, device=self.device)[None, :, None, None], rows, cols]
+            rows = (dy[:, None] + ar(h))[:, None, :, None]
+            cols = (dx[:, None] + ar(w))[:, None, None, :]
+            x = xp[ar(b)[:, None, None, None], ar(c)[None, :, None, None], rows, cols]
         if self.flip:
-            m = (torch.rand(b, generator=g) < 0.5).to(self.device).view(-1, 1, 1, 1)
-            x = torch.where(m, x.flip(3), x)
+            x = torch.where(flip.bool().view(-1, 1, 1, 1), x.flip(3), x)
         return x
 
 # ----------------------------------------------------------------------------------------------------

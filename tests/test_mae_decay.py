@@ -1,0 +1,417 @@
+"""mae_decay.py: the shortcut schedule and blocks against hand computations, masking and skips, the GPU
+crop, a short real CIFAR-10 run that must learn, the probe.py protocol, and issue 8's reliability checks
+(resume bitwise, torchrun 2 processes vs 1, NaN guard, bad flags)."""
+import contextlib, json, math, os, signal
+from collections import namedtuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import mae_decay as M
+from conftest import assert_clean_error, need, run_script
+
+TINY = dict(img_size=32, patch=8, dim=32, depth=4, heads=2, mlp_ratio=4.0, dec_dim=16, dec_depth=2, dec_heads=2,
+            pos_embed="sincos", alpha_min=0.6, decay="linear", decay_where="both", skip=True, mask_ratio=0.75,
+            norm_pix_loss=True)
+FakeDist = namedtuple("FakeDist", "rank world_size device")
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return M.build_model(dict(TINY, **kw))
+
+
+def randomize(model, std=0.2):
+    """Non-zero weights everywhere, so every branch and skip is live."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@contextlib.contextmanager
+def signals_kept():
+    """main() installs SIGTERM/SIGINT handlers (StopSignal); give pytest its own back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny matrices: threads only add contention on a shared CI machine (and change float sums)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_inproc(argv):
+    with one_thread(), signals_kept():
+        M.main(["--device", "cpu"] + [str(a) for a in argv])
+
+
+def cifar(data_dir):
+    need(data_dir, "cifar10", "cifar-10-batches-py", "test_batch")
+    return data_dir
+
+# ---------------------------------------------------------------------------------------------------- formulas
+
+
+def test_decay_schedule_matches_formula():
+    assert torch.allclose(M.decay_schedule(2, 0.7), torch.tensor([[1.0, 0.9], [0.8, 0.7]], dtype=torch.float64),
+                          atol=1e-15)
+    for depth, amin in ((12, 0.6), (5, 0.3), (1, 0.5)):
+        s = M.decay_schedule(depth, amin)
+        assert s.shape == (depth, 2)
+        flat = s.flatten()  # sub-layer order: block 0 attention, block 0 MLP, block 1 attention, ...
+        assert flat[0] == 1.0 and abs(flat[-1] - amin) < 1e-15
+        n = 2 * depth
+        assert torch.allclose(flat, torch.tensor([1 - k * (1 - amin) / (n - 1) for k in range(n)],
+                                                 dtype=torch.float64), atol=1e-14, rtol=0)
+    assert torch.equal(M.decay_schedule(6, 1.0), torch.ones(6, 2, dtype=torch.float64))
+
+
+def test_table3b_variants():
+    r = math.sqrt(0.5)
+    a, b = M.shortcut_coeffs(3, "none", 0.6)
+    assert torch.equal(a, torch.ones(3, 2, dtype=torch.float64)) and torch.equal(b, a)
+    a, b = M.shortcut_coeffs(3, "scale-branch", 0.6)
+    assert (a == 1).all() and torch.allclose(b, torch.full((3, 2), r, dtype=torch.float64))
+    a, b = M.shortcut_coeffs(3, "scale-both", 0.6)
+    assert torch.allclose(a, torch.full((3, 2), r, dtype=torch.float64)) and torch.equal(a, b)
+    s = M.decay_schedule(3, 0.6)
+    a, _ = M.shortcut_coeffs(3, "linear", 0.6, "attn")
+    assert torch.equal(a[:, 0], s[:, 0]) and (a[:, 1] == 1).all()
+    a, _ = M.shortcut_coeffs(3, "linear", 0.6, "mlp")
+    assert torch.equal(a[:, 1], s[:, 1]) and (a[:, 0] == 1).all()
+    m = tiny(decay="scale-both")
+    assert all((blk.a_att, blk.a_mlp, blk.b_att, blk.b_mlp) == (r, r, r, r) for blk in m.blocks)
+
+
+def test_attention_is_softmax_attention():
+    attn = randomize(M.Attention(16, 2), 0.3)
+    x = torch.randn(3, 7, 16)
+    q, k, v = attn.qkv(x).view(3, 7, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1)
+    ref = attn.proj((w @ v).transpose(1, 2).reshape(3, 7, 16))
+    assert torch.allclose(attn(x), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("decay,amin", [("none", 0.6), ("linear", 1.0)])
+def test_plain_residual_is_a_standard_prenorm_block(decay, amin):
+    model = randomize(tiny(decay=decay, alpha_min=amin))
+    x = torch.randn(3, 5, 32)
+    for blk in model.blocks:
+        h = x + blk.attn(blk.norm1(x))
+        ref = h + blk.mlp(blk.norm2(h))
+        assert torch.equal(blk(x), ref)
+        assert not torch.allclose(ref, x, atol=1e-3)  # the branches do contribute
+
+
+def test_init_every_encoder_block_is_its_scaled_identity():
+    model = tiny(alpha_min=0.6)
+    s = M.decay_schedule(4, 0.6)
+    x = torch.randn(2, 5, 32)
+    for i, blk in enumerate(model.blocks):
+        a_att, a_mlp = s[i].tolist()
+        assert (blk.a_att, blk.a_mlp, blk.b_att, blk.b_mlp) == (a_att, a_mlp, 1.0, 1.0)
+        assert torch.equal(blk(x), x * a_att * a_mlp)
+    xd = torch.randn(2, 17, 16)
+    assert all(torch.equal(blk(xd), xd) for blk in model.dec_blocks)
+    # through the whole encoder: block l's output is the embedded input times the product of alphas so far
+    imgs = torch.randn(2, 3, 32, 32)
+    _, outs, _, _ = model.encode(imgs)
+    x0 = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(2, -1, -1),
+                    model.patch_embed(M.patchify(imgs, 8)) + model.pos_embed[:, 1:]], 1)
+    cum = torch.cumprod(s.flatten(), 0)[1::2]
+    for i, o in enumerate(outs):
+        assert torch.allclose(o, x0 * float(cum[i]), rtol=1e-6, atol=1e-7)
+    assert torch.equal(model(imgs, torch.rand(2, 16))[1], torch.zeros(2, 16, 192))  # zero-init head
+
+
+def test_random_masking_keeps_the_right_tokens_and_unshuffle_restores_order():
+    b, n, d = 3, 16, 4
+    x = torch.arange(b * n * d, dtype=torch.float32).view(b, n, d)
+    noise = torch.rand(b, n, generator=torch.Generator().manual_seed(1))
+    vis, mask, ids_restore = M.random_masking(x, noise, 0.75)
+    assert vis.shape == (b, 4, d) and mask.shape == (b, n)
+    assert (mask.sum(1) == 12).all()
+    for i in range(b):
+        kept = (vis[i, :, 0] / d).long() % n  # token index of each kept row
+        assert torch.equal(kept, noise[i].argsort()[:4])  # the 4 smallest noises, in shuffled order
+        assert torch.equal(mask[i] == 0, torch.isin(torch.arange(n), kept))
+    cls = torch.full((b, 1, d), -5.0)
+    full = M.unshuffle(torch.cat([cls, vis], 1), torch.full((d,), -1.0), ids_restore)
+    assert full.shape == (b, n + 1, d) and torch.equal(full[:, :1], cls)
+    keep = mask == 0
+    assert torch.equal(full[:, 1:][keep], x[keep]) and (full[:, 1:][~keep] == -1).all()
+    # ratio 0.5 of 64 patches keeps 32
+    vis, mask, _ = M.random_masking(torch.randn(2, 64, 8), torch.rand(2, 64), 0.5)
+    assert vis.shape == (2, 32, 8) and (mask.sum(1) == 32).all()
+
+
+def test_mask_noise_ranks_split_the_global_batch():
+    args = M.parse_args(["--smoke"])
+    one = M.mask_noise(args, 5, 16, FakeDist(0, 1, torch.device("cpu")))
+    parts = [M.mask_noise(args, 5, 16, FakeDist(r, 2, torch.device("cpu"))) for r in (0, 1)]
+    assert one.shape == (32, 16) and torch.equal(one[0::2], parts[0]) and torch.equal(one[1::2], parts[1])
+    assert not torch.equal(one, M.mask_noise(args, 6, 16, FakeDist(0, 1, torch.device("cpu"))))
+
+
+def test_skip_path_shapes_and_no_skip():
+    model = tiny(depth=4, dec_depth=3)
+    assert model.skip_src == [3, 1] and model.skip_mask_tokens.shape == (2, 32)  # deepest first
+    seen = []
+    for f in model.skip_fuse:
+        f.register_forward_hook(lambda m, i, o: seen.append((tuple(i[0].shape), tuple(o.shape))))
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    _, pred, mask = model(imgs, noise)
+    assert seen == [((2, 17, 16 + 32), (2, 17, 16))] * 2 and pred.shape == (2, 16, 8 * 8 * 3)
+    # decoder input = positions only: with the skips' last linears at zero the prediction ignores the image
+    randomize(model)
+    with torch.no_grad():
+        for f in model.skip_fuse:
+            f[2].weight.zero_(), f[2].bias.zero_()
+    imgs2 = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(imgs, noise)[1], model(imgs2, noise)[1])
+    randomize(model)
+    assert not torch.allclose(model(imgs, noise)[1], model(imgs2, noise)[1])
+
+    plain = randomize(tiny(skip=False))
+    assert not any("skip" in n for n, _ in plain.named_parameters()) and hasattr(plain, "dec_embed")
+    p1, p2 = plain(imgs, noise)[1], plain(imgs2, noise)[1]
+    assert p1.shape == (2, 16, 192) and not torch.allclose(p1, p2)
+    assert M.parse_args(["--smoke", "--no-skip"]).skip is False
+
+
+def test_gpu_random_resized_crop():
+    x = torch.rand(4, 3, 32, 32)
+    ident = torch.tensor([[1.0, 1, 0, 0, 0]]).repeat(4, 1)
+    assert torch.allclose(M.gpu_rrc(x, ident, 32), x, atol=1e-5)
+    flip = ident.clone()
+    flip[:, 4] = 1
+    assert torch.allclose(M.gpu_rrc(x, flip, 32), x.flip(3), atol=1e-5)
+    quarter = torch.tensor([[0.5, 0.5, 0.5, 0, 0]]).repeat(4, 1)  # top-right quarter, sampled at its own pixels
+    assert torch.allclose(M.gpu_rrc(x, quarter, 16), x[..., :16, 16:], atol=1e-5)
+    p = M.rrc_params(4000, torch.Generator().manual_seed(0))
+    w, h, left, top, fl = p.unbind(1)
+    area, ratio = w * h, w / h
+    assert area.min() >= 0.2 - 1e-6 and area.max() <= 1 + 1e-6
+    assert ratio.min() >= 0.75 - 1e-6 and ratio.max() <= 4 / 3 + 1e-6
+    assert (left >= 0).all() and (left + w <= 1 + 1e-6).all() and (top + h <= 1 + 1e-6).all()
+    assert 0.45 < fl.mean() < 0.55
+
+
+def test_multi_rank_eval_order_and_shard_sampler():
+    x, y = torch.zeros(10, 3, 2, 2, dtype=torch.uint8), torch.arange(10)
+    ranks = [torch.cat([yy for _, yy in common.GPUBatches(x, y, 4, train=False, rank=r, world_size=2)]) for r in (0, 1)]
+    gathered = torch.cat(ranks)  # what all_gather_cat returns
+    assert not torch.equal(gathered, y)
+    assert torch.equal(torch.empty_like(gathered).index_copy_(0, M.gathered_order(10, 4, 2), gathered), y)
+    # the folder sampler: ranks together read each global batch; start skips whole batches
+    s = [M.ShardSampler(20, 4, 0, r, 2) for r in (0, 1)]
+    single = M.ShardSampler(20, 4, 0, 0, 1)
+    single.epoch = s[0].epoch = s[1].epoch = 3
+    full = list(single)
+    a, b = list(s[0]), list(s[1])
+    assert len(full) == 20 and sorted(full) == list(range(20))
+    assert [sorted(a[2 * i:2 * i + 2] + b[2 * i:2 * i + 2]) for i in range(5)] == [sorted(full[4 * i:4 * i + 4])
+                                                                                   for i in range(5)]
+    s[0].start = 3
+    assert list(s[0]) == a[6:] and len(s[0]) == 4
+
+# ---------------------------------------------------------------------------------------------------- real runs
+
+
+@pytest.fixture(scope="module")
+def learned_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mae_learn")
+    run_inproc(["--smoke", "--data-dir", cifar(data_dir), "--out", out, "--n-train", 1024, "--epochs", 4,
+                "--log-every", 100])
+    return out
+
+
+def test_short_cifar10_run_learns_and_evaluates(learned_run):
+    res = json.load(open(learned_run / "results.json"))
+    m = res["metrics"]
+    loss = m["train_loss"]
+    assert len(loss) == 4 and loss[-1] < loss[0] - 0.04, loss  # ~0.99 (predicting 0) -> ~0.91
+    traj = m["trajectory"]
+    assert [t["epoch"] for t in traj] == [1, 2, 3, 4] and m["final"] == traj[-1]
+    for t in traj:
+        assert all(math.isfinite(t[k]) for k in ("linear_probe", "knn", "erank", "erank_exp", "feat_norm"))
+        assert 0 <= t["linear_probe"] <= 100 and 0 <= t["knn"] <= 100 and t["erank"] >= 0 and t["erank_exp"] >= 1
+        assert t["n_train"] == 256 and t["n_test"] == 128
+    r = m["pearson_erank_probe"]
+    assert r is not None and -1 <= r <= 1
+    assert m["cum_alpha"] == pytest.approx(float(M.decay_schedule(4, 0.6).prod()))
+    from PIL import Image
+    assert Image.open(learned_run / "reconstructions.png").size == (8 * 34 + 2, 3 * 34 + 2)  # 3 rows of 8
+    assert res["config"]["dataset"] == "cifar10" and "step 128/128" in open(learned_run / "log.txt").read()
+
+
+def test_probe_protocol_reproduces_the_final_eval(learned_run, data_dir):
+    ck = common.load_checkpoint(str(learned_run / "ckpt.pt"))
+    cfg = ck["config"]
+    model = M.build_model(cfg)
+    model.load_state_dict(ck["model"])
+    model.eval()
+    L = M.probe_layers(cfg)
+    assert L == cfg["depth"] == 4
+    mean, std = common.DATASET_STATS[cfg["dataset"]]
+    feats = []
+    with one_thread():  # as the run did, so float sums agree bit for bit
+        for train, n in ((True, cfg["eval_n_train"]), (False, cfg["eval_n_test"])):
+            x, y = common.load_dataset(cfg["dataset"], data_dir, train=train)
+            b = common.GPUBatches(x[:n], y[:n], cfg["eval_batch_size"], train=False, mean=mean, std=std)
+            feats.append(common.extract_features(lambda x, g: M.probe_features(model, x, cfg, [1, 2, 3, L], None, g),
+                                                 b, seed=cfg["seed"]))
+        (trf, try_), (tef, tey) = feats
+        got = common.evaluate_features(trf[L], try_, tef[L], tey, k=20, seed=cfg["seed"],
+                                       probe_epochs=cfg["probe_epochs"])
+    assert sorted(tef) == [1, 2, 3, 4] and all(f.shape == (128, cfg["dim"]) for f in tef.values())
+    assert not torch.allclose(tef[3], tef[4])  # layer L is the final-normed token, not block L's raw output
+    final = json.load(open(learned_run / "results.json"))["metrics"]["final"]
+    assert {k: got[k] for k in got} == {k: final[k] for k in got}
+
+
+def test_imagenet100_folder_path(data_dir, tmp_path):
+    """The ImageNet-100 code path (JPEG folders, worker-side crops, sharded sampler, folder eval) on a tiny
+    folder of real CIFAR-10 images with a two-class list."""
+    from PIL import Image
+    x, y = common.load_cifar10(cifar(data_dir), train=False)
+    root = tmp_path / "imagenet100"
+    wnids = ["n01", "n02"]
+    for split, per in (("train", 16), ("val", 4)):
+        for c, w in enumerate(wnids):
+            os.makedirs(root / split / w)
+            for j, i in enumerate((y == c).nonzero()[:per, 0].tolist()):
+                Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(root / split / w / f"{j}.png")
+    (root / "imagenet100.txt").write_text("\n".join(wnids) + "\n")
+    out = tmp_path / "out"
+    run_inproc(["--smoke", "--dataset", "imagenet100", "--data-dir", tmp_path, "--out", out, "--batch-size", 8,
+                "--workers", 0, "--epochs", 1, "--n-train", 32])
+    m = json.load(open(out / "results.json"))["metrics"]
+    assert m["steps"] == 4 and m["final"]["n_train"] == 32 and m["final"]["n_test"] == 8
+    assert math.isfinite(m["final"]["knn"]) and os.path.exists(out / "reconstructions.png")
+
+# ---------------------------------------------------------------------------------------------------- issue 8
+
+
+def test_resume_continues_bitwise(data_dir, tmp_path):
+    base = ["mae_decay.py", "--smoke", "--data-dir", cifar(data_dir)]
+    full = run_script(base + ["--out", tmp_path / "full"])
+    assert full.returncode == 0, full.stderr[-2000:]
+    part = run_script(base + ["--out", tmp_path / "part", "--stop-at-step", 11])  # mid epoch 2, after an eval
+    assert part.returncode == 0 and "stopped at step 11" in part.stdout, part.stderr[-2000:]
+    assert not (tmp_path / "part" / "results.json").exists()
+    assert torch.load(tmp_path / "part" / "ckpt.pt", weights_only=False)["step"] == 11
+    res = run_script(base + ["--out", tmp_path / "part", "--resume"])
+    assert res.returncode == 0 and "resumed" in res.stdout, res.stderr[-2000:]
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in ("full", "part"))
+    assert a["step"] == b["step"] == 16
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    ma, mb = (json.load(open(tmp_path / d / "results.json"))["metrics"] for d in ("full", "part"))
+    for k in ("trajectory", "train_loss", "final", "pearson_erank_probe", "steps"):
+        assert ma[k] == mb[k], k
+
+
+def test_nan_loss_stops_with_step_and_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "nan"
+    p = run_script(["mae_decay.py", "--smoke", "--data-dir", cifar(data_dir), "--out", out, "--inject-nan-at-step", 10])
+    assert_clean_error(p, "at step 10", str(out / "ckpt.pt"))
+    ck = common.load_checkpoint(str(out / "ckpt.pt"))  # the end-of-epoch-1 checkpoint, intact
+    assert ck["step"] == 8 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_torchrun_two_processes_match_one(data_dir, tmp_path):
+    base = ["mae_decay.py", "--smoke", "--data-dir", cifar(data_dir), "--dump-grads", 3]
+    one = run_script(base + ["--out", tmp_path / "one", "--stop-at-step", 3])
+    two = run_script(base + ["--out", tmp_path / "two"], torchrun=2)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (torch.load(tmp_path / d / "grads.pt") for d in ("one", "two"))
+    # 2 x 16 images with their rows of the global batch's crops and masks == 1 x 32 images
+    assert torch.allclose(torch.tensor(a["loss"]), torch.tensor(b["loss"]), rtol=1e-5, atol=0)
+    for step in range(3):
+        ga, gb = a["grads"][step], b["grads"][step]
+        assert ga.keys() == gb.keys()
+        for k in ga:
+            assert (ga[k] - gb[k]).abs().max() <= 1e-4 * ga[k].abs().max() + 1e-10, (step, k)
+    # zero-init leaves only the head with a gradient at step 0; by step 2 the encoder has one too
+    assert any(k.startswith("blocks.0.") and v.abs().max() > 0 for k, v in a["grads"][2].items())
+    # rank 0 alone logs and writes; the eval gathered features from both ranks
+    log = (tmp_path / "two" / "log.txt").read_text()
+    assert two.stdout.count("results ->") == 1 and log.count("step 8/16") == 1 and two.stdout.count("step 8/16") == 1
+    assert sorted(os.listdir(tmp_path / "two")) == ["ckpt.pt", "grads.pt", "log.txt", "reconstructions.png",
+                                                    "results.json"]
+    m = json.load(open(tmp_path / "two" / "results.json"))["metrics"]
+    assert m["world_size"] == 2 and m["final"]["n_train"] == 256 and m["final"]["n_test"] == 128
+
+
+BAD_FLAGS = [  # (arguments, word the one-line message must name)
+    (["--alpha-min", "0"], "--alpha-min"),
+    (["--alpha-min", "1.5"], "--alpha-min"),
+    (["--mask-ratio", "1.0"], "--mask-ratio"),
+    (["--mask-ratio", "0"], "--mask-ratio"),
+    (["--img-size", "30", "--patch", "4"], "--img-size"),
+    (["--mask-ratio", "0.99", "--patch", "8"], "--mask-ratio"),  # keeps no patch of 16
+    (["--decay", "none", "--decay-where", "attn"], "--decay-where"),
+    (["--dim", "30", "--heads", "4"], "--dim"),
+    (["--smoke", "--dec-depth", "1"], "--dec-depth"),
+    (["--epochs", "0"], "--epochs"),
+    (["--warmup-epochs", "500"], "--warmup-epochs"),
+    (["--eval-n-test", "0"], "--eval-n-test"),
+    (["--eval-every", "-1"], "--eval-every"),
+]
+
+
+def test_bad_flags_fail_in_one_line(data_dir, tmp_path):
+    for argv, word in BAD_FLAGS:
+        with pytest.raises(common.UserError, match=word):
+            M.parse_args(argv)
+    # errors found after parsing, still before any training
+    d = cifar(data_dir)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    runtime = [
+        (["--smoke", "--data-dir", d, "--out", blocker / "sub"], "--out"),
+        (["--smoke", "--data-dir", empty, "--no-download", "--out", tmp_path / "o1"], "missing"),
+        (["--smoke", "--data-dir", d, "--batch-size", 512, "--out", tmp_path / "o2"], "--batch-size"),
+        (["--smoke", "--data-dir", d, "--resume", "--out", tmp_path / "o3"], "no checkpoint"),
+        (["--smoke", "--data-dir", d, "--resume", "--out", tmp_path / "corrupt"], "not a readable checkpoint"),
+    ]
+    for argv, word in runtime:
+        with pytest.raises(common.UserError, match=word):
+            run_inproc(argv)
+
+
+def test_resume_with_other_flags_is_refused(learned_run, data_dir):
+    with pytest.raises(common.UserError, match="--alpha-min"):
+        run_inproc(["--smoke", "--data-dir", data_dir, "--out", learned_run, "--n-train", 1024, "--epochs", 4,
+                    "--alpha-min", 0.7, "--resume"])
+
+
+def test_bad_flags_on_the_command_line(tmp_path):
+    """As a user sees them: exit code 2, one line, no traceback (argparse's own errors included)."""
+    for argv, word in ((["--alpha-min", "0"], "--alpha-min"), (["--decay", "foo"], "--decay"),
+                       (["--img-size", "30", "--patch", "4"], "--img-size")):
+        p = run_script(["mae_decay.py", "--out", tmp_path / "o"] + argv)
+        assert p.returncode == 2
+        assert_clean_error(p, word)
+    assert not (tmp_path / "o").exists()
