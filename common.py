@@ -4,7 +4,7 @@ checkpoints, results and command-line plumbing. Importing this module has no sid
 Conventions: accuracies are percentages (0-100); images are uint8 tensors (N, C, H, W); labels int64.
 Data live under one root (`--data-dir`, default $DATA_DIR or ./data), one folder per data set.
 """
-import argparse, gzip, json, math, os, pickle, re, signal, subprocess, sys, tarfile, time
+import argparse, gzip, hashlib, json, math, os, pickle, re, signal, subprocess, sys, tarfile, time
 from collections import Counter, namedtuple
 from contextlib import nullcontext
 
@@ -178,7 +178,8 @@ def load_imdb(data_dir, vocab_size=20000, download=False):
     Vocabulary: id 0 = padding, 1 = unknown, then the most frequent training words.
     """
     base = os.path.join(data_dir, "imdb")
-    folders = [os.path.join(base, "aclImdb"), os.path.join(cache_dir(), "imdb", "aclImdb")]
+    key = hashlib.sha1(os.path.realpath(base).encode()).hexdigest()[:10]  # one cache per data folder
+    folders = [os.path.join(base, "aclImdb"), os.path.join(cache_dir(), "imdb", key, "aclImdb")]
     src = next((f for f in folders if os.path.isdir(os.path.join(f, "test", "neg"))), None)
     if src is None:
         archives = [os.path.join(base, a) for a in ("aclImdb_v1.tar.gz", "aclImdb.tar.xz", "aclImdb.tar.gz")]
@@ -189,7 +190,9 @@ def load_imdb(data_dir, vocab_size=20000, download=False):
         archive = next((a for a in archives if os.path.exists(a)), None)
         check(archive, f"no IMDB data in {base}: expected aclImdb/ or aclImdb_v1.tar.gz there; "
                        "pass --data-dir or drop --no-download")
-        dest = base if os.access(base, os.W_OK) else os.path.dirname(folders[1])
+        # root passes os.access on an r-x folder, so honour the mode bits too: a shared read-only copy stays untouched
+        writable = os.access(base, os.W_OK) and os.stat(base).st_mode & 0o222
+        dest = base if writable else os.path.dirname(folders[1])
         tmp = os.path.join(dest, f".partial{os.getpid()}")  # renamed when complete: no half-extracted cache
         os.makedirs(tmp, exist_ok=True)
         with tarfile.open(archive) as tf:

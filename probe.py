@@ -134,11 +134,11 @@ def main(argv=None):
     common.sync(d.device)
     seconds = time.time() - t0
 
-    width = max(len(os.path.relpath(p)) for p in paths)
+    width = max(len(str(p)) for p in paths)
     print(f"{'checkpoint':<{width}}  layer      t   probe%    kNN%   erank  exp(erank)    |f|")
     for r in rows:
         t = "-" if r["t"] is None else f"{r['t']:.2f}"
-        print(f"{os.path.relpath(r['ckpt']):<{width}}  {r['layer']:>5}  {t:>5}  {r['linear_probe']:7.2f} "
+        print(f"{str(r['ckpt']):<{width}}  {r['layer']:>5}  {t:>5}  {r['linear_probe']:7.2f} "
               f"{r['knn']:7.2f} {r['erank']:7.3f} {r['erank_exp']:11.2f} {r['feat_norm']:6.2f}")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "probe.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -36,7 +36,9 @@ def test_mnist_real_files(data_dir):
 
 def test_imdb_real_archive(data_dir, tmp_path, monkeypatch):
     need(data_dir, "imdb")
+    before = sorted(os.listdir(os.path.join(data_dir, "imdb")))
     d = common.load_imdb(data_dir, vocab_size=5000)
+    assert sorted(os.listdir(os.path.join(data_dir, "imdb"))) == before or os.stat(data_dir).st_mode & 0o222
     assert len(d.train_x) == len(d.train_y) == 25000 and len(d.test_x) == len(d.test_y) == 25000
     assert d.train_y.sum() == 12500 and d.test_y.sum() == 12500
     assert len(d.vocab) == 5000 and d.vocab[:2] == ["<pad>", "<unk>"] and "movie" in d.vocab[:50]
@@ -103,10 +105,13 @@ def test_imdb_from_generated_archive_readonly(tmp_path, monkeypatch):
     with tarfile.open(data / "aclImdb_v1.tar.gz", "w:gz") as tf:
         tf.add(src / "aclImdb", arcname="aclImdb")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(os, "access", lambda p, mode: False)  # a read-only data folder (root ignores chmod)
-    d = common.load_imdb(str(tmp_path / "data"), vocab_size=100)
+    data.chmod(0o555)  # a read-only data folder, like ../shared/data (root could still write: must not)
+    try:
+        d = common.load_imdb(str(tmp_path / "data"), vocab_size=100)
+    finally:
+        data.chmod(0o755)
     assert len(d.train_x) == 6 and d.train_y.tolist() == [0, 0, 0, 1, 1, 1]
-    assert (tmp_path / "cache" / common.cache_dir().split(os.sep)[-1] / "imdb" / "aclImdb" / "test").is_dir()
+    assert len(list((tmp_path / "cache").rglob("aclImdb/test/pos/0_7.txt"))) == 1
     assert not (data / "aclImdb").exists()
     neg0 = [d.vocab[i] for i in d.train_x[0]]
     assert neg0 == ["a", "awful", "movie", ".", "truly", "awful", "0", "!"]

@@ -1,0 +1,721 @@
+"""Self-modeling as self-regularisation: "Unexpected Benefits of Self-Modeling in Neural Systems"
+(Premakumar et al., arXiv 2407.10188).
+
+A classifier whose output layer is widened so that it also predicts its own hidden activations
+(loss = CE + AW * MSE, the targets captured by forward hooks and detached) becomes simpler: the
+paper reports that the width of the final layer's weight distribution and the RLCT (local learning
+coefficient, estimated by SGLD) fall as the auxiliary weight AW grows, at unchanged accuracy.
+This script trains the AW x seeds sweep for one task and prints a table of test accuracy, weight
+width and RLCT (mean +- std over seeds).
+
+  python selfmodel.py --task mnist --aw 0,1,10,50 --seeds 3                   # paper settings (50 epochs)
+  python selfmodel.py --task cifar10 --preset quick --aw 0,0.5,1,2 --seeds 3   # 15 epochs, batch 256
+  python selfmodel.py --task cifar10 --aw 0,0.5,1,2 --seeds 10                 # paper: Adam 1e-4, 250 epochs
+  python selfmodel.py --task imdb --preset quick --aw 0,1,100,500 --seeds 3    # 50 epochs (paper: 500)
+  python selfmodel.py --smoke                                                  # CPU, seconds
+  torchrun --nproc_per_node 8 selfmodel.py --task cifar10 --preset quick       # DDP over the batch
+
+Models (the paper's): MNIST MLP 784 -> hidden (ReLU) -> head, target = the hidden activation;
+CIFAR-10 ResNet-18 (3x3 stem, no max-pool) -> avgpool -> Linear(512, 2000) + ReLU -> head, targets =
+the last block's output (512x4x4) and the 2000-d hidden; IMDB EmbeddingBag(vocab, 64) -> Linear(64, 128)
++ ReLU -> head, target = the 128-d hidden. AW = 0 builds the plain network (no extra outputs).
+
+RLCT: `estimate_llc` below, localised SGLD on the classification-only network (the self-model rows
+dropped), cross-entropy on un-augmented training batches, nbeta = B / ln B with B = --sgld-batch
+(the paper's training batch). Burn-in: devinterp's default is none; the authors average the second
+half of the trace, so we discard the first half of each chain's draws.
+Output: OUT/results.json (table + per-seed values + loss curves) and OUT/ckpt.pt (the sweep's state).
+"""
+import argparse, copy, math, os, sys, time, warnings
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+from tqdm import tqdm
+
+import common
+
+SCRIPT = "selfmodel"
+
+# ----------------------------------------------------------------------------------------------------
+# config: the paper's settings per task, shorter presets, and a CPU-sized smoke run
+
+TASKS = {
+    "mnist": dict(dataset="mnist", hidden=64, optimizer="sgd", lr=0.005, momentum=0.9, epochs=50, batch_size=512,
+                  aw="0,1,10,50", sgld_eps=1e-4, sgld_gamma=100.0, sgld_chains=4, sgld_draws=1000, sgld_batch=512),
+    "cifar10": dict(dataset="cifar10", hidden=2000, optimizer="adam", lr=1e-4, momentum=0.0, epochs=250, batch_size=64,
+                    aw="0,0.5,1,2", sgld_eps=1e-4, sgld_gamma=100.0, sgld_chains=4, sgld_draws=400, sgld_batch=64),
+    "imdb": dict(dataset="imdb", hidden=128, optimizer="sgd", lr=0.1, momentum=0.0, epochs=500, batch_size=64,
+                 aw="0,1,100,500", sgld_eps=1e-3, sgld_gamma=10.0, sgld_chains=4, sgld_draws=1000, sgld_batch=64),
+}
+PRESETS = {  # "paper" = TASKS as they are; "quick" finishes a 4 AW x 3 seed sweep in minutes on one GPU
+    "paper": {},
+    "quick": {"cifar10": dict(epochs=15, batch_size=256, lr=4e-4), "imdb": dict(epochs=50)},
+}
+SMOKE = {  # CPU-sized: a small real subset, a narrow model, a short chain
+    "mnist": dict(hidden=32, epochs=3, batch_size=128, train_subset=4096, test_subset=1000, aw="0,1", seeds=1,
+                  sgld_chains=2, sgld_draws=40, sgld_batch=128, log_every=16),
+    "cifar10": dict(hidden=32, width=4, epochs=1, batch_size=32, train_subset=256, test_subset=128, aw="0,1",
+                    seeds=1, sgld_chains=2, sgld_draws=6, sgld_batch=32, log_every=4),
+    "imdb": dict(epochs=2, train_subset=2000, test_subset=1000, vocab_size=5000, aw="0,1", seeds=1,
+                 sgld_chains=2, sgld_draws=40, log_every=8),
+}
+BASE = dict(seeds=3, width=64, vocab_size=0, train_subset=0, test_subset=0, log_every=100)
+# flags that do not change what the sweep computes (may differ between a run and its --resume)
+NOT_EXPERIMENT = {"resume", "out", "device", "compile", "stop_at_step", "log_every", "ckpt_interval", "data_dir",
+                  "no_download", "eval_batch", "model_aw", "model_seed"}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--task", default="mnist", help="mnist | cifar10 | imdb")
+    p.add_argument("--preset", default="paper", help="paper | quick (shorter CIFAR-10 / IMDB training)")
+    p.add_argument("--aw", default=None, help="comma-separated auxiliary (self-model) weights; 0 = plain network")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per AW: --seed, --seed+1, ... (default 3)")
+    p.add_argument("--hidden", type=int, default=None, help="hidden width (MNIST 64, CIFAR-10 2000, IMDB 128)")
+    p.add_argument("--width", type=int, default=None, help="ResNet-18 base width (CIFAR-10; default 64)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="IMDB vocabulary (default 0 = every training word, as the paper)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--train-subset", type=int, default=None, help="train on a fixed random N-subset (default 0 = all)")
+    p.add_argument("--test-subset", type=int, default=None, help="test on a fixed random N-subset (default 0 = all)")
+    p.add_argument("--sgld-eps", type=float, default=None, help="SGLD step size epsilon")
+    p.add_argument("--sgld-gamma", type=float, default=None, help="SGLD localisation strength gamma")
+    p.add_argument("--sgld-chains", type=int, default=None)
+    p.add_argument("--sgld-draws", type=int, default=None, help="SGLD steps per chain (first half = burn-in)")
+    p.add_argument("--sgld-batch", type=int, default=None, help="SGLD batch B; nbeta = B / ln B")
+    p.add_argument("--eval-batch", type=int, default=1000)
+    p.add_argument("--log-every", type=int, default=None, help="steps between log lines (default 100)")
+    p.add_argument("--ckpt-interval", type=float, default=300,
+                   help="checkpoint at the end of an epoch once this many seconds passed (0 = every epoch)")
+    common.add_common_args(p, SCRIPT)
+    args = p.parse_args(argv)
+
+    check = common.check
+    check(args.task in TASKS, f"--task {args.task!r} is not one of {', '.join(TASKS)}")
+    check(args.preset in PRESETS, f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}")
+    # precedence: explicit flags > --smoke > --preset > the paper's settings > BASE
+    fill = {**BASE, **TASKS[args.task], **PRESETS[args.preset].get(args.task, {}),
+            **(SMOKE[args.task] if args.smoke else {})}
+    for k, v in fill.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    aws = common.parse_list(args.aw, float, "--aw")
+    check(all(math.isfinite(a) and a >= 0 for a in aws), f"--aw {args.aw}: every AW must be >= 0 (0 = plain network)")
+    check(len(set(aws)) == len(aws), f"--aw {args.aw} lists a value twice: give each AW once")
+    args.aw = ",".join(fmt_aw(a) for a in aws)
+    for flag in ("seeds", "hidden", "width", "epochs", "batch_size", "sgld_chains", "eval_batch", "log_every"):
+        check(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
+    for flag in ("vocab_size", "train_subset", "test_subset"):
+        check(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 0 (0 = all)")
+    check(args.sgld_draws >= 2, f"--sgld-draws {args.sgld_draws} must be >= 2 (the first half is burn-in)")
+    check(args.sgld_batch >= 2, f"--sgld-batch {args.sgld_batch} must be >= 2 (nbeta = B / ln B)")
+    for flag in ("lr", "sgld_eps"):
+        v = getattr(args, flag)
+        check(math.isfinite(v) and v > 0, f"--{flag.replace('_', '-')} {v} must be a positive number")
+    check(math.isfinite(args.sgld_gamma) and args.sgld_gamma >= 0, f"--sgld-gamma {args.sgld_gamma} must be >= 0")
+    check(args.ckpt_interval >= 0, f"--ckpt-interval {args.ckpt_interval} must be >= 0 seconds")
+    args.sgld_nbeta = args.sgld_batch / math.log(args.sgld_batch)
+    if args.out is None:
+        name = f"{args.task}_{args.preset}_h{args.hidden}_aw{args.aw.replace(',', '-')}_seeds{args.seeds}"
+        args.out = os.path.join("out", SCRIPT, name + ("_smoke" if args.smoke else ""))
+    return args
+
+
+def parse_aws(cfg):
+    return [float(a) for a in str(cfg["aw"]).split(",")]
+
+# ----------------------------------------------------------------------------------------------------
+# models: body -> hidden h -> head (class logits) [+ self_head (predicted target activations)]
+
+
+class MLPBody(nn.Module):
+    def __init__(self, hidden):
+        super().__init__()
+        self.fc, self.act = nn.Linear(28 * 28, hidden), nn.ReLU()
+        self.targets = [self.act]
+
+    def features(self, x):
+        return [self.act(self.fc(x.flatten(1)))]
+
+    def forward(self, x):
+        return self.features(x)[-1]
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.short(x))
+
+
+class ResNetBody(nn.Module):
+    """CIFAR ResNet-18 (3x3 stem, no max-pool) -> global avgpool -> Linear(8w, hidden) + ReLU."""
+
+    def __init__(self, hidden, width=64):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        chans, layers, cin = [w, 2 * w, 4 * w, 8 * w], [], w
+        for i, c in enumerate(chans):
+            layers.append(nn.Sequential(BasicBlock(cin, c, 1 if i == 0 else 2), BasicBlock(c, c, 1)))
+            cin = c
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.fc, self.act = nn.Linear(8 * w, hidden), nn.ReLU()
+        self.targets = [self.layer4, self.act]  # the paper's: last block output (8w x 4 x 4) and the hidden
+
+    def features(self, x):
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        pooled = x.mean((2, 3))
+        return [pooled, self.act(self.fc(pooled))]
+
+    def forward(self, x):
+        return self.features(x)[-1]
+
+
+class TextBody(nn.Module):
+    """EmbeddingBag(vocab, 64, mean) -> Linear(64, hidden) + ReLU; x = (tokens, offsets)."""
+
+    def __init__(self, num_tokens, hidden, embed=64):
+        super().__init__()
+        self.emb = nn.EmbeddingBag(num_tokens, embed, mode="mean")
+        self.fc, self.act = nn.Linear(embed, hidden), nn.ReLU()
+        self.targets = [self.act]
+
+    def features(self, x):
+        e = self.emb(*x)
+        return [e, self.act(self.fc(e))]
+
+    def forward(self, x):
+        return self.features(x)[-1]
+
+
+class SelfModelNet(nn.Module):
+    """Classifier whose output layer is widened by the size of the target activations.
+
+    forward(x) -> (output, target): output = [class logits | predicted activations] and the target
+    activations, captured by forward hooks on `body.targets` and detached (the self-model chases its
+    own activations; it must not pull them towards its prediction). Plain network: (logits, None).
+    The class rows (`head`) and the extra rows (`self_head`) are two Linear layers side by side, which
+    is one widened layer; `self_head` is created last so the rest draws exactly the plain network's init.
+    """
+
+    def __init__(self, body, hidden, num_classes, target_dim, self_model):
+        super().__init__()
+        self.body, self.num_classes = body, num_classes
+        self.head = nn.Linear(hidden, num_classes)
+        self.self_head = nn.Linear(hidden, target_dim) if self_model else None
+        self._acts = None  # a list only inside forward(), so classify() and SGLD do not capture
+        if self_model:
+            for m in body.targets:
+                m.register_forward_hook(self._capture)
+
+    def _capture(self, module, inputs, output):
+        if self._acts is not None:
+            self._acts.append(output.detach().flatten(1))
+
+    def forward(self, x):
+        if self.self_head is None:
+            return self.head(self.body(x)), None
+        self._acts = []
+        try:
+            h = self.body(x)
+            target = torch.cat(self._acts, 1)
+        finally:
+            self._acts = None
+        return torch.cat([self.head(h), self.self_head(h)], 1), target
+
+    def classify(self, x):
+        return self.head(self.body(x))
+
+    def classifier(self):
+        """The classification-only network (sharing parameters), as the RLCT is measured on."""
+        return nn.Sequential(self.body, self.head)
+
+
+def target_dim(cfg):
+    if cfg["task"] == "cifar10":
+        return 8 * cfg["width"] * 4 * 4 + cfg["hidden"]
+    return cfg["hidden"]
+
+
+def build_model(cfg, self_model=None):
+    """The network a config describes; widened iff its AW (`model_aw`) > 0 unless `self_model` says."""
+    if self_model is None:
+        self_model = float(cfg.get("model_aw", 0.0)) > 0
+    task = cfg["task"]
+    if task == "mnist":
+        body = MLPBody(cfg["hidden"])
+    elif task == "cifar10":
+        body = ResNetBody(cfg["hidden"], cfg.get("width", 64))
+    else:
+        body = TextBody(cfg["num_tokens"], cfg["hidden"])
+    return SelfModelNet(body, cfg["hidden"], common.NUM_CLASSES[cfg["dataset"]], target_dim(cfg), self_model)
+
+
+def probe_layers(cfg):
+    return 1 if cfg["task"] == "mnist" else 2
+
+
+def probe_features(model, x, cfg, layers, t=None, generator=None):
+    """Hidden-layer features: MNIST 1 = hidden; CIFAR-10 1 = pooled last block, 2 = 2000-d hidden;
+    IMDB 1 = mean embedding, 2 = hidden. Deterministic (t and generator unused); call model.eval() first."""
+    feats = common.unwrap(model).body.features(x)
+    return {l: feats[l - 1].float() for l in layers}
+
+
+def loss_parts(model, x, y, aw):
+    """(total, ce, mse): CE on the class logits + AW * MSE between predicted and actual activations."""
+    out, target = model(x)
+    c = common.unwrap(model).num_classes
+    ce = F.cross_entropy(out[:, :c].float(), y)
+    if target is None:
+        return ce, ce, torch.zeros((), device=ce.device)
+    mse = F.mse_loss(out[:, c:].float(), target.float())
+    return ce + aw * mse, ce, mse
+
+
+def weight_widths(model):
+    """Sample std of the final layer's class rows (the paper's width), of the whole widened output layer,
+    and of every weight matrix / kernel of the classification network (biases and norm scales left out)."""
+    net = common.unwrap(model)
+    with torch.no_grad():
+        cls = net.head.weight.float()
+        out = cls if net.self_head is None else torch.cat([cls, net.self_head.weight.float()])
+        allw = torch.cat([p.float().flatten() for p in net.classifier().parameters() if p.dim() >= 2])
+        return {"width": cls.std().item(), "width_out": out.std().item(), "width_all": allw.std().item()}
+
+# ----------------------------------------------------------------------------------------------------
+# RLCT / local learning coefficient by localised SGLD
+
+
+def estimate_llc(model, loss_fn, loader, *, eps, gamma, nbeta, num_chains, num_draws, seed=0):
+    """Local learning coefficient of `model` at its current weights w* by localised SGLD.
+
+    Each chain starts at w* and steps  w <- w - eps/2 * (nbeta * grad L_b(w) + gamma * (w - w*)) + N(0, eps)
+    on successive batches b of `loader` (re-iterated when exhausted; `loss_fn(model(x), y)` is the batch
+    mean loss). LLC = nbeta * (mean sampled loss - L(w*)), averaged over the second half of the draws
+    (the first half is burn-in) and over chains; L(w*) is taken on the same batch as each draw, which
+    removes the batch-to-batch spread from the difference. All chains run at once through torch.func
+    (vmap over stacked copies of the weights). The model is run in eval mode and left exactly as found
+    (weights, buffers, train/eval flags); randomness comes only from a generator seeded by `seed`.
+    """
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        w_star = {n: p.detach() for n, p in model.named_parameters()}
+        buffers = {n: b.detach() for n, b in model.named_buffers()}
+        dev = next(iter(w_star.values())).device
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        w = {n: p.unsqueeze(0).repeat(num_chains, *[1] * p.dim()).float() for n, p in w_star.items()}
+
+        def batch_loss(params, x, y):
+            loss = loss_fn(functional_call(model, (params, buffers), (x,)), y)
+            return loss, loss.detach()
+
+        grad_fn = vmap(grad(batch_loss, has_aux=True), in_dims=(0, None, None))
+        burn_in, diffs, it = num_draws // 2, [], iter(loader)
+        for t in range(num_draws):
+            batch = next(it, None)
+            if batch is None:  # loader exhausted: start it again
+                it = iter(loader)
+                batch = next(it, None)
+                if batch is None:
+                    raise ValueError("estimate_llc: the loader yields no batches")
+            x, y = batch
+            with warnings.catch_warnings():  # embedding_bag has no batching rule: vmap loops, correctly
+                warnings.filterwarnings("ignore", message=".*performance drop.*")
+                grads, losses = grad_fn(w, x, y)
+            with torch.no_grad():
+                if t >= burn_in:
+                    diffs.append(losses.mean() - loss_fn(model(x), y).float())
+                for n, p in w.items():
+                    noise = torch.randn(p.shape, generator=gen, device=dev) * math.sqrt(eps)
+                    p.add_(-0.5 * eps * (nbeta * grads[n] + gamma * (p - w_star[n])) + noise)
+        return float(nbeta * torch.stack(diffs).mean())
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+# ----------------------------------------------------------------------------------------------------
+# data: everything resident on the device, batches reproducible from (seed, epoch, index)
+
+
+def _generator(*keys):
+    g, s = torch.Generator(), 0
+    for k in keys:
+        s = (s * 1_000_003 + k + 1) % 2**63
+    return g.manual_seed(s)
+
+
+class TextBatches:
+    """IMDB token sequences as EmbeddingBag input: x = (tokens, offsets). Same contract as GPUBatches:
+    train batches shuffled by (seed, epoch), rank r of world takes rows r::world; eval keeps order."""
+
+    def __init__(self, seqs, labels, batch_size, *, train, device, seed=0, rank=0, world_size=1):
+        common.check(batch_size % world_size == 0,
+                     f"--batch-size {batch_size} must divide by the {world_size} processes")
+        self.seqs, self.y, self.lengths = seqs, labels, torch.tensor([len(s) for s in seqs])
+        self.bs, self.train, self.device, self.seed = batch_size, train, torch.device(device), seed
+        self.rank, self.world = rank, world_size
+
+    def __len__(self):
+        return len(self.seqs) // self.bs if self.train else math.ceil(len(self.seqs) / self.bs)
+
+    def __iter__(self):
+        return self.epoch(0)
+
+    def epoch(self, epoch, start=0):
+        n = len(self.seqs)
+        order = torch.randperm(n, generator=_generator(self.seed, epoch)) if self.train else torch.arange(n)
+        for i in range(start, len(self)):
+            idx = order[i * self.bs:(i + 1) * self.bs][self.rank::self.world]
+            lens = self.lengths[idx]
+            tokens = torch.cat([self.seqs[j] for j in idx.tolist()])
+            offsets = torch.cumsum(lens, 0) - lens
+            yield (tokens.to(self.device), offsets.to(self.device)), self.y[idx].to(self.device)
+
+
+class AffineBatches:
+    """GPUBatches plus the paper's CIFAR augmentation RandomAffine(15 deg, translate 0.1) on the device,
+    drawn per (seed, epoch, batch) for the global batch, so resumes and ranks see what one process would."""
+
+    def __init__(self, batches, mean, std, degrees=15.0, translate=0.1):
+        self.b, self.degrees, self.translate = batches, degrees, translate
+        self.fill = (-torch.tensor(mean) / torch.tensor(std)).view(1, -1, 1, 1).to(batches.device)  # raw black
+
+    def __len__(self):
+        return len(self.b)
+
+    def __iter__(self):
+        return self.epoch(0)
+
+    def epoch(self, epoch, start=0):
+        for i, (x, y) in enumerate(self.b.epoch(epoch, start), start):
+            g = _generator(self.b.seed, epoch, i, 7)
+            ang = (torch.rand(self.b.bs, generator=g) * 2 - 1) * math.radians(self.degrees)
+            shift = (torch.rand(self.b.bs, 2, generator=g) * 2 - 1) * 2 * self.translate  # grid units span 2
+            ang, shift = ang[self.b.rank::self.b.world], shift[self.b.rank::self.b.world]
+            cos, sin = ang.cos(), ang.sin()
+            theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                                 torch.stack([sin, cos, shift[:, 1]], 1)], 1).to(x.device)
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x - self.fill, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+            x = x + self.fill
+            yield (x.contiguous(memory_format=torch.channels_last) if self.b.channels_last else x), y
+
+
+class Data:
+    """Train / test / SGLD batches for one task, the tensors loaded once onto the device."""
+
+    def __init__(self, args, d):
+        self.args, self.d, dl = args, d, not args.no_download
+
+        def cut(t, n):  # a fixed random subset (IMDB's files are sorted by label), in the data set's order
+            if not n or n >= len(t):
+                return t
+            idx = torch.randperm(len(t), generator=torch.Generator().manual_seed(0))[:n].sort().values
+            return [t[i] for i in idx.tolist()] if isinstance(t, list) else t[idx]
+        if args.task == "imdb":
+            imdb = common.load_imdb(args.data_dir, vocab_size=args.vocab_size or 10**9, download=dl)
+            args.num_tokens = len(imdb.vocab)
+            self.train_xy = (cut(imdb.train_x, args.train_subset), cut(imdb.train_y, args.train_subset))
+            self.test_xy = (cut(imdb.test_x, args.test_subset), cut(imdb.test_y, args.test_subset))
+        else:
+            self.mean, self.std = common.DATASET_STATS[args.dataset]
+            x, y = common.load_dataset(args.dataset, args.data_dir, train=True, download=dl)
+            self.train_xy = (cut(x, args.train_subset).to(d.device), cut(y, args.train_subset).to(d.device))
+            x, y = common.load_dataset(args.dataset, args.data_dir, train=False, download=dl)
+            self.test_xy = (cut(x, args.test_subset).to(d.device), cut(y, args.test_subset).to(d.device))
+        n = len(self.train_xy[1])
+        for flag in ("batch_size", "sgld_batch"):
+            common.check(getattr(args, flag) <= n, f"--{flag.replace('_', '-')} {getattr(args, flag)} is larger than "
+                                                   f"the {n} training examples: lower it")
+
+    def _batches(self, xy, bs, train, seed, rank, world, augment=False):
+        if self.args.task == "imdb":
+            return TextBatches(*xy, bs, train=train, device=self.d.device, seed=seed, rank=rank, world_size=world)
+        b = common.GPUBatches(*xy, bs, train=train, device=self.d.device, mean=self.mean, std=self.std, pad=0,
+                              flip=augment, seed=seed, rank=rank, world_size=world,
+                              channels_last=self.args.task == "cifar10" and self.d.device.type == "cuda")
+        return AffineBatches(b, self.mean, self.std) if augment else b
+
+    def train(self, seed):
+        return self._batches(self.train_xy, self.args.batch_size, True, seed, self.d.rank, self.d.world_size,
+                             augment=self.args.task == "cifar10")
+
+    def test(self):
+        return self._batches(self.test_xy, self.args.eval_batch, False, 0, self.d.rank, self.d.world_size)
+
+    def sgld(self, seed):
+        """Shuffled, un-augmented training batches of --sgld-batch, whole on every rank."""
+        return self._batches(self.train_xy, self.args.sgld_batch, True, seed + 10**6, 0, 1)
+
+# ----------------------------------------------------------------------------------------------------
+# training one (AW, seed) cell of the sweep
+
+
+def make_optimizer(cfg, model, device):
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if cfg["optimizer"] == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg["lr"], **fused)
+    return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                           nesterov=cfg["momentum"] > 0, **fused)
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, amp):
+    """Test accuracy (%) of the class logits, gathered over all ranks."""
+    net = common.unwrap(model)
+    was = net.training
+    net.eval()
+    correct = torch.zeros(2, device=device)
+    for x, y in batches:
+        with amp:
+            pred = net.classify(x).argmax(1)
+        correct += torch.stack([(pred == y).sum(), torch.tensor(len(y), device=device)]).float()
+    if dist.is_initialized():
+        dist.all_reduce(correct)
+    net.train(was)
+    return (100.0 * correct[0] / correct[1]).item()
+
+
+def llc_of(model, data, cfg, seed):
+    ce = lambda out, y: F.cross_entropy(out.float(), y)
+    return estimate_llc(common.unwrap(model).classifier(), ce, data.sgld(seed), eps=cfg["sgld_eps"],
+                        gamma=cfg["sgld_gamma"], nbeta=cfg["sgld_nbeta"], num_chains=cfg["sgld_chains"],
+                        num_draws=cfg["sgld_draws"], seed=seed)
+
+
+class Sweep:
+    """The AW x seeds sweep: finished cells, the checkpoint, the log."""
+
+    def __init__(self, args, d, data, ck):
+        self.args, self.cfg, self.d, self.data = args, vars(args), d, data
+        self.path = os.path.join(args.out, "ckpt.pt")
+        self.done = dict(ck["done"]) if ck else {}
+        self.ck = ck
+        self.cells = [(aw, args.seed + s) for aw in parse_aws(self.cfg) for s in range(args.seeds)]
+        self.flops = {}
+        self.t0 = time.time()
+
+    def log(self, msg):
+        if self.d.is_main:
+            tqdm.write(msg)
+
+    def save(self, model, opt, aw, seed, running, epoch=0, batch=0, step=0, history=()):
+        if not self.d.is_main:
+            return
+        net = common.unwrap(model)
+        common.save_checkpoint(self.path, {
+            "script": SCRIPT, "config": {**self.cfg, "model_aw": aw, "model_seed": seed},
+            "model": net.state_dict(), "optimizer": opt.state_dict() if running else None,
+            "cell": [aw, seed] if running else None, "epoch": epoch, "batch": batch, "step": step,
+            "history": list(history), "done": self.done, "rng": torch.get_rng_state()})
+
+    def write_results(self, final=False):
+        if self.d.is_main:
+            metrics = {"table": summarise(self.done, self.cfg), "runs": self.done, "finished": final}
+            common.write_results(self.args.out, SCRIPT, self.cfg, metrics, time.time() - self.t0, self.d.device)
+
+    def run_cell(self, ci, aw, seed, stop, self_model=None):
+        """Train one cell; returns its metrics, or None when a stop was requested (checkpoint written).
+        `self_model` forces the widened network (tests: AW = 0 with the extra rows must equal plain)."""
+        args, cfg, d = self.args, self.cfg, self.d
+        dev = d.device
+        arch = aw > 0 if self_model is None else self_model
+        torch.manual_seed(seed)
+        model = build_model(cfg, self_model=arch).to(dev)
+        if args.task == "cifar10" and dev.type == "cuda":  # channels_last helps cuDNN, slows the CPU down
+            model = model.to(memory_format=torch.channels_last)
+        opt = make_optimizer(cfg, model, dev)
+        batches = self.data.train(seed)
+        per_epoch = len(batches)
+        total = args.epochs * per_epoch
+        epoch, start, step, history = 0, 0, 0, []
+        if self.ck is not None and self.ck.get("cell") == [aw, seed]:  # continue the interrupted cell exactly
+            common.unwrap(model).load_state_dict(self.ck["model"])
+            opt.load_state_dict(self.ck["optimizer"])
+            epoch, start, step, history = self.ck["epoch"], self.ck["batch"], self.ck["step"], self.ck["history"]
+            torch.set_rng_state(self.ck["rng"])
+            self.log(f"resumed aw {aw:g} seed {seed} at step {step}/{total}")
+        self.ck = None
+        if arch not in self.flops:
+            self.flops[arch] = self.count_flops(model, batches, aw)
+        train_model = torch.compile(model) if args.compile else model
+        if d.world_size > 1:
+            ids = [dev.index] if dev.type == "cuda" else None
+            train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
+        model.train()
+        t_cell, t_log, n_log, last_save = time.time(), time.time(), 0, time.time()
+        loss = None
+        for ep in range(epoch, args.epochs):
+            for i, (x, y) in enumerate(batches.epoch(ep, start), start):
+                gstep = ci * total + step
+                if stop.requested(gstep):
+                    self.guard(model, loss, gstep)
+                    self.stopped_at = gstep
+                    self.save(model, opt, aw, seed, True, ep, i, step, history)
+                    return None
+                with self.amp():
+                    loss, ce, mse = loss_parts(train_model, x, y, aw)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step, n_log = step + 1, n_log + 1
+                if dev.type == "cpu" and d.world_size == 1:
+                    common.nan_guard(loss.item(), gstep, self.path)  # free on the CPU; GPUs check at log steps
+                if step % args.log_every == 0 or step == total:
+                    vals = torch.stack([loss.detach(), ce.detach(), mse.detach()]).float()
+                    if d.world_size > 1:
+                        dist.all_reduce(vals)
+                        vals /= d.world_size
+                    l, c, m = vals.tolist()
+                    common.nan_guard(l, gstep, self.path)
+                    common.sync(dev)
+                    dt = time.time() - t_log
+                    ips = n_log * args.batch_size / dt
+                    peak = common.peak_flops(dev)
+                    mfu = f"{100 * self.flops[arch] * n_log / dt / peak:.1f}%" if peak else "-"
+                    history.append([step, l])
+                    self.log(f"aw {aw:g} seed {seed} | ep {ep} | step {step}/{total} | loss {l:.4f} "
+                             f"(ce {c:.4f} mse {m:.5f}) | {ips:,.0f} ex/s | mfu {mfu}")
+                    t_log, n_log = time.time(), 0
+            start = 0
+            if time.time() - last_save >= args.ckpt_interval and ep + 1 < args.epochs:
+                self.guard(model, loss, ci * total + step)
+                self.save(model, opt, aw, seed, True, ep + 1, 0, step, history)
+                last_save = time.time()
+        self.guard(model, loss, ci * total + step)
+        common.sync(dev)
+        train_s = time.time() - t_cell
+        acc = evaluate(model, self.data.test(), dev, self.amp())
+        t = time.time()
+        llc = llc_of(model, self.data, cfg, seed)
+        common.sync(dev)
+        res = {"aw": aw, "seed": seed, "test_acc": acc, **weight_widths(model), "llc": llc,
+               "final_loss": history[-1][1] if history else None, "steps": step,
+               "train_seconds": round(train_s, 2), "llc_seconds": round(time.time() - t, 2), "loss_curve": history}
+        self.done[cell_key(aw, seed)] = res
+        self.save(model, opt, aw, seed, False, args.epochs, 0, step, history)
+        self.log(f"aw {aw:g} seed {seed}: test acc {acc:.2f}% | width {res['width']:.4f} | "
+                 f"width(all) {res['width_all']:.4f} | RLCT {llc:.2f} | train {train_s:.1f}s")
+        return res
+
+    def amp(self):
+        # bf16 only for the ResNet: the MLP and the bag-of-words model are launch-bound, bf16 buys nothing there
+        return common.autocast(self.d.device) if self.args.task == "cifar10" else nullcontext()
+
+    def guard(self, model, loss, gstep):
+        """Before a checkpoint: the last loss and every weight finite on all ranks, or stop with nan_guard's
+        message (a finite loss can still end in an overflowing step), so a good checkpoint is never replaced."""
+        if loss is None:
+            return
+        finite = [loss.detach().float().isfinite()] + [p.isfinite().all() for p in model.parameters()]
+        ok = torch.stack(finite).all().float()
+        if dist.is_initialized():
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not ok.item():
+            common.nan_guard(loss.item() if not math.isfinite(loss.item()) else float("nan"), gstep, self.path)
+
+    def count_flops(self, model, batches, aw):
+        x, y = next(iter(batches))
+        m = copy.deepcopy(common.unwrap(model))  # a copy: BatchNorm statistics and grads stay untouched
+        with self.amp():
+            return common.count_flops(lambda: loss_parts(m, x, y, aw)[0].backward())  # per rank and step
+
+
+def fmt_aw(a):
+    return f"{a:g}" if float(f"{a:g}") == a else repr(a)
+
+
+def cell_key(aw, seed):
+    return f"aw={fmt_aw(aw)},seed={seed}"
+
+
+def summarise(done, cfg):
+    """One row per AW: mean and std over the finished seeds."""
+    rows = []
+    for aw in parse_aws(cfg):
+        runs = [r for r in done.values() if r["aw"] == aw]
+        if not runs:
+            continue
+        row = {"aw": aw, "n": len(runs)}
+        for k in ("test_acc", "width", "width_all", "llc"):
+            v = torch.tensor([r[k] for r in runs], dtype=torch.float64)
+            row[k + "_mean"] = v.mean().item()
+            row[k + "_std"] = v.std().item() if len(v) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def format_table(rows, cfg):
+    cols = (f"{'AW':>6} | {'n':>2} | {'test acc %':>15} | {'width (class rows)':>19} | {'width (all)':>17} | "
+            f"{'RLCT':>15}")
+    lines = [f"{cfg['task']} ({cfg['preset']}, hidden {cfg['hidden']}, {cfg['epochs']} epochs): mean +- std over "
+             f"seeds", cols, "-" * len(cols)]
+    for r in rows:
+        f = lambda k, p: f"{r[k + '_mean']:.{p}f} +- {r[k + '_std']:.{p}f}"
+        lines.append(f"{fmt_aw(r['aw']):>6} | {r['n']:>2} | {f('test_acc', 2):>15} | {f('width', 4):>19} | "
+                     f"{f('width_all', 4):>17} | {f('llc', 2):>15}")
+    return "\n".join(lines)
+
+
+def load_resume(path, args):
+    ck = common.load_checkpoint(path)
+    common.check(ck.get("script") == SCRIPT, f"{path} was written by {ck.get('script')!r}, not {SCRIPT}: "
+                                             "point --out at a selfmodel run")
+    old, new = ck["config"], vars(args)
+    diff = sorted(k for k in set(old) | set(new) if k not in NOT_EXPERIMENT and k != "num_tokens"
+                  and old.get(k) != new.get(k))
+    common.check(not diff, f"--resume: {path} was made with other settings ({', '.join(diff[:4])}): "
+                           "pass the flags of that run or a new --out")
+    return ck
+
+
+def main(argv=None):
+    args = get_args(argv)
+    common.prepare_out_dir(args.out)
+    d = common.setup_distributed(args.device)
+    ck = load_resume(os.path.join(args.out, "ckpt.pt"), args) if args.resume else None
+    data = Data(args, d)
+    sweep = Sweep(args, d, data, ck)
+    stop = common.StopSignal(args.stop_at_step)
+    sweep.log(f"selfmodel {args.task} on {common.device_name(d.device)} x{d.world_size}: AW {args.aw}, "
+              f"{args.seeds} seed(s), out {args.out}")
+    bar = tqdm(total=len(sweep.cells), initial=len(sweep.done), desc="AW x seed", dynamic_ncols=True,
+               disable=not (d.is_main and sys.stderr.isatty()))
+    for ci, (aw, seed) in enumerate(sweep.cells):
+        if cell_key(aw, seed) in sweep.done:
+            continue
+        if sweep.run_cell(ci, aw, seed, stop) is None:
+            sweep.log(f"stopped at step {sweep.stopped_at} of the sweep (aw {aw:g} seed {seed}); "
+                      f"checkpoint {sweep.path}; rerun with --resume to continue")
+            bar.close()
+            common.cleanup_distributed()
+            return
+        sweep.write_results()
+        bar.update(1)
+    bar.close()
+    sweep.write_results(final=True)
+    sweep.log(format_table(summarise(sweep.done, sweep.cfg), sweep.cfg))
+    sweep.log(f"done in {(time.time() - sweep.t0) / 60:.1f} min; results {os.path.join(args.out, 'results.json')}")
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    common.run_main(main)

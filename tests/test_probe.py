@@ -1,0 +1,158 @@
+"""probe.py on real smoke checkpoints of every script, a planted representation, and its error messages."""
+import importlib, json, math, os, sys, types
+
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+import probe
+from conftest import assert_clean_error, need, run_script
+
+SMOKE = {  # script -> extra smoke flags; each writes OUT/ckpt.pt
+    "mae_decay": [],
+    "diffusion_decay": [],
+    "sim_cifar": [],
+    "selfmodel": ["--task", "mnist"],
+}
+
+
+@pytest.fixture(scope="module")
+def ckpts(data_dir, tmp_path_factory):
+    need(data_dir, "cifar10", "cifar-10-batches-py")
+    need(data_dir, "mnist", "MNIST", "raw")
+    root = tmp_path_factory.mktemp("probe_ckpts")
+    out = {}
+    for script, extra in SMOKE.items():
+        d = root / script
+        p = run_script([f"{script}.py", "--smoke", "--out", d, "--data-dir", data_dir] + extra, timeout=300)
+        assert p.returncode == 0, f"{script} --smoke failed:\n{p.stderr[-3000:]}"
+        ck = next(d.rglob("ckpt.pt"))
+        out[script] = (ck, ck.parent / "results.json")
+    return out
+
+
+def _probe(*argv):
+    return probe.main([str(a) for a in argv])
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("script", list(SMOKE))
+def test_every_script_end_to_end(ckpts, data_dir, tmp_path, script):
+    ck, _ = ckpts[script]
+    rows = _probe(ck, "--layers", "all", "--data-dir", data_dir, "--out", tmp_path / "p.json")
+    n_layers = importlib.import_module(script).probe_layers(common.load_checkpoint(str(ck))["config"])
+    assert [r["layer"] for r in rows] == list(range(1, n_layers + 1))
+    for r in rows:
+        assert 0 <= r["linear_probe"] <= 100 and 0 <= r["knn"] <= 100
+        assert math.isfinite(r["feat_norm"]) and r["feat_norm"] > 0
+        assert r["erank"] >= 0 and r["erank_exp"] == pytest.approx(math.exp(r["erank"]))
+    saved = json.load(open(tmp_path / "p.json"))
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["device"].startswith("cpu")
+
+
+def test_mae_probe_equals_training_eval(ckpts, data_dir, tmp_path):
+    ck, res = ckpts["mae_decay"]
+    final = json.load(open(res))["metrics"]["final"]
+    (row,) = _probe(ck, "--data-dir", data_dir, "--out", tmp_path / "p.json")
+    for k in ("linear_probe", "knn", "erank", "erank_exp", "feat_norm"):
+        assert row[k] == final[k], k
+
+
+def test_diffusion_probe_equals_training_eval(ckpts, data_dir, tmp_path):
+    ck, res = ckpts["diffusion_decay"]
+    grid = json.load(open(res))["metrics"]["probe"]
+    cfg = common.load_checkpoint(str(ck))["config"]
+    layers = sorted({g["layer"] for g in grid.values()})
+    ts = sorted({g["t"] for g in grid.values()})
+    rows = _probe(ck, "--layers", ",".join(map(str, layers)), "--t", ",".join(map(str, ts)),
+                  "--data-dir", data_dir, "--out", tmp_path / "p.json")
+    assert len(rows) == len(grid) and cfg["dataset"] == "cifar10"
+    for r in rows:
+        g = next(v for v in grid.values() if v["layer"] == r["layer"] and v["t"] == r["t"])
+        for k in ("linear_probe", "knn", "erank", "feat_norm"):
+            assert r[k] == g[k], (r["layer"], r["t"], k)
+
+
+def test_compare_puts_checkpoints_side_by_side(ckpts, data_dir, tmp_path, capsys):
+    a, b = ckpts["mae_decay"][0], ckpts["sim_cifar"][0]
+    rows = _probe(a, "--compare", b, "--data-dir", data_dir, "--out", tmp_path / "p.json")
+    assert [r["script"] for r in rows] == ["mae_decay", "sim_cifar"]
+    table = capsys.readouterr().out
+    assert str(os.path.basename(os.path.dirname(a))) in table and "sim_cifar" in table
+
+
+# ---------------------------------------------------------------------------- planted representation
+
+def _planted_module(kind):
+    """A stand-in experiment script: features either encode the label (planted) or ignore the input."""
+    mod = types.ModuleType(f"planted_{kind}")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+    mod.build_model = lambda cfg: Net()
+    mod.probe_layers = lambda cfg: 1
+
+    def feats(model, x, cfg, layers, t=None, generator=None):
+        if kind == "planted":  # the label is written in the image's mean brightness (see _fake_data)
+            level = x.mean((1, 2, 3))
+            f = torch.stack([torch.cos(level * k) for k in range(1, 9)] + [level], 1)
+        else:
+            f = torch.randn(len(x), 9, generator=generator, device=x.device)
+        return {1: f}
+    mod.probe_features = feats
+    return mod
+
+
+def _fake_data(name, data_dir, train=True, download=False):
+    n = 1000 if train else 400
+    g = torch.Generator().manual_seed(int(train))
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = (y.view(-1, 1, 1, 1) * 25 + torch.randint(0, 4, (n, 3, 32, 32), generator=g)).to(torch.uint8)
+    return x, y
+
+
+@pytest.mark.parametrize("kind,lo,hi", [("planted", 98, 100), ("random", 0, 20)])
+def test_planted_vs_random_representation(tmp_path, monkeypatch, kind, lo, hi):
+    mod = _planted_module(kind)
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    monkeypatch.setattr(probe, "SCRIPTS", probe.SCRIPTS + (mod.__name__,))
+    monkeypatch.setattr(common, "load_dataset", _fake_data)
+    ck = tmp_path / "ckpt.pt"
+    common.save_checkpoint(str(ck), {"script": mod.__name__, "model": {"w": torch.zeros(1)},
+                                     "config": {"dataset": "cifar10", "seed": 0, "probe_epochs": 20}})
+    (row,) = _probe(ck, "--out", tmp_path / "p.json")
+    assert lo <= row["linear_probe"] <= hi and lo <= row["knn"] <= hi, row
+
+# ------------------------------------------------------------------------------------------- errors
+
+def test_errors_are_one_line(ckpts, data_dir, tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    other = tmp_path / "other.pt"
+    torch.save({"script": "train_gpt", "model": {}, "config": {}}, other)
+    mae, mnist_model = ckpts["mae_decay"][0], ckpts["selfmodel"][0]
+    cases = [([junk], "not a readable checkpoint"),
+             ([other], "'train_gpt'"),
+             ([mae, "--layers", "99"], "--layers 99"),
+             ([mae, "--layers", "0,x"], "--layers"),
+             ([mnist_model, "--dataset", "cifar10"], "--dataset cifar10"),
+             ([mae, "--t", "0.1"], "--t"),
+             ([mae, "--knn-k", "0"], "--knn-k"),
+             ([tmp_path / "missing.pt"], "no checkpoint")]
+    for argv, words in cases:
+        with pytest.raises(common.UserError) as e:
+            _probe(*argv, "--data-dir", data_dir, "--out", tmp_path / "p.json")
+        assert words in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
+    p = run_script(["probe.py", junk])  # and through the real command line: no traceback
+    assert_clean_error(p, "not a readable checkpoint")

@@ -1,0 +1,354 @@
+"""selfmodel.py: the LLC estimator where the answer is known, the self-model head and width by hand, learning
+on real MNIST, IMDB and CIFAR-10 data, and the script as a user sees it (exact resume, torchrun, NaN stop,
+bad flags)."""
+import json, math, os, statistics
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import selfmodel as S
+from conftest import assert_clean_error, need, run_script
+
+CPU = common.Dist(0, 0, 1, torch.device("cpu"), True)
+
+
+class NoStop:
+    """Stands in for common.StopSignal in-process (which would take over pytest's signal handlers)."""
+    stop_at = None
+
+    def requested(self, step):
+        return False
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny CPU tensors gain nothing from a second thread, and OpenMP spin-waits badly on a busy machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def mnist(data_dir):
+    need(data_dir, "mnist", "MNIST", "raw", "t10k-images-idx3-ubyte.gz")
+    return data_dir
+
+
+def sweep(argv, out):
+    """The script's Sweep in this process, on the CPU, for the flags `argv`."""
+    args = S.get_args(argv + ["--out", str(out), "--device", "cpu"])
+    common.prepare_out_dir(args.out)
+    return S.Sweep(args, CPU, S.Data(args, CPU), None)
+
+# ----------------------------------------------------------------------------------------------------
+# the LLC estimator on a model whose learning coefficient is known
+
+
+def linear_regression(d, n=2000, seed=0):
+    """y = X w + N(0, 1) and the model at its least-squares optimum w*."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g)
+    y = X @ torch.randn(d, 1, generator=g) + torch.randn(n, 1, generator=g)
+    model = nn.Linear(d, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(X, y).solution.T)
+    return model, X, y
+
+
+def half_mse(out, y):  # the Gaussian negative log-likelihood with unit noise, up to a constant
+    return 0.5 * ((out - y) ** 2).mean()
+
+
+@pytest.mark.parametrize("d", [4, 16])
+def test_llc_of_a_regular_model_is_half_its_dimension(d):
+    """Linear regression is regular, so its learning coefficient is d/2.
+
+    Tolerance 10% of d/2, and why: near w* nbeta * (L(w) - L(w*)) = nbeta/2 (w - w*)' H (w - w*) with
+    H = X'X/n ~ I, so the localised posterior is Gaussian and the exact expectation is
+    1/2 sum_i nbeta h_i / (nbeta h_i + gamma) = d/2 - 0.4% here (gamma = 1, nbeta = 263); the Euler step adds
+    about eps * (nbeta + gamma) / 4 = +2%. Monte-Carlo: each draw's value is ~ chi2_d / 2 (variance d/2),
+    correlated over ~2 / (eps * nbeta) = 25 steps, so 8 chains x 1500 kept draws give ~480 independent
+    ones: a standard error of ~3% of d/2 for d = 4 (less for 16). 10% is three of those plus the biases;
+    an estimator off by a factor (d, or nbeta forgotten) or not scaling with d fails.
+    """
+    model, X, y = linear_regression(d)
+    llc = S.estimate_llc(model, half_mse, [(X, y)], eps=3e-4, gamma=1.0, nbeta=2000 / math.log(2000),
+                         num_chains=8, num_draws=3000, seed=0)
+    assert abs(llc - d / 2) < 0.1 * d / 2, llc
+
+
+def test_llc_on_minibatches_leaves_model_and_rng_alone():
+    """Minibatches (the loader cycled), paired L_b(w*) baselines; the model, its mode and the global RNG
+    are as before; the seed alone decides the value. Minibatch gradient noise biases the estimate by a
+    few % (about -5% measured here), hence 20%."""
+    model, X, y = linear_regression(8)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    loader = [(X[i:i + 250], y[i:i + 250]) for i in range(0, 2000, 250)]
+    kw = dict(eps=3e-4, gamma=1.0, nbeta=250 / math.log(250), num_chains=4, num_draws=1500)
+    a = S.estimate_llc(model, half_mse, loader, **kw, seed=1)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and model.training
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert S.estimate_llc(model, half_mse, loader, **kw, seed=1) == a
+    assert S.estimate_llc(model, half_mse, loader, **kw, seed=2) != a
+    assert abs(a - 4) < 0.2 * 4, a
+
+# ----------------------------------------------------------------------------------------------------
+# the self-model head and the width measure
+
+
+def test_targets_are_the_hidden_activations_and_detached():
+    torch.manual_seed(0)
+    net = S.build_model({"task": "mnist", "dataset": "mnist", "hidden": 16}, self_model=True)
+    x, y = torch.randn(5, 1, 28, 28), torch.zeros(5, dtype=torch.long)
+    out, target = net(x)
+    hidden = F.relu(net.body.fc(x.flatten(1)))
+    assert out.shape == (5, 10 + 16) and torch.equal(target, hidden.detach()) and not target.requires_grad
+    # with the self-model rows zeroed the prediction cannot move the body, so the only route for the MSE
+    # to reach the hooked layer would be the target side: its gradient there must be exactly zero
+    with torch.no_grad():
+        net.self_head.weight.zero_()
+        net.self_head.bias.zero_()
+    _, _, mse = S.loss_parts(net, x, y, 1.0)
+    mse.backward()
+    assert mse > 0 and torch.count_nonzero(net.body.fc.weight.grad) == 0
+    # control: the same MSE with the target left attached does reach the layer
+    net.zero_grad()
+    F.mse_loss(torch.zeros_like(hidden), hidden).backward()
+    assert torch.count_nonzero(net.body.fc.weight.grad) > 0
+    # the classification-only network has no extra rows and captures nothing
+    assert net.classifier()(x).shape == (5, 10) and net._acts is None
+
+
+def test_width_is_the_std_of_the_class_rows_by_hand():
+    net = S.build_model({"task": "mnist", "dataset": "mnist", "hidden": 3}, self_model=True)
+    cls = [float(i % 7) - 2.5 + 0.1 * i for i in range(30)]  # 10 class rows x 3
+    with torch.no_grad():
+        net.head.weight.copy_(torch.tensor(cls).view(10, 3))
+        net.self_head.weight.fill_(100.0)  # the self-model rows: far off, must stay out of the width
+        net.body.fc.weight.fill_(1.0)
+    w = S.weight_widths(net)
+    assert w["width"] == pytest.approx(statistics.stdev(cls), rel=1e-6)
+    assert w["width_out"] == pytest.approx(statistics.stdev(cls + [100.0] * 9), rel=1e-6)
+    assert w["width_all"] == pytest.approx(statistics.stdev(cls + [1.0] * 3 * 784), rel=1e-5)
+
+# ----------------------------------------------------------------------------------------------------
+# real data
+
+
+def test_aw0_with_the_widened_layer_trains_exactly_like_the_plain_network(mnist, tmp_path):
+    sw = sweep(["--smoke", "--data-dir", mnist, "--epochs", "1", "--log-every", "1"], tmp_path)
+    ckpt = tmp_path / "ckpt.pt"
+    plain = sw.run_cell(0, 0.0, 0, NoStop())
+    plain_w = torch.load(ckpt)["model"]
+    widened = sw.run_cell(0, 0.0, 0, NoStop(), self_model=True)
+    widened_w = torch.load(ckpt)["model"]
+    assert "self_head.weight" in widened_w and "self_head.weight" not in plain_w
+    assert all(torch.equal(v, widened_w[k]) for k, v in plain_w.items())
+    for k in ("loss_curve", "test_acc", "width", "width_all", "llc"):
+        assert plain[k] == widened[k], k
+    assert len(plain["loss_curve"]) == plain["steps"] == 32
+    assert sw.run_cell(0, 1.0, 0, NoStop())["width"] != plain["width"]  # while AW > 0 does change the network
+
+
+def test_short_mnist_run_learns_at_the_papers_settings(mnist, tmp_path):
+    """Full MNIST, the paper's SGD (lr 0.005, Nesterov 0.9, batch 512), 5 of its 50 epochs."""
+    sw = sweep(["--data-dir", mnist, "--aw", "0,10", "--epochs", "5", "--sgld-chains", "2", "--sgld-draws", "40"],
+               tmp_path)
+    for aw in (0.0, 10.0):
+        res = sw.run_cell(0, aw, 0, NoStop())
+        assert res["test_acc"] > 90, res["test_acc"]
+        assert 0 < res["width"] < 1 and math.isfinite(res["llc"]) and res["llc"] > 0
+
+
+@pytest.fixture(scope="module")
+def imdb_sweep(data_dir, tmp_path_factory):
+    need(data_dir, "imdb")
+    return sweep(["--task", "imdb", "--smoke", "--data-dir", data_dir], tmp_path_factory.mktemp("imdb"))
+
+
+def test_imdb_tokens_batches_and_model_on_real_reviews(imdb_sweep):
+    sw = imdb_sweep
+    seqs, labels = sw.data.train_xy
+    assert sw.args.num_tokens == 5000 and len(seqs) == 2000
+    assert 0.4 < labels.float().mean() < 0.6  # the fixed subset mixes the label-sorted files
+    ids = torch.cat(seqs)
+    assert ids.min() >= 0 and ids.max() < 5000 and (ids > 1).float().mean() > 0.9  # mostly known words
+    # two ranks' rows together are the one-process batch
+    one = next(iter(S.TextBatches(seqs, labels, 64, train=True, device="cpu", seed=3)))
+    halves = [next(iter(S.TextBatches(seqs, labels, 64, train=True, device="cpu", seed=3, rank=r, world_size=2)))
+              for r in (0, 1)]
+    (tok, off), y = one
+    rows = [tok[o:e] for o, e in zip(off.tolist(), off.tolist()[1:] + [len(tok)])]
+    for r, ((t, o), yr) in enumerate(halves):
+        assert torch.equal(yr, y[r::2])
+        assert torch.equal(t, torch.cat(rows[r::2]))
+    # forward / backward of the self-modeling text model; embedding rows of absent words get no gradient
+    torch.manual_seed(0)
+    net = S.build_model({**sw.cfg, "model_aw": 1.0})
+    loss, ce, mse = S.loss_parts(net, (tok, off), y, 1.0)
+    out, target = net((tok, off))
+    assert out.shape == (64, 2 + 128) and torch.equal(target, net.body.features((tok, off))[1])
+    loss.backward()
+    g = net.body.emb.weight.grad
+    present = torch.zeros(5000, dtype=torch.bool)
+    present[tok] = True
+    assert torch.isfinite(g).all() and g[present].abs().sum() > 0 and torch.count_nonzero(g[~present]) == 0
+    # and it can fit real reviews: 40 steps on one batch drive the loss down
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    for _ in range(40):
+        opt.zero_grad()
+        S.loss_parts(net, (tok, off), y, 1.0)[0].backward()
+        opt.step()
+    assert S.loss_parts(net, (tok, off), y, 1.0)[1] < 0.5 * ce.item()
+
+
+def test_cifar_augmentation_model_and_llc_with_batchnorm(data_dir, tmp_path):
+    need(data_dir, "cifar10", "cifar-10-batches-py", "data_batch_1")
+    sw = sweep(["--task", "cifar10", "--smoke", "--data-dir", data_dir, "--train-subset", "64"], tmp_path)
+    x_raw, y_raw = sw.data.train_xy
+    m, s = sw.data.mean, sw.data.std
+    flips = lambda r, w: common.GPUBatches(x_raw, y_raw, 32, train=True, mean=m, std=s, pad=0, flip=True, seed=5,
+                                           rank=r, world_size=w)
+    aug = lambda r, w: S.AffineBatches(flips(r, w), m, s)
+    (x, y), (x2, _), (plain, _) = next(iter(aug(0, 1))), next(iter(aug(0, 1))), next(iter(flips(0, 1)))
+    assert torch.equal(x, x2) and not torch.equal(x, plain)  # reproducible, and it does move pixels
+    black = lambda t: ((t + torch.tensor(m).view(1, 3, 1, 1) / torch.tensor(s).view(1, 3, 1, 1)).abs() < 1e-5).all(1)
+    assert black(x).sum() > black(plain).sum() + 100  # pixels rotated / shifted in from outside are raw black
+    for r in (0, 1):  # ranks see the rows one process would
+        xr, yr = next(iter(aug(r, 2)))
+        assert torch.equal(xr, x[r::2]) and torch.equal(yr, y[r::2])
+    # ResNet-18 self-model: targets = last block (8w x 4 x 4) + hidden
+    torch.manual_seed(0)
+    net = S.build_model({**sw.cfg, "model_aw": 1.0})
+    out, target = net(x[:8])
+    assert S.target_dim(sw.cfg) == 8 * 4 * 16 + 32 and out.shape == (8, 10 + 8 * 4 * 16 + 32)
+    assert target.shape == (8, 8 * 4 * 16 + 32)
+    # SGLD through BatchNorm (eval statistics) leaves weights, running stats and modes as they were
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    llc = S.llc_of(net, sw.data, {**sw.cfg, "sgld_draws": 4}, seed=0)
+    assert math.isfinite(llc) and net.training and net.body.stem[1].training
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+
+# ----------------------------------------------------------------------------------------------------
+# the script as a user runs it
+
+SMOKE = ["selfmodel.py", "--smoke", "--device", "cpu"]
+
+
+def files_under(path):
+    return sorted(os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(path) for f in fs)
+
+
+def test_resume_is_bitwise_and_keeps_finished_cells(mnist, tmp_path):
+    """Smoke sweep = 2 cells (AW 0, 1) x 96 steps. Stopped at sweep step 150 (mid-epoch of the second
+    cell), then resumed: the same final weights and the same per-seed numbers as one straight run."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    p = run_script(SMOKE + ["--data-dir", mnist, "--out", full])
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_script(SMOKE + ["--data-dir", mnist, "--out", part, "--stop-at-step", "150"])
+    assert p.returncode == 0 and "stopped at step 150" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    ck = torch.load(part / "ckpt.pt")
+    assert ck["cell"] == [1.0, 0] and ck["step"] == 54 and list(ck["done"]) == ["aw=0,seed=0"]
+    p = run_script(SMOKE + ["--data-dir", mnist, "--out", part, "--resume"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed aw 1 seed 0 at step 54" in p.stdout and "aw 0 seed 0 |" not in p.stdout  # cell 0 kept
+    a, b = torch.load(full / "ckpt.pt"), torch.load(part / "ckpt.pt")
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    ra, rb = (json.load(open(o / "results.json"))["metrics"] for o in (full, part))
+    for key in ra["runs"]:
+        for k in ("test_acc", "width", "width_all", "width_out", "llc", "loss_curve", "steps"):
+            assert ra["runs"][key][k] == rb["runs"][key][k], (key, k)
+    assert ra["table"] == rb["table"] and [r["aw"] for r in ra["table"]] == [0.0, 1.0]
+    # the checkpoint rebuilds through the probe.py protocol
+    net = S.build_model(b["config"])
+    net.load_state_dict(b["model"])
+    x = torch.randn(3, 1, 28, 28)
+    assert S.probe_layers(b["config"]) == 1 and b["config"]["dataset"] == "mnist"
+    assert torch.equal(S.probe_features(net, x, b["config"], [1])[1], net.body(x))
+
+
+def test_torchrun_two_processes_match_one(mnist, tmp_path):
+    """2 processes x B/2 = 1 process x B (no BatchNorm in the MLP, so the match is exact up to float
+    summation order): the same first-step loss and weights after each step, the same evaluation gathered
+    from both ranks; only rank 0 writes files and logs."""
+    flags = ["--data-dir", mnist, "--aw", "1", "--epochs", "1", "--log-every", "1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    p1 = run_script(SMOKE + flags + ["--out", one])
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    p2 = run_script(SMOKE + flags + ["--out", two], torchrun=2)
+    assert p2.returncode == 0, p2.stdout[-2000:] + p2.stderr[-3000:]
+    assert files_under(two) == ["ckpt.pt", "results.json"]
+    assert p2.stdout.count("aw 1 seed 0 | ep 0 | step 1/32 ") == 1  # one log, from rank 0
+    r1, r2 = (json.load(open(o / "results.json"))["metrics"]["runs"]["aw=1,seed=0"] for o in (one, two))
+    c1, c2 = torch.tensor(r1["loss_curve"]), torch.tensor(r2["loss_curve"])
+    assert c1[0, 1] == pytest.approx(c2[0, 1], rel=1e-6)  # first step: mean of the two half-batch losses
+    assert torch.allclose(c1, c2, rtol=1e-5)  # every later step follows from equal gradients
+    w1, w2 = torch.load(one / "ckpt.pt")["model"], torch.load(two / "ckpt.pt")["model"]
+    assert all(torch.allclose(v, w2[k], atol=1e-6) for k, v in w1.items())
+    assert r1["test_acc"] == r2["test_acc"] and r1["llc"] == pytest.approx(r2["llc"], rel=1e-3, abs=1e-3)
+
+
+def test_nan_loss_stops_with_step_and_last_good_checkpoint(mnist, tmp_path):
+    """AW = 1e300 overflows the loss at the first step of the second cell; the first cell's checkpoint stays."""
+    p = run_script(SMOKE + ["--data-dir", mnist, "--out", tmp_path, "--aw", "0,1e300"])
+    assert_clean_error(p, "step 96", str(tmp_path / "ckpt.pt"))
+    ck = common.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert list(ck["done"]) == ["aw=0,seed=0"] and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def run_in_process(argv, capsys):
+    """main() as the CLI runs it (common.run_main): the exit code and the stderr text."""
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda: S.main(argv))
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--task", "svhn"], ["--task", "mnist"]),
+    (["--aw", ""], ["--aw", "empty"]),
+    (["--aw", "-1"], ["--aw", ">= 0"]),
+    (["--aw", "0,1,x"], ["--aw", "float"]),
+    (["--aw", "1,1"], ["--aw", "twice"]),
+    (["--seeds", "0"], ["--seeds"]),
+    (["--seeds", "two"], ["--seeds"]),
+    (["--preset", "fast"], ["--preset", "quick"]),
+    (["--lr", "-0.1"], ["--lr"]),
+    (["--sgld-eps", "0"], ["--sgld-eps"]),
+    (["--sgld-draws", "1"], ["--sgld-draws"]),
+    (["--sgld-batch", "100000"], ["--sgld-batch", "training examples"]),
+    pytest.param(["--device", "cuda"], ["--device"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+    (["--out", "/proc/selfmodel"], ["--out", "not writable"]),
+    (["--data-dir", "/nonexistent"], ["missing", "--data-dir"]),
+    (["--resume"], ["no checkpoint", "--resume"]),
+])
+def test_bad_invocations_give_one_line_errors(argv, words, mnist, tmp_path, capsys):
+    base = ["--smoke", "--data-dir", mnist, "--no-download", "--out", str(tmp_path / "run")]
+    code, err = run_in_process(base + argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err and lines, err
+    assert all(w in lines[-1] for w in words), lines[-1]
+    if argv != ["--seeds", "two"]:  # argparse's own errors come after its usage line
+        assert len(lines) == 1, err
+
+
+def test_bad_checkpoints_and_the_real_cli(mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"not a checkpoint")
+    code, err = run_in_process(["--smoke", "--data-dir", mnist, "--out", str(out), "--resume"], capsys)
+    assert code == 2 and "not a readable checkpoint" in err and len(err.strip().splitlines()) == 1
+    common.save_checkpoint(str(out / "ckpt.pt"), {"script": "selfmodel", "model": {},
+                                                  "config": {**vars(S.get_args(["--smoke"])), "lr": 1.0}})
+    code, err = run_in_process(["--smoke", "--data-dir", mnist, "--out", str(out), "--resume"], capsys)
+    assert code == 2 and "other settings (lr)" in err
+    # and through a real process: one line, no traceback
+    assert_clean_error(run_script(SMOKE + ["--aw", "-1"]), "--aw", ">= 0")
