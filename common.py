@@ -420,6 +420,7 @@ def setup_distributed(device="auto"):
 
 def cleanup_distributed():
     if dist.is_initialized():
+        dist.barrier()  # a rank tearing down while rank 0 still writes can abort gloo
         dist.destroy_process_group()
 
 

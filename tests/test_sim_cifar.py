@@ -1,0 +1,405 @@
+"""sim_cifar.py: the SIM / rho-SIM objective by hand, its plumbing, and the script's behaviour as a user
+sees it (learning on real CIFAR-10, exact resume, torchrun, NaN stop, bad flags)."""
+import json, math, os, shutil, signal, textwrap
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import sim_cifar as S
+from conftest import ROOT, assert_clean_error, need, run_script
+
+CPU = common.Dist(0, 0, 1, torch.device("cpu"), True)
+# a tiny real-data configuration: 256 training images, batch 64 -> 4 steps per epoch
+TINY = ["--smoke", "--train-subset", "256", "--test-subset", "200", "--epochs", "2", "--bench-steps", "0"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny CPU tensors gain nothing from a second thread, and OpenMP spin-waits badly on a busy machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def cifar(data_dir):
+    need(data_dir, "cifar10", "cifar-10-batches-py", "test_batch")
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def stopped(cifar, tmp_path_factory):
+    """A TINY run (baseline + rho) interrupted at step 3 of its first run; tests resume copies of it."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    p = run_script(["sim_cifar.py"] + TINY + ["--data-dir", cifar, "--out", out, "--stop-at-step", "3"])
+    assert p.returncode == 0 and "stopped at step 3" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    assert not (out / "results.json").exists() and torch.load(out / "off_seed0" / "ckpt.pt")["step"] == 3
+    return out
+
+
+def wrapped(block, mode="rho", rho=0.2, latent=16, shape=(2, 8, 16, 16)):
+    """block inside a Sequential, wrapped by add_sim exactly as the script does it."""
+    torch.manual_seed(0)
+    net = S.add_sim(nn.Sequential(block), type(block), torch.zeros(shape), mode, rho, latent)
+    assert isinstance(net[0], S.SIM)
+    return net
+
+
+def hand_distance(a, b, eps=1e-6):
+    """normalized Euclidean distance with explicit loops: per sample and channel, standardise over tokens
+    (unbiased std), then per token the L2 norm of the difference, averaged."""
+    B, K, D = a.shape
+    total = 0.0
+    for i in range(B):
+        za, zb = a[i].double().clone(), b[i].double().clone()
+        for c in range(D):
+            for z in (za, zb):
+                col = z[:, c]
+                m = sum(col.tolist()) / K
+                sd = math.sqrt(sum((v - m) ** 2 for v in col.tolist()) / (K - 1))
+                z[:, c] = (col - m) / (sd + eps)
+        for t in range(K):
+            total += math.sqrt(sum((za[t, c].item() - zb[t, c].item()) ** 2 for c in range(D)))
+    return total / (B * K)
+
+
+def test_normalized_distance_matches_hand_computation():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(2, 5, 3, generator=g) * 3 + 1, torch.randn(2, 5, 3, generator=g)
+    assert S.normalized_distance(a, b).item() == pytest.approx(hand_distance(a, b), rel=1e-5)
+    # a common scale and shift do not matter: both sides are standardised per channel
+    assert S.normalized_distance(a * 7 - 2, b).item() == pytest.approx(hand_distance(a, b), rel=1e-4)
+    assert S.normalized_distance(a, a).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_rho_loss_matches_hand_computation(stride):
+    """The whole rho-SIM loss of a (strided) block, rebuilt from its parts: tokens int(rho*N), one shared
+    draw, input average-pooled onto the output grid, zx = P(x), zy = Q(P(pre(y)))."""
+    net = wrapped(S.BasicBlock(8, 16 if stride == 2 else 8, stride))
+    sim = net[0]
+    x = torch.randn(2, 8, 16, 16)
+    torch.manual_seed(5)
+    y = net(x)
+    loss = sim.loss
+    n = (16 // stride) ** 2
+    k = int(0.2 * n)
+    torch.manual_seed(5)
+    idx = torch.randperm(n)[:k]
+    xp = F.avg_pool2d(x, stride) if stride > 1 else x
+    xt = xp.permute(0, 2, 3, 1).reshape(2, n, 8)[:, idx]
+    yt = y.detach().permute(0, 2, 3, 1).reshape(2, n, -1)[:, idx]
+    if stride == 2:
+        assert isinstance(sim.pre, nn.Linear) and sim.pre.bias is None and sim.pre.weight.shape == (8, 16)
+    zx, zy = sim.proj(xt), sim.pred(sim.proj(sim.pre(yt)))
+    assert loss.item() == pytest.approx(hand_distance(zy.detach(), zx.detach()), rel=1e-5)
+
+
+def test_sampled_token_count_is_int_rho_n():
+    shapes = []
+    for rho, stride, c_out in ((0.2, 1, 8), (0.37, 1, 8), (0.2, 2, 16), (1.0, 2, 16)):
+        net = wrapped(S.BasicBlock(8, c_out, stride), rho=rho, shape=(2, 8, 32, 32))
+        h = net[0].proj.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape)))
+        net(torch.randn(3, 8, 32, 32))
+        h.remove()
+        n = (32 // stride) ** 2
+        assert shapes[-2:] == [(3, int(rho * n), 8)] * 2  # target side and prediction side, same tokens
+    assert [s[1] for s in shapes[::2]] == [204, 378, 51, 256]
+    assert len(S.SIM(nn.Identity(), 4, 4, rho=0.01).sample(16, "cpu")) == 2  # floor: a std needs 2 tokens
+
+
+class Ignores(nn.Module):
+    """A block whose output does not depend on its input: any gradient reaching x must come from SIM."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(1, c, 8, 8))
+
+    def forward(self, x):
+        return self.w.expand(len(x), -1, -1, -1)
+
+
+@pytest.mark.parametrize("mode", ["rho", "full"])
+def test_stop_gradient_on_the_target_side(mode):
+    net = wrapped(Ignores(8), mode, shape=(2, 8, 8, 8))
+    x = torch.randn(2, 8, 8, 8, requires_grad=True)
+    net(x)
+    loss = S.sim_loss(net)
+    assert loss.item() > 0
+    loss.backward()
+    assert x.grad is None  # the target x entered only through x.detach()
+    heads = [p for n, p in net[0].named_parameters() if not n.startswith("block.")]
+    assert heads and all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads)
+    assert net[0].block.w.grad.abs().sum() > 0  # the prediction side trains the block
+    # with a real block: x's gradient is exactly the one through the block path
+    blk = wrapped(S.BasicBlock(8, 8, 1), mode, shape=(2, 8, 8, 8))[0]
+    x = torch.randn(2, 8, 8, 8, requires_grad=True)
+    torch.manual_seed(3)
+    g1, = torch.autograd.grad(blk.full_loss(x, blk.block(x)) if mode == "full" else blk.rho_loss(x, blk.block(x)), x)
+    torch.manual_seed(3)
+    c = x.detach().clone()
+    g2, = torch.autograd.grad(blk.full_loss(c, blk.block(x)) if mode == "full" else blk.rho_loss(c, blk.block(x)), x)
+    assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("mode", ["rho", "full"])
+def test_stride2_block_both_modes(mode):
+    net = wrapped(S.BasicBlock(8, 16, 2), mode)
+    x = torch.randn(4, 8, 16, 16)
+    y = net(x)
+    assert y.shape == (4, 16, 8, 8)
+    if mode == "full":
+        assert net[0].decoder(y).shape == x.shape  # decoded back onto the input grid, no resizing needed
+    loss = S.sim_loss(net)
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters())
+    assert S.sim_loss(net).item() == 0.0  # collected losses are cleared
+
+
+def test_token_sequence_blocks():
+    """The plug-in also wraps blocks on token sequences (B, N, C), e.g. a transformer MLP."""
+    class MLP(nn.Sequential):
+        pass
+    for mode in ("rho", "full"):
+        blk = MLP(nn.LayerNorm(12), nn.Linear(12, 24))
+        net = wrapped(blk, mode, shape=(2, 10, 12))
+        assert (isinstance(net[0].pre, nn.Linear) and net[0].pre.weight.shape == (12, 24)) if mode == "rho" \
+            else net[0].decoder.weight.shape == (12, 24)
+        net(torch.randn(3, 10, 12))
+        loss = S.sim_loss(net)
+        assert torch.isfinite(loss) and loss.item() > 0
+        loss.backward()
+        assert blk[1].weight.grad.abs().sum() > 0
+
+
+def backbone(state):
+    """The ResNet's own tensors, keyed as in the plain model (SIM heads dropped, '.block.' removed)."""
+    heads = ("pre", "proj", "pred", "decoder")
+    return {k.replace(".block.", ".", 1): v for k, v in state.items()
+            if not (k.startswith("blocks.") and k.split(".")[2] in heads)}
+
+
+def test_wrapper_is_transparent_and_free_at_eval():
+    cfg = dict(sim="rho", rho=0.2, latent_dim=32, width=8, dataset="cifar10")
+    for mode in ("rho", "full"):
+        torch.manual_seed(0)
+        plain = S.build_model(dict(cfg, sim="off"))
+        torch.manual_seed(0)
+        net = S.build_model(dict(cfg, sim=mode))
+        # the backbone's initial weights do not depend on the mode (it is built before the heads)
+        a, b = backbone(plain.state_dict()), backbone(net.state_dict())
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        x = torch.randn(4, 3, 32, 32)
+        plain.train(), net.train()
+        assert torch.equal(plain(x), net(x))  # training forward: the block's output unchanged
+        assert torch.isfinite(S.sim_loss(net))
+        plain.eval(), net.eval()
+        with torch.no_grad():
+            assert torch.equal(plain(x), net(x))
+        assert common.count_flops(lambda: net(x)) == common.count_flops(lambda: plain(x))
+        assert all(m.loss is None for m in net.modules() if isinstance(m, S.SIM))
+        net.train()
+        with torch.no_grad():
+            net(x)
+        assert all(m.loss is None for m in net.modules() if isinstance(m, S.SIM))
+
+
+def test_flops_order_off_rho_full():
+    """At the real width (64): off < rho < full, per training step (forward + backward)."""
+    flops = {}
+    for mode in S.MODES:
+        cfg = dict(sim=mode, rho=0.2, latent_dim=128, width=64, lam=5e-3, label_smoothing=0.1, dataset="cifar10")
+        torch.manual_seed(0)
+        net = S.build_model(cfg)
+        x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+        flops[mode] = common.count_flops(lambda: S.training_loss(net, x, y, cfg)[0].backward())
+    assert flops["off"] < flops["rho"] < flops["full"], flops
+    assert flops["rho"] / flops["off"] < 1.2  # sampling 20% of tokens keeps the extra cost small
+
+
+def test_probe_protocol():
+    cfg = dict(sim="rho", rho=0.2, latent_dim=32, width=8, dataset="cifar10")
+    net = S.build_model(cfg).eval()
+    assert S.probe_layers(cfg) == 8
+    f = S.probe_features(net, torch.randn(3, 3, 32, 32), cfg, [1, 3, 8])
+    assert {k: tuple(v.shape) for k, v in f.items()} == {1: (3, 8), 3: (3, 16), 8: (3, 64)}
+
+
+def _train_in_process(args, cfg, data, out):
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        os.makedirs(out, exist_ok=True)
+        return S.train_run(args, cfg, CPU, data, out, common.StopSignal(None), None, 1)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def test_lam0_gives_the_baseline_trajectory(cifar, tmp_path):
+    args = S.parse_args(TINY + ["--data-dir", cifar, "--lam", "0", "--log-every", "1", "--train-subset", "128",
+                                "--batch-size", "32", "--test-subset", "100", "--epochs", "1"])
+    data = S.load_data(args, CPU)
+    cfg = dict(vars(args), dataset="cifar10")
+    res = {m: _train_in_process(args, dict(cfg, sim=m), data, str(tmp_path / m)) for m in ("off", "rho")}
+    res["lam"] = _train_in_process(args, dict(cfg, lam=0.5), data, str(tmp_path / "lam"))
+    ce = {k: [h[2] for h in r["history"]["loss"]] for k, r in res.items()}
+    assert len(ce["off"]) == 4
+    assert ce["rho"] == ce["off"]  # bitwise, every step
+    assert [h[3] for h in res["rho"]["history"]["loss"]][0] > 0  # the SIM loss was computed, just weighted 0
+    assert ce["lam"][0] == ce["off"][0] and ce["lam"][1:] != ce["off"][1:]  # lam > 0 does change training
+    assert [h[1] for h in res["rho"]["history"]["loss"]] == [h[1] for h in res["off"]["history"]["loss"]]
+    off = backbone(torch.load(tmp_path / "off" / "ckpt.pt")["model"])
+    rho = backbone(torch.load(tmp_path / "rho" / "ckpt.pt")["model"])
+    assert off.keys() == rho.keys() and all(torch.equal(off[k], rho[k]) for k in off)
+
+
+def test_smoke_run_learns(cifar, tmp_path):
+    out = tmp_path / "run"
+    p = run_script(["sim_cifar.py", "--smoke", "--no-baseline", "--train-subset", "2048", "--data-dir", cifar,
+                    "--out", out])
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.load(open(out / "results.json"))["metrics"]
+    assert m["test_acc"]["rho"][0] > 22.0, m["test_acc"]  # chance is 10%
+    hist = m["runs"][0]["history"]["loss"]
+    assert hist[-1][2] < hist[0][2] - 0.2  # cross-entropy fell
+    assert set(m["flops_per_step"]) == set(m["step_ms"]) == set(S.MODES)
+    assert m["flops_per_step"]["off"] < m["flops_per_step"]["rho"]
+    ck = common.load_checkpoint(str(out / "rho_seed0" / "ckpt.pt"))
+    assert ck["script"] == "sim_cifar" and ck["config"]["dataset"] == "cifar10" and ck["config"]["sim"] == "rho"
+    S.build_model(ck["config"]).load_state_dict(ck["model"])  # probe.py's path
+
+
+def test_resume_is_bitwise(cifar, stopped, tmp_path):
+    """Baseline + rho, one seed: stopped inside the first run and resumed = run straight through."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(stopped, b)
+    p = run_script(["sim_cifar.py"] + TINY + ["--data-dir", cifar, "--out", a])
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_script(["sim_cifar.py"] + TINY + ["--data-dir", cifar, "--out", b, "--resume"])
+    assert p.returncode == 0 and "resumed at step 3" in p.stdout, p.stderr[-3000:]
+    for run in ("off_seed0", "rho_seed0"):
+        ca, cb = torch.load(a / run / "ckpt.pt"), torch.load(b / run / "ckpt.pt")
+        assert ca["step"] == cb["step"] == 8 and ca["history"] == cb["history"]
+        for k in ca["model"]:
+            assert torch.equal(ca["model"][k], cb["model"][k]), (run, k)
+        for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
+            assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    ma, mb = (json.load(open(d / "results.json"))["metrics"] for d in (a, b))
+    assert ma["test_acc"] == mb["test_acc"] and ma["flops_per_step"] == mb["flops_per_step"]
+
+
+def test_nan_stops_with_step_and_checkpoint(cifar, stopped, tmp_path):
+    out = tmp_path / "nan"
+    shutil.copytree(stopped, out)
+    p = run_script(["sim_cifar.py"] + TINY + ["--data-dir", cifar, "--out", out, "--resume", "--lr", "1e30",
+                                              "--ckpt-every", "2"])  # no epoch-end checkpoint before the NaN
+    ckpt = str(out / "off_seed0" / "ckpt.pt")
+    assert_clean_error(p, "at step 5", ckpt)  # step 4's update overflows, so step 5's loss is not finite
+    assert common.load_checkpoint(ckpt)["step"] == 3  # the last good checkpoint is intact
+
+
+def test_torchrun_two_processes(cifar, tmp_path):
+    out = tmp_path / "ddp"
+    p = run_script(["sim_cifar.py"] + TINY + ["--no-baseline", "--epochs", "1", "--data-dir", cifar, "--out", out],
+                   torchrun=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("final test acc") == 1 and p.stdout.count("cost of one training step") == 1  # rank 0 logs
+    assert sorted(os.listdir(out)) == ["cost.json", "results.json", "rho_seed0"]
+    assert sorted(os.listdir(out / "rho_seed0")) == ["ckpt.pt", "run.json"]
+    run = json.load(open(out / "results.json"))["metrics"]["runs"][0]
+    assert run["test_n"] == 200  # each rank evaluated half; the counts were gathered
+
+
+DDP_HELPER = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import common, sim_cifar as S
+from torch.nn.parallel import DistributedDataParallel as DDP
+d = common.setup_distributed("cpu")
+args = S.parse_args({argv!r})
+cfg = dict(vars(args), dataset="cifar10")
+net = S.new_model(cfg, d)
+model = DDP(net)
+x, y = next(S.make_batches(S.load_data(args, d), cfg, d)[0].epoch(0))
+loss = S.training_loss(model, x, y, cfg)[0]
+loss.backward()
+l = loss.detach().clone()
+dist.all_reduce(l)
+if d.is_main:
+    grads = {{n: p.grad for n, p in net.named_parameters()}}
+    torch.save({{"loss": l / d.world_size, "rows": len(x), "grads": grads}}, {out!r})
+dist.barrier()  # tearing gloo down while the other rank still works can abort it
+common.cleanup_distributed()
+"""
+
+
+def test_two_processes_match_one(cifar, tmp_path):
+    """2 processes x B/2 = 1 process x B. BatchNorm normalises per process (SyncBatchNorm has no CPU
+    kernel), so the exact single-process reference is the mean of the two half-batch losses and
+    gradients (rows 0::2 and 1::2, as GPUBatches shards them), each half drawing the same SIM tokens."""
+    argv = TINY + ["--data-dir", cifar, "--lam", "1.0", "--batch-size", "32"]
+    helper, out = tmp_path / "helper.py", tmp_path / "ddp.pt"
+    helper.write_text(textwrap.dedent(DDP_HELPER.format(root=ROOT, argv=argv, out=str(out))))
+    p = run_script([helper], torchrun=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = torch.load(out)
+    assert got["rows"] == 16
+
+    args = S.parse_args(argv)
+    cfg = dict(vars(args), dataset="cifar10")
+    net = S.new_model(cfg, CPU)
+    rng = torch.get_rng_state()
+    x, y = next(S.make_batches(S.load_data(args, CPU), cfg, CPU)[0].epoch(0))
+    losses = []
+    for r in (0, 1):
+        torch.set_rng_state(rng)
+        losses.append(S.training_loss(net, x[r::2], y[r::2], cfg)[0] / 2)
+        losses[-1].backward()
+    assert got["loss"].item() == pytest.approx(sum(losses).item(), rel=1e-5)
+    for n, p_ in net.named_parameters():
+        torch.testing.assert_close(got["grads"][n], p_.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--rho", "0"], ["--rho"]), (["--rho", "1.5"], ["--rho"]), (["--lam", "-1"], ["--lam"]),
+    (["--lam", "nan"], ["--lam"]), (["--sim", "full", "--rho", "0.5"], ["--rho", "--sim rho"]),
+    (["--sim", "off", "--lam", "0.1"], ["--lam"]), (["--sim", "full", "--latent-dim", "64"], ["--latent-dim"]),
+    (["--seeds", "0"], ["--seeds"]), (["--epochs", "0"], ["--epochs"]), (["--width", "-1"], ["--width"]),
+    (["--lr", "0"], ["--lr"]), (["--momentum", "1"], ["--momentum"]),
+    (["--label-smoothing", "1"], ["--label-smoothing"]),
+    (["--warmup-epochs", "50"], ["--warmup-epochs"]), (["--test-subset", "-5"], ["--test-subset"]),
+    (["--batch-size", "4096"], ["--train-subset", "--batch-size"]),
+])
+def test_flag_validation(argv, words):
+    with pytest.raises(common.UserError) as e:
+        S.parse_args(["--smoke"] + argv)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_bad_invocations(cifar, tmp_path):
+    bad_ck = tmp_path / "corrupt" / "off_seed0"
+    bad_ck.mkdir(parents=True)
+    (bad_ck / "ckpt.pt").write_bytes(b"\x80\x02 truncated")
+    cases = [
+        (["--sim", "half"], ["--sim"]),
+        (["--epochs", "zero"], ["--epochs"]),
+        (["--rho", "2"], ["--rho"]),
+        (["--out", "/proc/no/such/dir"], ["--out"]),
+        (["--data-dir", str(tmp_path / "nowhere"), "--no-download"], ["--data-dir"]),
+        (["--resume", "--out", str(tmp_path / "empty")], ["no checkpoint", "--resume"]),
+        (["--sim", "off", "--resume", "--out", str(tmp_path / "corrupt")], ["not a readable checkpoint"]),
+    ]
+
+    def one(case):
+        return run_script(["sim_cifar.py", "--smoke", "--data-dir", cifar, "--out", str(tmp_path / "o")] + case[0])
+    with ThreadPoolExecutor(4) as ex:
+        procs = list(ex.map(one, cases))
+    for (argv, words), p in zip(cases, procs):
+        assert_clean_error(p, *words)
