@@ -71,7 +71,8 @@ def pick_layers(spec, n):
         return list(range(1, n + 1))
     layers = common.parse_list(spec, int, "--layers")
     bad = [l for l in layers if not 1 <= l <= n]
-    common.check(not bad, f"--layers {bad[0]} is out of range: this checkpoint's model has layers 1..{n}")
+    if bad:
+        raise common.UserError(f"--layers {bad[0]} is out of range: this checkpoint's model has layers 1..{n}")
     return layers
 
 
@@ -94,8 +95,8 @@ def probe_one(path, args, dev):
         ts = [None]
 
     # the run's own evaluation settings, unless overridden, so the numbers match its final eval
-    n_train = args.n_train or cfg.get("eval_n_train")
-    n_test = args.n_test or cfg.get("eval_n_test")
+    n_train = args.n_train or cfg.get("eval_n_train") or cfg.get("train_subset") or None  # 0 / None: all
+    n_test = args.n_test or cfg.get("eval_n_test") or cfg.get("test_subset") or None
     bs = args.batch_size or cfg.get("eval_batch_size") or 500
     epochs = args.probe_epochs or cfg.get("probe_epochs") or 50
     knn_k = args.knn_k or cfg.get("knn_k") or 20
