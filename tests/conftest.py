@@ -14,6 +14,17 @@ def _find_data_dir():
     return None
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The tests' tiny models gain nothing from a second thread, and OpenMP spin-waits badly on a busy
+    2-core machine (seen: 2 s -> 35 s). Subprocesses get OMP_NUM_THREADS=1 from run_script."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     d = _find_data_dir()

@@ -13,16 +13,6 @@ import diffusion_decay as dd
 from conftest import assert_clean_error, need, run_script
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are small: one intra-op thread avoids OpenMP spin contention on a busy 2-core box
-    (the subprocess runs get OMP_NUM_THREADS=1 from conftest the same way)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 TINY = dict(patch=4, dim=32, depth=5, heads=2, mlp_ratio=2.0, dataset="cifar10", cond=False, alpha_min=0.7)
 
 

@@ -36,14 +36,6 @@ def _probe(*argv):
     return probe.main([str(a) for a in argv])
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("script", list(SMOKE))
 def test_every_script_end_to_end(ckpts, data_dir, tmp_path, script):
     ck, _ = ckpts[script]

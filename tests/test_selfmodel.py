@@ -23,15 +23,6 @@ class NoStop:
         return False
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny CPU tensors gain nothing from a second thread, and OpenMP spin-waits badly on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def mnist(data_dir):
     need(data_dir, "mnist", "MNIST", "raw", "t10k-images-idx3-ubyte.gz")

@@ -17,15 +17,6 @@ CPU = common.Dist(0, 0, 1, torch.device("cpu"), True)
 TINY = ["--smoke", "--train-subset", "256", "--test-subset", "200", "--epochs", "2", "--bench-steps", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny CPU tensors gain nothing from a second thread, and OpenMP spin-waits badly on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def cifar(data_dir):
     need(data_dir, "cifar10", "cifar-10-batches-py", "test_batch")
