@@ -474,10 +474,11 @@ def count_flops(fn):
 
 class StopSignal:
     """SIGTERM / SIGINT set a flag instead of killing the process, so the loop can checkpoint and exit.
-    `requested(step)` also fires at `--stop-at-step` (a testing aid) and agrees across DDP ranks."""
+    `requested(step)` also fires at `--stop-at-step` (a testing aid, the same on every rank). Under DDP
+    the ranks agree on a signal through an all-reduce every `every` steps, not every step (it syncs)."""
 
-    def __init__(self, stop_at_step=None):
-        self.flag, self.stop_at = False, stop_at_step
+    def __init__(self, stop_at_step=None, every=10):
+        self.flag, self.stop_at, self.every = False, stop_at_step, every
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._handle)
 
@@ -485,13 +486,16 @@ class StopSignal:
         self.flag = True
 
     def requested(self, step):
-        want = self.flag or (self.stop_at is not None and step >= self.stop_at)
+        if self.stop_at is not None and step >= self.stop_at:
+            return True
         if dist.is_initialized() and dist.get_world_size() > 1:
+            if step % self.every:
+                return False
             dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            t = torch.tensor([float(want)], device=dev)
+            t = torch.tensor([float(self.flag)], device=dev)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            want = bool(t.item())
-        return want
+            return bool(t.item())
+        return self.flag
 
 # ----------------------------------------------------------------------------------------------------
 # checkpoints and results

@@ -358,9 +358,10 @@ import common
 d = common.setup_distributed("cpu")
 rows = torch.full((d.rank + 1, 2), float(d.rank))          # rank 0 has 1 row, rank 1 has 2
 g = common.all_gather_cat(rows)
-stop = common.StopSignal(stop_at_step=3 if d.rank == 1 else None)   # only rank 1 wants to stop
+stop = common.StopSignal(every=4)
+stop.flag = d.rank == 1            # a signal reached rank 1 only
 out = {"rank": d.rank, "world": d.world_size, "main": d.is_main, "gathered": g.tolist(),
-       "stop2": stop.requested(2), "stop3": stop.requested(3)}
+       "stop3": stop.requested(3), "stop4": stop.requested(4)}
 json.dump(out, open(os.path.join(sys.argv[1], f"r{d.rank}.json"), "w"))
 common.cleanup_distributed()
 """
@@ -375,4 +376,4 @@ def test_setup_distributed_torchrun(tmp_path):
     assert [x["rank"] for x in r] == [0, 1] and all(x["world"] == 2 for x in r)
     assert [x["main"] for x in r] == [True, False]
     assert r[0]["gathered"] == r[1]["gathered"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
-    assert all(not x["stop2"] and x["stop3"] for x in r)  # a stop on one rank stops every rank
+    assert all(not x["stop3"] and x["stop4"] for x in r)  # a signal on one rank stops every rank, at a check step

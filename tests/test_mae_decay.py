@@ -106,6 +106,28 @@ def test_attention_is_softmax_attention():
     assert torch.allclose(attn(x), ref, atol=1e-5)
 
 
+def test_flops_per_image_is_forward_plus_backward_per_image():
+    """MFU's numerator against a count from the layer shapes: every linear 2*rows*in*out forward and twice
+    that backward (the patch embedding has no input gradient), attention 4*T^2*D forward + 8*T^2*D backward
+    (the math kernel, whose matmuls the counter sees as it sees CUDA's fused kernels)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    args = M.parse_args(["--smoke"])
+    model = M.build_model(vars(args))
+    rows = {}  # name -> input rows per image
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda mod, inp, out, n=n: rows.__setitem__(n, inp[0].shape[:-1].numel() // 2))
+    with sdpa_kernel(SDPBackend.MATH):
+        got = M.flops_per_image(model, args, torch.device("cpu"))
+    linear = sum(2 * rows[n] * m.in_features * m.out_features * (2 if n == "patch_embed" else 3)
+                 for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    t_enc, t_dec = 1 + int(16 * (1 - args.mask_ratio)), 1 + 16  # cls + visible / cls + all patches
+    attn = 12 * (t_enc ** 2 * args.dim * args.depth + t_dec ** 2 * args.dec_dim * args.dec_depth)
+    assert rows["patch_embed"] == 16 and rows["blocks.0.attn.qkv"] == t_enc and rows["head"] == t_dec
+    assert got == linear + attn
+    assert all(p.grad is None for p in model.parameters())  # leaves no gradients behind
+
+
 @pytest.mark.parametrize("decay,amin", [("none", 0.6), ("linear", 1.0)])
 def test_plain_residual_is_a_standard_prenorm_block(decay, amin):
     model = randomize(tiny(decay=decay, alpha_min=amin))
@@ -374,6 +396,7 @@ BAD_FLAGS = [  # (arguments, word the one-line message must name)
     (["--warmup-epochs", "500"], "--warmup-epochs"),
     (["--eval-n-test", "0"], "--eval-n-test"),
     (["--eval-every", "-1"], "--eval-every"),
+    (["--compile-mode", "reduce-overhead"], "--compile-mode"),  # silently ignored without --compile
 ]
 
 
