@@ -479,11 +479,15 @@ class StopSignal:
 
     def __init__(self, stop_at_step=None, every=10):
         self.flag, self.stop_at, self.every = False, stop_at_step, every
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._handle)
+        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, *_):
         self.flag = True
+
+    def restore(self):
+        """Give SIGTERM / SIGINT back their old handlers (after training: a signal then ends the run)."""
+        for s, h in self.old.items():
+            signal.signal(s, h)
 
     def requested(self, step):
         if self.stop_at is not None and step >= self.stop_at:

