@@ -222,6 +222,30 @@ def test_probe_protocol():
     assert {k: tuple(v.shape) for k, v in f.items()} == {1: (3, 8), 3: (3, 16), 8: (3, 64)}
 
 
+def test_evaluate_counts_flip_tta_and_plain():
+    """evaluate() against a per-image loop: TTA sums the logits of the image and its mirror, the short last
+    batch counts. A linear model, so predictions vary and mirroring changes them; half the labels are its
+    own plain predictions, so neither accuracy is near 0 or 100 by construction."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (50,), generator=g)
+    with torch.no_grad():
+        y[::2] = net(next(iter(common.GPUBatches(x, y, 50, train=False)))[0]).argmax(1)[::2]
+    batches = common.GPUBatches(x, y, 20, train=False)
+    tta = plain = 0
+    with torch.no_grad():
+        for xb, yb in batches:
+            for i in range(len(yb)):
+                a, b = net(xb[i:i + 1]), net(xb[i:i + 1].flip(3))
+                tta += int((a + b).argmax() == yb[i])
+                plain += int(a.argmax() == yb[i])
+    assert 25 <= plain < 50 and tta != plain
+    assert S.evaluate(net, batches, torch.device("cpu")) == (pytest.approx(2 * tta), pytest.approx(2 * plain), 50)
+    assert net.training  # handed back in training mode
+
+
 def _train_in_process(args, cfg, data, out):
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -283,6 +307,7 @@ def test_resume_is_bitwise(cifar, stopped, tmp_path):
             assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     ma, mb = (json.load(open(d / "results.json"))["metrics"] for d in (a, b))
     assert ma["test_acc"] == mb["test_acc"] and ma["flops_per_step"] == mb["flops_per_step"]
+    assert set(ma["train_step_ms"]) == {"off", "rho"} and ma["train_step_ratio"] > 0  # the runs' own timing
 
 
 def test_nan_stops_with_step_and_checkpoint(cifar, stopped, tmp_path):
