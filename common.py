@@ -43,8 +43,18 @@ def parse_list(text, typ=float, flag="list"):
         raise UserError(f"{flag} {text!r}: every item must be a {typ.__name__}") from None
 
 
+def one_line_errors(p):
+    """Make argparse report a bad flag in one line (no usage dump), exit code 2 like UserError."""
+    def error(msg):
+        print(f"error: {msg} (see --help)", file=sys.stderr)
+        sys.exit(2)
+    p.error = error
+    return p
+
+
 def add_common_args(p, script):
-    """The flags every script shares (see README, 'Conventions')."""
+    """The flags every script shares (see README, 'Conventions'); bad flags fail in one line."""
+    one_line_errors(p)
     p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"), help="data root ($DATA_DIR)")
     p.add_argument("--out", default=None, help=f"output dir (default out/{script}/<run-name>)")
     p.add_argument("--seed", type=int, default=0)

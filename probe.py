@@ -25,6 +25,7 @@ IMAGE_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.one_line_errors(p)
     p.add_argument("ckpt", help="checkpoint written by one of the experiment scripts")
     p.add_argument("--compare", nargs="+", default=[], metavar="CKPT", help="more checkpoints for the same table")
     p.add_argument("--dataset", default=None, help="cifar10 | cifar100 | mnist (default: the checkpoint's)")

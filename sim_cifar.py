@@ -64,18 +64,12 @@ RHO, LAM, LATENT = 0.2, 5e-3, 128
 RESUME_KEYS = ("sim", "rho", "latent_dim", "width", "batch_size", "epochs", "train_subset", "seed")
 
 
-def _one_line_error(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
 def _preset(k, text=""):
     return f"{text} (default {DEFAULTS[k]}; --smoke {SMOKE[k]})".strip()
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.error = _one_line_error  # argparse's usage dump would make a bad flag a multi-line message
     p.add_argument("--sim", choices=MODES, default="rho", help="off | full | rho (default rho)")
     p.add_argument("--rho", type=float, default=None, help=f"fraction of tokens kept by rho-SIM (default {RHO})")
     p.add_argument("--lam", type=float, default=None, help=f"weight of the SIM loss (default {LAM})")
