@@ -176,6 +176,13 @@ def test_imdb_tokens_batches_and_model_on_real_reviews(imdb_sweep):
               for r in (0, 1)]
     (tok, off), y = one
     rows = [tok[o:e] for o, e in zip(off.tolist(), off.tolist()[1:] + [len(tok)])]
+    idx = torch.randperm(len(seqs), generator=S._generator(3, 0))[:64]  # epoch 0's first 64 reviews
+    assert all(torch.equal(r, seqs[j]) for r, j in zip(rows, idx.tolist())) and torch.equal(y, labels[idx])
+    # a resumed epoch (start = 5) yields what the full epoch yields from batch 5 on
+    tb = S.TextBatches(seqs, labels, 64, train=True, device="cpu", seed=3)
+    (t5, o5), y5 = list(tb.epoch(2))[5]
+    (t5r, o5r), y5r = next(tb.epoch(2, start=5))
+    assert torch.equal(t5, t5r) and torch.equal(o5, o5r) and torch.equal(y5, y5r)
     for r, ((t, o), yr) in enumerate(halves):
         assert torch.equal(yr, y[r::2])
         assert torch.equal(t, torch.cat(rows[r::2]))
@@ -312,6 +319,8 @@ def run_in_process(argv, capsys):
     (["--seeds", "two"], ["--seeds"]),
     (["--preset", "fast"], ["--preset", "quick"]),
     (["--lr", "-0.1"], ["--lr"]),
+    (["--momentum", "1"], ["--momentum", "[0, 1)"]),
+    (["--task", "cifar10", "--momentum", "0.9"], ["--momentum", "Adam"]),
     (["--sgld-eps", "0"], ["--sgld-eps"]),
     (["--sgld-draws", "1"], ["--sgld-draws"]),
     (["--sgld-batch", "100000"], ["--sgld-batch", "training examples"]),
