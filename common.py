@@ -26,6 +26,9 @@ def run_main(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints and exits cleanly)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def check(cond, msg):
@@ -426,6 +429,13 @@ def setup_distributed(device="auto"):
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return Dist(rank, local, world, dev, rank == 0)
+
+
+def warn_if_cpu(d, smoke):
+    """A full-size run on the CPU is slow and may not fit in memory: say so once, then go on."""
+    if d.device.type == "cpu" and not smoke and d.is_main:
+        print("note: no GPU in use; the default presets are sized for one (use --smoke for a quick CPU check)",
+              file=sys.stderr)
 
 
 def cleanup_distributed():

@@ -632,6 +632,7 @@ def ema_update(ema, model, decay):
 def main(argv=None):
     args = get_args(argv)
     d = common.setup_distributed(args.device)
+    common.warn_if_cpu(d, args.smoke)
     try:
         return run(args, d)
     finally:

@@ -675,6 +675,7 @@ def save_reconstructions(model, imgs, cfg, path):
 def main(argv=None):
     args = parse_args(argv)
     d = common.setup_distributed(args.device)
+    common.warn_if_cpu(d, args.smoke)
     for flag in ("batch_size", "eval_batch_size"):
         common.check(getattr(args, flag) % d.world_size == 0,
                      f"--{flag.replace('_', '-')} {getattr(args, flag)} must divide by the {d.world_size} processes")

@@ -722,6 +722,7 @@ def main(argv=None):
     args = get_args(argv)
     common.prepare_out_dir(args.out)
     d = common.setup_distributed(args.device)
+    common.warn_if_cpu(d, args.smoke)
     ck = load_resume(os.path.join(args.out, "ckpt.pt"), args) if args.resume else None
     data = Data(args, d)
     sweep = Sweep(args, d, data, ck)

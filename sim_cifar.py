@@ -603,6 +603,7 @@ def pm(m, sd, sign=""):
 def main(argv=None):
     args = parse_args(argv)
     d = common.setup_distributed(args.device)
+    common.warn_if_cpu(d, args.smoke)
     try:
         run(args, d)
         if dist.is_initialized():  # gloo can abort a rank that tears down while rank 0 still writes files
