@@ -693,7 +693,7 @@ def run(args, d):
         mins = statistics.mean(r["minutes"] for r in results if r["variant"] == v)
         ms = [r["train_step_ms"] for r in results if r["variant"] == v and r["train_step_ms"] is not None]
         metrics["train_step_ms"][v] = ms = statistics.mean(ms) if ms else None
-        log(f"{v:8s} {len(accs):5d}  {pm(m, sd):>22s}  {mins:7.2f}  {ms or float('nan'):13.1f}")
+        log(f"{v:8s} {len(accs):5d}  {pm(m, sd):>22s}  {mins:7.2f}  {f'{ms:.1f}' if ms else '- (too short)':>13s}")
     if len(variants) == 2:
         if None not in metrics["train_step_ms"].values():  # the runs' own steady state, compiled with --compile
             ratio = metrics["train_step_ratio"] = metrics["train_step_ms"][args.sim] / metrics["train_step_ms"]["off"]
