@@ -583,9 +583,13 @@ def write_results(out_dir, script, config, metrics, seconds, device):
     res = {"script": script, "config": config, "metrics": metrics, "device": device_name(device),
            "seconds": round(seconds, 3), "git_commit": git_commit(), "torch": torch.__version__,
            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    path = os.path.join(out_dir, "results.json")
+    return write_json(os.path.join(out_dir, "results.json"), res)
+
+
+def write_json(path, obj):
+    """JSON to a temp file, then rename: a reader never sees half a file."""
     with open(path + ".tmp", "w") as fh:
-        json.dump(res, fh, indent=2, default=float)
+        json.dump(obj, fh, indent=2, default=float)
     os.replace(path + ".tmp", path)
     return path
 

@@ -13,7 +13,7 @@ BatchNorm without affine + linear head, trained on the device), weighted kNN top
 common.evaluate_features, the same call the training scripts make, so probe.py reproduces their final eval.
 Output: a printed table and a JSON file (`--out`, default probe.json beside the first checkpoint).
 """
-import argparse, importlib, json, os, time
+import argparse, importlib, os, time
 
 import torch
 
@@ -144,10 +144,8 @@ def main(argv=None):
               f"{r['knn']:7.2f} {r['erank']:7.3f} {r['erank_exp']:11.2f} {r['feat_norm']:6.2f}")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "probe.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".tmp", "w") as fh:
-        json.dump({"rows": rows, "configs": configs, "args": vars(args), "device": common.device_name(d.device),
-                   "seconds": round(seconds, 3), "git_commit": common.git_commit()}, fh, indent=2, default=float)
-    os.replace(out + ".tmp", out)
+    common.write_json(out, {"rows": rows, "configs": configs, "args": vars(args), "device": common.device_name(d.device),
+                            "seconds": round(seconds, 3), "git_commit": common.git_commit()})
     print(f"wrote {out} ({seconds:.1f} s on {common.device_name(d.device)})")
     return rows
 

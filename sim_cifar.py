@@ -582,8 +582,7 @@ def train_run(args, cfg, d, data, run_dir, stop, ck, flops_per_step):
     res = {"variant": cfg["sim"], "seed": cfg["seed"], "test_acc": tta, "test_acc_no_tta": plain, "test_n": n_test,
            "train_step_ms": statistics.median(timing) if timing else None, "minutes": seconds / 60, "history": hist}
     if d.is_main:
-        with open(os.path.join(run_dir, "run.json"), "w") as fh:
-            json.dump(res, fh, indent=1)
+        common.write_json(os.path.join(run_dir, "run.json"), res)
     log(f"[{cfg['sim']} seed {cfg['seed']}] final test acc {tta:.2f}% (flip TTA), {plain:.2f}% plain, "
         f"{seconds / 60:.1f} min")
     return res
@@ -655,8 +654,7 @@ def run(args, d):
     else:
         cost = measure_cost(args, d, data) if d.is_main else None
         if d.is_main:
-            with open(cost_path, "w") as fh:
-                json.dump(cost, fh, indent=1)
+            common.write_json(cost_path, cost)
     if d.world_size > 1:
         box = [cost]
         dist.broadcast_object_list(box, 0)

@@ -1,6 +1,6 @@
 """Tests of common.py: real data files, generated stand-ins for the data sets we cannot ship,
 the feature metrics against hand-computed cases, the GPU-resident iterator, checkpoints, distributed set-up."""
-import io, json, math, os, pickle, signal, subprocess, sys, tarfile
+import json, math, os, pickle, signal, subprocess, sys, tarfile
 
 import numpy as np
 import pytest

@@ -167,7 +167,7 @@ def reference_uvit(model, x, t, alphas):
         z = F.layer_norm(h, (dim,), blk.norm2.weight, blk.norm2.bias)
         return a[1] * h + blk.mlp.fc2(F.gelu(blk.mlp.fc1(z)))
 
-    n_in, skips, i = len(model.in_blocks), [], 0
+    skips, i = [], 0
     for blk in model.in_blocks:
         h = block(blk, h, alphas[i]); skips.append(h); i += 1
     h = block(model.mid_block, h, alphas[i]); i += 1

@@ -6,7 +6,6 @@ from collections import namedtuple
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import common
 import mae_decay as M
