@@ -33,6 +33,16 @@ def data_dir():
     return d
 
 
+def randomize(model, std=0.2, seed=1):
+    """Non-zero weights everywhere, so structure tests are not trivially satisfied by zero-init branches."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
 def need(data_dir, *parts):
     """Skip (with the path as reason) unless data_dir/parts exists."""
     p = os.path.join(data_dir, *parts)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import common
 import diffusion_decay as dd
-from conftest import assert_clean_error, need, run_script
+from conftest import assert_clean_error, need, randomize, run_script
 
 
 TINY = dict(patch=4, dim=32, depth=5, heads=2, mlp_ratio=2.0, dataset="cifar10", cond=False, alpha_min=0.7)
@@ -21,13 +21,6 @@ def tiny(**kw):
     return dd.build_model(dict(TINY, **kw))
 
 
-def randomise(model, std=0.2):
-    """Non-zero weights everywhere, so structure tests are not trivially satisfied by the zero-init."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 # ---------------------------------------------------------------------------------------------- FID maths
 
@@ -109,7 +102,7 @@ def test_step_draws_split_by_rank_like_one_process():
         assert torch.equal(tr, t[r::2]) and torch.equal(nr, n[r::2]) and torch.equal(dr, d[r::2])
     assert not torch.equal(dd.step_draws(3, 8, 8, "cpu")[1], n) and (t >= dd.T_TRAIN_MIN).all() and (t <= 1).all()
     # DDP averages per-rank gradients: the mean of the two half-batch losses/gradients equals the full batch
-    model = randomise(tiny())
+    model = randomize(tiny())
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     full = dd.diffusion_loss(model, x, t, n)
     g_full = torch.autograd.grad(full, list(model.parameters()))
@@ -121,7 +114,7 @@ def test_step_draws_split_by_rank_like_one_process():
 
 
 def test_classifier_free_guidance():
-    model = randomise(tiny(cond=True)).eval()
+    model = randomize(tiny(cond=True)).eval()
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     y, null = torch.tensor([0, 3, 9, 1]), 10
     tt = torch.full((4,), 0.4)
@@ -182,7 +175,7 @@ def reference_uvit(model, x, t, alphas):
 def test_alpha_min_one_is_plain_uvit():
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     t = torch.tensor([0.3, 0.8])
-    plain, decayed = randomise(tiny(alpha_min=1.0)), randomise(tiny(alpha_min=0.7))  # same weights
+    plain, decayed = randomize(tiny(alpha_min=1.0)), randomize(tiny(alpha_min=0.7))  # same weights
     with torch.no_grad():
         out1, out7 = plain(x, t), decayed(x, t)
         assert torch.allclose(out1, reference_uvit(plain, x, t, torch.ones(5, 2)), atol=1e-4, rtol=1e-4)
@@ -192,7 +185,7 @@ def test_alpha_min_one_is_plain_uvit():
 
 
 def test_long_skip_wiring_and_shapes():
-    model = randomise(tiny())
+    model = randomize(tiny())
     seen, outs = [], []
     for blk in model.in_blocks:
         blk.register_forward_hook(lambda m, i, o: outs.append(o))

@@ -9,7 +9,7 @@ import torch
 
 import common
 import mae_decay as M
-from conftest import assert_clean_error, need, run_script
+from conftest import assert_clean_error, need, randomize, run_script
 
 TINY = dict(img_size=32, patch=8, dim=32, depth=4, heads=2, mlp_ratio=4.0, dec_dim=16, dec_depth=2, dec_heads=2,
             pos_embed="sincos", alpha_min=0.6, decay="linear", decay_where="both", skip=True, mask_ratio=0.75,
@@ -22,13 +22,6 @@ def tiny(**kw):
     return M.build_model(dict(TINY, **kw))
 
 
-def randomize(model, std=0.2):
-    """Non-zero weights everywhere, so every branch and skip is live."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 @contextlib.contextmanager
