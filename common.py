@@ -175,9 +175,19 @@ def cache_dir():
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "decay-sim-selfmodel")
 
 
+# torchtext's "basic_english" rules (the self-modeling authors' IMDB tokenizer), applied in this order after
+# lower-casing; written out here so torchtext is not a dependency and the vocabulary matches theirs.
+_BASIC_ENGLISH = [(re.compile(p), r) for p, r in [
+    (r"'", " '  "), (r'"', ""), (r"\.", " . "), (r"<br \/>", " "), (r",", " , "), (r"\(", " ( "), (r"\)", " ) "),
+    (r"!", " ! "), (r"\?", " ? "), (r";", " "), (r":", " "), (r"\s+", " ")]]
+
+
 def tokenize(text):
-    """Lower-case words (apostrophes kept) and a few punctuation marks; IMDB's <br /> tags dropped."""
-    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?|[!?.,()]", text.lower().replace("<br />", " "))
+    """basic_english: lower-case; split off ' . , ( ) ! ?; drop double quotes, ; : and <br /> tags."""
+    text = text.lower()
+    for pattern, repl in _BASIC_ENGLISH:
+        text = pattern.sub(repl, text)
+    return text.split()
 
 
 Imdb = namedtuple("Imdb", "train_x train_y test_x test_y vocab")
@@ -578,6 +588,16 @@ def git_commit():
         return None
 
 
+def hms(seconds):
+    """A duration for log lines: 42s, 3m05s, 2h07m."""
+    s = int(round(max(seconds, 0)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def write_results(out_dir, script, config, metrics, seconds, device):
     """out_dir/results.json: config, metrics, device, wall seconds, git commit; written atomically."""
     res = {"script": script, "config": config, "metrics": metrics, "device": device_name(device),
@@ -606,3 +626,64 @@ def extract_features(feature_fn, batches, seed=0):
             feats.setdefault(k, []).append(f.float())
         ys.append(y)
     return {k: all_gather_cat(torch.cat(v)) for k, v in feats.items()}, all_gather_cat(torch.cat(ys))
+
+# ----------------------------------------------------------------------------------------------------
+# statistics over seeds: Student-t intervals and a rank-trend test (numpy only, no scipy)
+
+
+def t_quantile(p, df):
+    """Quantile of Student's t with `df` degrees of freedom (t_quantile(0.975, 9) = 2.2622): bisection on the
+    CDF, whose density is integrated by Simpson's rule; accurate to ~1e-6 for df >= 1."""
+    check(df >= 1 and 0.5 <= p < 1, f"t_quantile: need df >= 1 and 0.5 <= p < 1 (got {df}, {p})")
+    logc = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(t):  # P(T <= t) for t >= 0
+        u = np.linspace(0.0, t, 4001)
+        f = np.exp(logc - (df + 1) / 2 * np.log1p(u * u / df))
+        return 0.5 + (u[1] - u[0]) / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, hi * 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_ci(values, level=0.95):
+    """{'mean', 'std' (sample), 'ci95' (half width of the Student-t interval over the values), 'n'};
+    std and ci95 are None for fewer than two values."""
+    v = np.asarray(values, dtype=np.float64)
+    n = len(v)
+    if n < 2:
+        return {"mean": float(v.mean()) if n else None, "std": None, "ci95": None, "n": n}
+    std = float(v.std(ddof=1))
+    return {"mean": float(v.mean()), "std": std, "ci95": t_quantile(0.5 + level / 2, n - 1) * std / math.sqrt(n),
+            "n": n}
+
+
+def _ranks(x):
+    """Ranks 1..n, tied values sharing their average rank."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(1, len(x) + 1)
+    for v in np.unique(x):
+        tie = x == v
+        r[tie] = r[tie].mean()
+    return r
+
+
+def spearman(x, y, permutations=10000, seed=0):
+    """Spearman rank correlation of y with x and its two-sided permutation p-value ((hits + 1) / (P + 1),
+    y's ranks shuffled P times by a seeded generator). Returns (rho, p); rho is None if either side is constant."""
+    rx, ry = _ranks(x), _ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = math.sqrt((rx ** 2).sum() * (ry ** 2).sum())
+    if den == 0:
+        return None, None
+    rho = float(rx @ ry / den)
+    perm = np.random.default_rng(seed).permuted(np.tile(ry, (permutations, 1)), axis=1)
+    hits = int((np.abs(perm @ rx / den) >= abs(rho) - 1e-12).sum())
+    return rho, (hits + 1) / (permutations + 1)

@@ -72,30 +72,52 @@ NOT_EXPERIMENT = {"resume", "out", "device", "compile", "stop_at_step", "log_eve
                   "no_download", "eval_batch", "model_aw", "model_seed"}
 
 
+def task_defaults(key):
+    """' (default: mnist 64, cifar10 2000, imdb 128)' for a per-task setting, for --help."""
+    vals = {t: {**BASE, **TASKS[t]}.get(key) for t in TASKS}
+    quick = {t: PRESETS["quick"][t][key] for t in PRESETS["quick"] if key in PRESETS["quick"][t]}
+    text = ", ".join(f"{t} {v:g}" if isinstance(v, float) else f"{t} {v}" for t, v in vals.items())
+    return f" (default: {text}" + "".join(f"; {t} quick {v:g}" for t, v in quick.items()) + ")"
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = task_defaults
     p.add_argument("--task", default="mnist", help="mnist | cifar10 | imdb")
     p.add_argument("--preset", default="paper", help="paper | quick (shorter CIFAR-10 / IMDB training)")
-    p.add_argument("--aw", default=None, help="comma-separated auxiliary (self-model) weights; 0 = plain network")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per AW: --seed, --seed+1, ... (default 3)")
-    p.add_argument("--hidden", type=int, default=None, help="hidden width (MNIST 64, CIFAR-10 2000, IMDB 128)")
-    p.add_argument("--width", type=int, default=None, help="ResNet-18 base width (CIFAR-10; default 64)")
+    p.add_argument("--aw", default=None, help="comma-separated auxiliary (self-model) weights; 0 = plain network"
+                   + d("aw"))
+    p.add_argument("--seeds", type=int, default=None, help="seeds per AW: --seed, --seed+1, ..." + d("seeds"))
+    p.add_argument("--hidden", type=int, default=None, help="hidden width" + d("hidden"))
+    p.add_argument("--width", type=int, default=None, help="ResNet-18 base width, CIFAR-10 only (default 64)")
     p.add_argument("--vocab-size", type=int, default=None,
-                   help="IMDB vocabulary (default 0 = every training word, as the paper)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size")
-    p.add_argument("--lr", type=float, default=None)
+                   help="IMDB only: vocabulary size (default 0 = every training word, as the paper)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs" + d("epochs"))
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size" + d("batch_size"))
+    p.add_argument("--lr", type=float, default=None, help="learning rate" + d("lr"))
     p.add_argument("--momentum", type=float, default=None,
-                   help="SGD momentum, Nesterov when > 0 (paper: MNIST 0.9, IMDB 0; IMDB quick preset 0.9)")
+                   help="SGD momentum, Nesterov when > 0" + d("momentum"))
+    p.add_argument("--normalize", default="paper",
+                   help="image inputs: paper = Normalize(0.5, 0.5) as the authors; dataset = the data set's "
+                        "channel mean / std")
     p.add_argument("--train-subset", type=int, default=None, help="train on a fixed random N-subset (default 0 = all)")
     p.add_argument("--test-subset", type=int, default=None, help="test on a fixed random N-subset (default 0 = all)")
-    p.add_argument("--sgld-eps", type=float, default=None, help="SGLD step size epsilon")
-    p.add_argument("--sgld-gamma", type=float, default=None, help="SGLD localisation strength gamma")
-    p.add_argument("--sgld-chains", type=int, default=None)
-    p.add_argument("--sgld-draws", type=int, default=None, help="SGLD steps per chain (first half = burn-in)")
-    p.add_argument("--sgld-batch", type=int, default=None, help="SGLD batch B; nbeta = B / ln B")
-    p.add_argument("--eval-batch", type=int, default=1000)
-    p.add_argument("--log-every", type=int, default=None, help="steps between log lines (default 100)")
+    p.add_argument("--sgld-eps", type=float, default=None, help="SGLD step size epsilon" + d("sgld_eps"))
+    p.add_argument("--sgld-gamma", type=float, default=None, help="SGLD localisation strength gamma" + d("sgld_gamma"))
+    p.add_argument("--sgld-chains", type=int, default=None, help="SGLD chains" + d("sgld_chains"))
+    p.add_argument("--sgld-draws", type=int, default=None,
+                   help="SGLD steps per chain, first half burn-in" + d("sgld_draws"))
+    p.add_argument("--sgld-batch", type=int, default=None, help="SGLD batch B; nbeta = B / ln B" + d("sgld_batch"))
+    p.add_argument("--llc-protocol", default="ours",
+                   help="ours = eval mode, clean batches, L(w*) per batch (lower variance); authors = as the "
+                        "paper ran devinterp 0.2: train-mode BatchNorm, the augmented training loader, "
+                        "L(w*) from the first batches, running means (see estimate_llc)")
+    p.add_argument("--llc-grid-eps", default="", help="calibration: extra RLCT estimates of every cell for each "
+                   "eps in this list x each gamma in --llc-grid-gamma (e.g. 1e-5,1e-4,1e-3)")
+    p.add_argument("--llc-grid-gamma", default="", help="calibration: gammas for --llc-grid-eps (e.g. 1,10,100)")
+    p.add_argument("--eval-batch", type=int, default=1000, help="test batch size")
+    p.add_argument("--log-every", type=int, default=None, help="steps between log lines" + d("log_every"))
     p.add_argument("--ckpt-interval", type=float, default=300,
                    help="checkpoint at the end of an epoch once this many seconds passed (0 = every epoch)")
     common.add_common_args(p, SCRIPT)
@@ -104,6 +126,20 @@ def get_args(argv=None):
     check = common.check
     check(args.task in TASKS, f"--task {args.task!r} is not one of {', '.join(TASKS)}")
     check(args.preset in PRESETS, f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}")
+    # contradictions: a flag that would be ignored is refused, not silently dropped
+    check(args.preset == "paper" or args.task in PRESETS[args.preset],
+          f"--preset {args.preset} has no settings for --task {args.task} (it runs at the paper's): drop it")
+    check(args.width is None or args.task == "cifar10", f"--width only applies to --task cifar10: drop it")
+    check(args.vocab_size is None or args.task == "imdb", f"--vocab-size only applies to --task imdb: drop it")
+    check(args.normalize in ("paper", "dataset"), f"--normalize {args.normalize!r} is not one of paper, dataset")
+    check(args.normalize == "paper" or args.task != "imdb", "--normalize applies to image tasks: drop it for imdb")
+    check(args.llc_protocol in ("ours", "authors"), f"--llc-protocol {args.llc_protocol!r} is not one of ours, authors")
+    check(bool(args.llc_grid_eps) == bool(args.llc_grid_gamma),
+          "--llc-grid-eps and --llc-grid-gamma go together: give both lists (or neither)")
+    args.llc_grid = [(e, g) for e in common.parse_list(args.llc_grid_eps, float, "--llc-grid-eps")
+                     for g in common.parse_list(args.llc_grid_gamma, float, "--llc-grid-gamma")] \
+        if args.llc_grid_eps else []
+    check(all(e > 0 and g >= 0 for e, g in args.llc_grid), "--llc-grid-eps must be > 0 and --llc-grid-gamma >= 0")
     # precedence: explicit flags > --smoke > --preset > the paper's settings > BASE
     fill = {**BASE, **TASKS[args.task], **PRESETS[args.preset].get(args.task, {}),
             **(SMOKE[args.task] if args.smoke else {})}
@@ -310,20 +346,38 @@ def weight_widths(model):
 # RLCT / local learning coefficient by localised SGLD
 
 
-def estimate_llc(model, loss_fn, loader, *, eps, gamma, nbeta, num_chains, num_draws, seed=0):
+def estimate_llc(model, loss_fn, loader, *, eps, gamma, nbeta, num_chains, num_draws, seed=0, protocol="ours",
+                 details=False, trace_points=50):
     """Local learning coefficient of `model` at its current weights w* by localised SGLD.
 
     Each chain starts at w* and steps  w <- w - eps/2 * (nbeta * grad L_b(w) + gamma * (w - w*)) + N(0, eps)
     on successive batches b of `loader` (re-iterated when exhausted; `loss_fn(model(x), y)` is the batch
-    mean loss). LLC = nbeta * (mean sampled loss - L(w*)), averaged over the second half of the draws
-    (the first half is burn-in) and over chains; L(w*) is taken on the same batch as each draw, which
-    removes the batch-to-batch spread from the difference. All chains run at once: torch.func's vmap over
-    one (chains, weights) tensor, updated by a few whole-tensor ops per draw and never read back until the
-    end (no host sync per draw). The model is run in eval mode and left exactly as found (weights,
-    buffers, train/eval flags); randomness comes only from a generator seeded by `seed`.
+    mean loss). LLC = nbeta * (mean sampled loss - L(w*)), averaged over chains and the second half of the
+    draws (the first half is burn-in). Two ways to take the rest, `protocol`:
+      "ours"     model in eval mode; L(w*) on the same batch as each draw, which removes the batch-to-batch
+                 spread from the difference (lower variance); mean of the second half of the draws.
+      "authors"  as devinterp 0.2 was run for the paper: model in train mode (BatchNorm on batch statistics,
+                 running statistics left alone), L(w*) = mean loss of the first `num_chains` batches, and
+                 the mean over the second half of each chain's running mean of the sampled loss.
+    All chains run at once: torch.func's vmap over one (chains, weights) tensor, a few whole-tensor ops per
+    draw and no host sync until the end. The model is left exactly as found (weights, buffers, train/eval
+    flags); randomness comes only from a generator seeded by `seed`.
+
+    Returns the LLC, or with `details` a dict: llc; loss_trace (per chain, `trace_points` block means of the
+    sampled loss), init_trace (the same for L(w*)); and the calibration checks devinterp's guide asks for:
+    frac_below_init (share of draws whose loss fell below L(w*)), drift / noise / flat (a line through 10
+    block means of the second half of nbeta * (L(w) - L(w*)): its change across that window, the blocks'
+    scatter about it, and flat = |drift| <= 2 * noise, i.e. the trace has stopped rising).
     """
+    check = common.check
+    check(protocol in ("ours", "authors"), f"--llc-protocol {protocol!r} is not one of ours, authors")
     modes = {m: m.training for m in model.modules()}
-    model.eval()
+    if protocol == "authors":  # batch statistics in every BatchNorm, on a copy: the model's buffers stay
+        model = copy.deepcopy(model)
+        torch.func.replace_all_batch_norm_modules_(model)
+        model.train()
+    else:
+        model.eval()
     try:
         named = list(model.named_parameters())
         w_star = torch.cat([p.detach().float().flatten() for _, p in named])
@@ -340,29 +394,73 @@ def estimate_llc(model, loss_fn, loader, *, eps, gamma, nbeta, num_chains, num_d
             loss = loss_fn(functional_call(model, (params, buffers), (x,)), y)
             return loss, loss.detach()
 
+        def batches():  # the loader, started again whenever it is exhausted
+            while True:
+                empty = True
+                for batch in loader:
+                    empty = False
+                    yield batch
+                if empty:
+                    raise ValueError("estimate_llc: the loader yields no batches")
+
         grad_fn = vmap(grad(batch_loss, has_aux=True), in_dims=(0, None, None))
-        burn_in, diffs, it = num_draws // 2, [], iter(loader)
+        losses, inits = [], []
+        with torch.no_grad():
+            if protocol == "authors":  # devinterp 0.2's init loss: the first num_chains batches of a fresh pass
+                it = batches()
+                fixed = torch.stack([loss_fn(model(x), y).float() for x, y in (next(it) for _ in range(num_chains))])
+                fixed = fixed.mean()
         with warnings.catch_warnings():  # embedding_bag has no batching rule: vmap loops over chains, correctly
             warnings.filterwarnings("ignore", message=".*performance drop.*")
+            it = batches()
             for t in range(num_draws):
-                batch = next(it, None)
-                if batch is None:  # loader exhausted: start it again
-                    it = iter(loader)
-                    batch = next(it, None)
-                    if batch is None:
-                        raise ValueError("estimate_llc: the loader yields no batches")
-                x, y = batch
-                grads, losses = grad_fn(params, x, y)
+                x, y = next(it)
+                grads, loss = grad_fn(params, x, y)
                 with torch.no_grad():
-                    if t >= burn_in:
-                        diffs.append(losses.mean() - loss_fn(model(x), y).float())
+                    losses.append(loss.float())
+                    inits.append(fixed if protocol == "authors" else loss_fn(model(x), y).float())
                     g = torch.cat([grads[n].flatten(1) for n, _ in named], 1)
                     noise = torch.randn(w.shape, generator=gen, device=dev)
                     w.add_(-0.5 * eps * (nbeta * g + gamma * (w - w_star)) + math.sqrt(eps) * noise)
-        return float(nbeta * torch.stack(diffs).mean())
+        L = torch.stack(losses).double().cpu()  # (draws, chains): the one host sync
+        L0 = torch.stack(inits).double().cpu()  # (draws,)
+        half = num_draws // 2
+        if protocol == "authors":
+            running = L.cumsum(0) / torch.arange(1, num_draws + 1, dtype=L.dtype)[:, None]
+            llc = float(nbeta * (running[half:] - L0[0]).mean())
+        else:
+            llc = float(nbeta * (L[half:] - L0[half:, None]).mean())
+        if not details:
+            return llc
+        return {"llc": llc, **llc_diagnostics(L, L0, nbeta, trace_points)}
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+def llc_diagnostics(L, L0, nbeta, trace_points=50):
+    """Trace and calibration checks of an SGLD run: L (draws, chains) sampled losses, L0 (draws,) L(w*)."""
+    T = L.shape[0]
+    k = max(1, T // trace_points)
+
+    def blocks(v):  # means of consecutive blocks of k draws (the tail that does not fill a block dropped)
+        n = (len(v) // k) * k
+        return v[:n].reshape(-1, k, *v.shape[1:]).mean(1)
+
+    d = nbeta * (L - L0[:, None]).mean(1)  # the chain-mean LLC signal per draw
+    second = d[T // 2:]
+    nb = 10 if len(second) >= 20 else max(len(second) // 2, 1)
+    bm = second[:len(second) // nb * nb].reshape(nb, -1).mean(1)
+    drift, noise = 0.0, 0.0
+    if nb >= 3:
+        xs = torch.arange(nb, dtype=bm.dtype)
+        xs = xs - xs.mean()
+        slope = float((xs * (bm - bm.mean())).sum() / (xs ** 2).sum())
+        resid = bm - bm.mean() - slope * xs
+        drift, noise = slope * (nb - 1), float(resid.std())
+    return {"loss_trace": blocks(L).T.tolist(), "init_trace": blocks(L0).tolist(), "draws_per_point": k,
+            "frac_below_init": float((L < L0[:, None]).double().mean()),
+            "drift": drift, "noise": noise, "flat": bool(abs(drift) <= 2 * noise)}
 
 # ----------------------------------------------------------------------------------------------------
 # data: everything resident on the device, batches reproducible from (seed, epoch, index)
@@ -455,22 +553,26 @@ class Data:
     def __init__(self, args, d):
         self.args, self.d, dl = args, d, not args.no_download
 
-        def cut(t, n):  # a fixed random subset (IMDB's files are sorted by label), in the data set's order
-            if not n or n >= len(t):
-                return t
-            idx = torch.randperm(len(t), generator=torch.Generator().manual_seed(0))[:n].sort().values
-            return [t[i] for i in idx.tolist()] if isinstance(t, list) else t[idx]
+        def cut(x, y, n, flag):  # a fixed random subset (IMDB's files are sorted by label), in the data set's order
+            if not n:
+                return x, y
+            common.check(n <= len(y), f"{flag} {n} is larger than the split's {len(y)} examples: lower it or "
+                                      "drop it (0 = all)")
+            idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:n].sort().values
+            return [x[i] for i in idx.tolist()] if isinstance(x, list) else x[idx], y[idx]
         if args.task == "imdb":
             imdb = common.load_imdb(args.data_dir, vocab_size=args.vocab_size or 10**9, download=dl)
             args.num_tokens = len(imdb.vocab)
-            self.train_xy = (cut(imdb.train_x, args.train_subset), cut(imdb.train_y, args.train_subset))
-            self.test_xy = (cut(imdb.test_x, args.test_subset), cut(imdb.test_y, args.test_subset))
+            self.train_xy = cut(imdb.train_x, imdb.train_y, args.train_subset, "--train-subset")
+            self.test_xy = cut(imdb.test_x, imdb.test_y, args.test_subset, "--test-subset")
         else:
             self.mean, self.std = common.DATASET_STATS[args.dataset]
+            if args.normalize == "paper":  # the authors' Normalize(0.5, 0.5) (sets the weight-width scale)
+                self.mean, self.std = (0.5,) * len(self.mean), (0.5,) * len(self.std)
             x, y = common.load_dataset(args.dataset, args.data_dir, train=True, download=dl)
-            self.train_xy = (cut(x, args.train_subset).to(d.device), cut(y, args.train_subset).to(d.device))
+            self.train_xy = tuple(t.to(d.device) for t in cut(x, y, args.train_subset, "--train-subset"))
             x, y = common.load_dataset(args.dataset, args.data_dir, train=False, download=dl)
-            self.test_xy = (cut(x, args.test_subset).to(d.device), cut(y, args.test_subset).to(d.device))
+            self.test_xy = tuple(t.to(d.device) for t in cut(x, y, args.test_subset, "--test-subset"))
         n = len(self.train_xy[1])
         for flag in ("batch_size", "sgld_batch"):
             common.check(getattr(args, flag) <= n, f"--{flag.replace('_', '-')} {getattr(args, flag)} is larger than "
@@ -492,8 +594,10 @@ class Data:
         return self._batches(self.test_xy, self.args.eval_batch, False, 0, self.d.rank, self.d.world_size)
 
     def sgld(self, seed):
-        """Shuffled, un-augmented training batches of --sgld-batch, whole on every rank."""
-        return self._batches(self.train_xy, self.args.sgld_batch, True, seed + 10**6, 0, 1)
+        """Shuffled training batches of --sgld-batch, whole on every rank: un-augmented, or augmented as in
+        training under --llc-protocol authors (their SGLD read the training loader)."""
+        aug = self.args.llc_protocol == "authors" and self.args.task == "cifar10"
+        return self._batches(self.train_xy, self.args.sgld_batch, True, seed + 10**6, 0, 1, augment=aug)
 
 # ----------------------------------------------------------------------------------------------------
 # training one (AW, seed) cell of the sweep
@@ -525,11 +629,17 @@ def evaluate(model, batches, device, amp):
     return (100.0 * correct[0] / correct[1]).item()
 
 
-def llc_of(model, data, cfg, seed):
+def llc_of(model, data, cfg, seed, eps=None, gamma=None):
+    """The RLCT estimate of a trained cell with its trace and checks (estimate_llc's details dict)."""
     ce = lambda out, y: F.cross_entropy(out.float(), y)
-    return estimate_llc(common.unwrap(model).classifier(), ce, data.sgld(seed), eps=cfg["sgld_eps"],
-                        gamma=cfg["sgld_gamma"], nbeta=cfg["sgld_nbeta"], num_chains=cfg["sgld_chains"],
-                        num_draws=cfg["sgld_draws"], seed=seed)
+    return estimate_llc(common.unwrap(model).classifier(), ce, data.sgld(seed),
+                        eps=cfg["sgld_eps"] if eps is None else eps, gamma=cfg["sgld_gamma"] if gamma is None else gamma,
+                        nbeta=cfg["sgld_nbeta"], num_chains=cfg["sgld_chains"], num_draws=cfg["sgld_draws"],
+                        seed=seed, protocol=cfg.get("llc_protocol", "ours"), details=True)
+
+
+def grid_key(eps, gamma):
+    return f"eps={eps:g},gamma={gamma:g}"
 
 
 class Sweep:
@@ -543,10 +653,22 @@ class Sweep:
         self.cells = [(aw, args.seed + s) for aw in parse_aws(self.cfg) for s in range(args.seeds)]
         self.flops = {}
         self.t0 = time.time()
+        self.cell_seconds = []  # wall time of each cell finished in this process: the sweep's ETA
+        self.log_path = os.path.join(args.out, "log.txt")
 
     def log(self, msg):
+        """Terminal (above the tqdm bar) and OUT/log.txt, rank 0 only."""
         if self.d.is_main:
             tqdm.write(msg)
+            with open(self.log_path, "a") as fh:
+                fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+
+    def eta(self, ci, cell_left_s):
+        """Seconds left in the sweep: this cell's remaining training plus the cells after it, each taking the
+        mean wall time of the cells finished so far (or this cell's projected training time before that)."""
+        todo = sum(cell_key(aw, seed) not in self.done for aw, seed in self.cells[ci + 1:])
+        per_cell = sum(self.cell_seconds) / len(self.cell_seconds) if self.cell_seconds else None
+        return cell_left_s + todo * (per_cell if per_cell else cell_left_s), per_cell is not None
 
     def save(self, model, opt, aw, seed, running, epoch=0, batch=0, step=0, history=()):
         if not self.d.is_main:
@@ -592,7 +714,7 @@ class Sweep:
             ids = [dev.index] if dev.type == "cuda" else None
             train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
         model.train()
-        t_cell, t_log, n_log, last_save = time.time(), time.time(), 0, time.time()
+        t_cell, t_log, n_log, last_save, step0 = time.time(), time.time(), 0, time.time(), step
         loss = None
         for ep in range(epoch, args.epochs):
             for i, (x, y) in enumerate(batches.epoch(ep, start), start):
@@ -623,8 +745,11 @@ class Sweep:
                     peak = common.peak_flops(dev)
                     mfu = f"{100 * self.flops[arch] * n_log / dt / peak:.1f}%" if peak else "-"
                     history.append([step, l])
+                    cell_left = (time.time() - t_cell) / (step - step0) * (total - step)
+                    sweep_left, measured = self.eta(ci, cell_left)
                     self.log(f"aw {aw:g} seed {seed} | ep {ep} | step {step}/{total} | loss {l:.4f} "
-                             f"(ce {c:.4f} mse {m:.5f}) | {ips:,.0f} ex/s | mfu {mfu}")
+                             f"(ce {c:.4f} mse {m:.5f}) | {ips:,.0f} ex/s | mfu {mfu} | cell eta "
+                             f"{common.hms(cell_left)} | sweep eta {'' if measured else '>'}{common.hms(sweep_left)}")
                     t_log, n_log = time.time(), 0
             start = 0
             if time.time() - last_save >= args.ckpt_interval and ep + 1 < args.epochs:
@@ -636,15 +761,21 @@ class Sweep:
         train_s = time.time() - t_cell
         acc = evaluate(model, self.data.test(), dev, self.amp())
         t = time.time()
-        llc = llc_of(model, self.data, cfg, seed)
+        est = llc_of(model, self.data, cfg, seed)
+        grid = {grid_key(e, g): llc_of(model, self.data, cfg, seed, e, g) for e, g in cfg["llc_grid"]}
         common.sync(dev)
-        res = {"aw": aw, "seed": seed, "test_acc": acc, **weight_widths(model), "llc": llc,
+        llc = est.pop("llc")
+        trace = {k: est.pop(k) for k in ("loss_trace", "init_trace", "draws_per_point")}
+        res = {"aw": aw, "seed": seed, "test_acc": acc, **weight_widths(model), "llc": llc, "llc_check": est,
                "final_loss": history[-1][1] if history else None, "steps": step,
-               "train_seconds": round(train_s, 2), "llc_seconds": round(time.time() - t, 2), "loss_curve": history}
+               "train_seconds": round(train_s, 2), "llc_seconds": round(time.time() - t, 2), "loss_curve": history,
+               "llc_trace": trace, **({"llc_grid": grid} if grid else {})}
         self.done[cell_key(aw, seed)] = res
         self.save(model, opt, aw, seed, False, args.epochs, 0, step, history)
         self.log(f"aw {aw:g} seed {seed}: test acc {acc:.2f}% | width {res['width']:.4f} | "
-                 f"width(all) {res['width_all']:.4f} | RLCT {llc:.2f} | train {train_s:.1f}s")
+                 f"width(all) {res['width_all']:.4f} | RLCT {llc:.2f} ({'flat' if est['flat'] else 'NOT flat'}, "
+                 f"{100 * est['frac_below_init']:.0f}% of draws below L(w*)) | train {train_s:.1f}s | "
+                 f"RLCT {time.time() - t:.1f}s")
         return res
 
     def amp(self):
@@ -678,31 +809,55 @@ def cell_key(aw, seed):
     return f"aw={fmt_aw(aw)},seed={seed}"
 
 
+METRICS = ("test_acc", "width", "width_all", "llc")
+
+
 def summarise(done, cfg):
-    """One row per AW: mean and std over the finished seeds."""
+    """One row per AW: mean, std and 95% Student-t interval over the finished seeds, and the share of RLCT
+    traces that flattened; then the trend of every metric in AW (Spearman over the per-seed values with a
+    permutation p-value) and, for a calibration grid, the RLCT per AW and (eps, gamma)."""
     rows = []
     for aw in parse_aws(cfg):
         runs = [r for r in done.values() if r["aw"] == aw]
         if not runs:
             continue
         row = {"aw": aw, "n": len(runs)}
-        for k in ("test_acc", "width", "width_all", "llc"):
-            v = torch.tensor([r[k] for r in runs], dtype=torch.float64)
-            row[k + "_mean"] = v.mean().item()
-            row[k + "_std"] = v.std().item() if len(v) > 1 else 0.0
+        for k in METRICS:
+            st = common.mean_ci([r[k] for r in runs])
+            row.update({f"{k}_mean": st["mean"], f"{k}_std": st["std"], f"{k}_ci95": st["ci95"]})
+        row["llc_flat"] = sum(bool(r.get("llc_check", {}).get("flat")) for r in runs)
+        for key in runs[0].get("llc_grid", {}):
+            st = common.mean_ci([r["llc_grid"][key]["llc"] for r in runs])
+            row.setdefault("llc_grid", {})[key] = {**st, "flat": sum(r["llc_grid"][key]["flat"] for r in runs)}
         rows.append(row)
-    return rows
+    runs = list(done.values())
+    trend = {}
+    if len({r["aw"] for r in runs}) > 1:
+        for k in METRICS:
+            rho, p = common.spearman([r["aw"] for r in runs], [r[k] for r in runs])
+            trend[k] = {"spearman": rho, "p": p, "n": len(runs)}
+    return {"rows": rows, "trend": trend}
 
 
-def format_table(rows, cfg):
-    cols = (f"{'AW':>6} | {'n':>2} | {'test acc %':>15} | {'width (class rows)':>19} | {'width (all)':>17} | "
-            f"{'RLCT':>15}")
-    lines = [f"{cfg['task']} ({cfg['preset']}, hidden {cfg['hidden']}, {cfg['epochs']} epochs): mean +- std over "
-             f"seeds", cols, "-" * len(cols)]
-    for r in rows:
-        f = lambda k, p: f"{r[k + '_mean']:.{p}f} +- {r[k + '_std']:.{p}f}"
+def format_table(table, cfg):
+    cols = (f"{'AW':>6} | {'n':>2} | {'test acc %':>15} | {'width (class rows)':>19} | {'width (all)':>19} | "
+            f"{'RLCT':>15} | flat")
+    lines = [f"{cfg['task']} ({cfg['preset']}, hidden {cfg['hidden']}, {cfg['epochs']} epochs): mean +- half "
+             "width of the 95% interval over seeds (Student t)", cols, "-" * len(cols)]
+    for r in table["rows"]:
+        def f(k, p):
+            ci = r[k + "_ci95"]
+            return f"{r[k + '_mean']:.{p}f} +- {ci:.{p}f}" if ci is not None else f"{r[k + '_mean']:.{p}f}"
         lines.append(f"{fmt_aw(r['aw']):>6} | {r['n']:>2} | {f('test_acc', 2):>15} | {f('width', 4):>19} | "
-                     f"{f('width_all', 4):>17} | {f('llc', 2):>15}")
+                     f"{f('width_all', 4):>19} | {f('llc', 2):>15} | {r['llc_flat']}/{r['n']}")
+    for k, t in table["trend"].items():
+        if t["spearman"] is not None:
+            lines.append(f"trend in AW of {k}: Spearman {t['spearman']:+.2f} (permutation p = {t['p']:.4f}, "
+                         f"{t['n']} runs)")
+    for r in table["rows"]:
+        for key, g in r.get("llc_grid", {}).items():
+            ci = f" +- {g['ci95']:.2f}" if g["ci95"] is not None else ""
+            lines.append(f"calibration AW {fmt_aw(r['aw'])} {key}: RLCT {g['mean']:.2f}{ci} (flat {g['flat']}/{g['n']})")
     return "\n".join(lines)
 
 
@@ -734,12 +889,14 @@ def main(argv=None):
     for ci, (aw, seed) in enumerate(sweep.cells):
         if cell_key(aw, seed) in sweep.done:
             continue
+        t_cell = time.time()
         if sweep.run_cell(ci, aw, seed, stop) is None:
             sweep.log(f"stopped at step {sweep.stopped_at} of the sweep (aw {aw:g} seed {seed}); "
                       f"checkpoint {sweep.path}; rerun with --resume to continue")
             bar.close()
             common.cleanup_distributed()
             return
+        sweep.cell_seconds.append(time.time() - t_cell)
         sweep.write_results()
         bar.update(1)
     bar.close()

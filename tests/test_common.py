@@ -46,9 +46,15 @@ def test_imdb_real_archive(data_dir, tmp_path, monkeypatch):
     assert all(t.dtype == torch.int64 and len(t) > 0 for t in d.test_x[:500])
 
 
-def test_tokenize():
+def test_tokenize_follows_basic_english():
+    """torchtext's basic_english, worked by hand: apostrophes split off, double quotes dropped, ; : and <br />
+    become spaces, . , ( ) ! ? stand alone (also inside numbers), everything lower-case."""
     assert common.tokenize("Great film!<br /><br />I'd watch it AGAIN.") == \
-        ["great", "film", "!", "i'd", "watch", "it", "again", "."]
+        ["great", "film", "!", "i", "'", "d", "watch", "it", "again", "."]
+    assert common.tokenize('He said "no"; then: (twice) 3.5 stars, wow?!') == \
+        ["he", "said", "no", "then", "(", "twice", ")", "3", ".", "5", "stars", ",", "wow", "?", "!"]
+    assert common.tokenize("  tabs\tand\nnew-lines  ") == ["tabs", "and", "new-lines"]  # hyphens are kept
+    assert common.tokenize("") == [] and common.tokenize('"";:') == []
 
 # ----------------------------------------------------------------------------------- generated stand-ins
 
