@@ -579,13 +579,21 @@ def nan_guard(loss, step, ckpt_path):
                         "(lower the learning rate or check the data, then --resume)")
 
 
+_COMMIT = []
+
+
 def git_commit():
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or None
-    except Exception:
-        return None
+    """The commit this process started from ('abc1234', '+dirty' when tracked files differed then): read
+    once, so a long run's results name the code it loaded, not whatever HEAD is when it finishes."""
+    if not _COMMIT:
+        try:
+            here = os.path.dirname(os.path.abspath(__file__))
+            out = subprocess.run(["git", "describe", "--always", "--dirty=+dirty", "--abbrev=7"], cwd=here,
+                                 capture_output=True, text=True, timeout=5).stdout.strip()
+            _COMMIT.append(out or None)
+        except Exception:
+            _COMMIT.append(None)
+    return _COMMIT[0]
 
 
 def hms(seconds):
