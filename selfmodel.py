@@ -372,9 +372,6 @@ def estimate_llc(model, loss_fn, loader, *, eps, gamma, nbeta, num_chains, num_d
     check = common.check
     check(protocol in ("ours", "authors"), f"--llc-protocol {protocol!r} is not one of ours, authors")
     modes = {m: m.training for m in model.modules()}
-    sparse = [m for m in model.modules() if getattr(m, "sparse", False)]  # vmap's grad needs dense gradients
-    for m in sparse:
-        m.sparse = False
     if protocol == "authors":  # batch statistics in every BatchNorm, on a copy: the model's buffers stay
         model = copy.deepcopy(model)
         torch.func.replace_all_batch_norm_modules_(model)
@@ -439,8 +436,6 @@ def estimate_llc(model, loss_fn, loader, *, eps, gamma, nbeta, num_chains, num_d
     finally:
         for m, mode in modes.items():
             m.training = mode
-        for m in sparse:
-            m.sparse = True
 
 
 def llc_diagnostics(L, L0, nbeta, trace_points=50):
@@ -609,11 +604,21 @@ class Data:
 
 
 def make_optimizer(cfg, model, device):
-    fused = {"fused": True} if device.type == "cuda" else {}
+    # fused kernels: one pass over the weights per step (on the CPU too, where this torch has them). For IMDB's
+    # ~100k x 64 embedding, whose dense update is most of a step, that is ~2x on the CPU.
+    fused = {"fused": True} if device.type == "cuda" or fused_on_cpu() else {}
     if cfg["optimizer"] == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg["lr"], **fused)
     return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                            nesterov=cfg["momentum"] > 0, **fused)
+
+
+def fused_on_cpu():
+    try:
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, fused=True)
+        return True
+    except (RuntimeError, TypeError, ValueError):
+        return False
 
 
 @torch.no_grad()
@@ -668,12 +673,13 @@ class Sweep:
             with open(self.log_path, "a") as fh:
                 fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
 
-    def eta(self, ci, cell_left_s):
+    def eta(self, ci, cell_left_s, cell_train_s):
         """Seconds left in the sweep: this cell's remaining training plus the cells after it, each taking the
-        mean wall time of the cells finished so far (or this cell's projected training time before that)."""
+        mean wall time of the cells finished so far (before that, this cell's projected training time, which
+        leaves out the RLCT: a lower bound)."""
         todo = sum(cell_key(aw, seed) not in self.done for aw, seed in self.cells[ci + 1:])
         per_cell = sum(self.cell_seconds) / len(self.cell_seconds) if self.cell_seconds else None
-        return cell_left_s + todo * (per_cell if per_cell else cell_left_s), per_cell is not None
+        return cell_left_s + todo * (per_cell or cell_train_s), per_cell is not None
 
     def save(self, model, opt, aw, seed, running, epoch=0, batch=0, step=0, history=()):
         if not self.d.is_main:
@@ -700,10 +706,6 @@ class Sweep:
         model = build_model(cfg, self_model=arch).to(dev)
         if args.task == "cifar10" and dev.type == "cuda":  # channels_last helps cuDNN, slows the CPU down
             model = model.to(memory_format=torch.channels_last)
-        if args.task == "imdb" and dev.type == "cpu" and d.world_size == 1:
-            # a step touches ~15k of the ~120k embedding rows: sparse gradients skip writing and sorting a dense
-            # vocab x 64 gradient (3x faster on the CPU). SGD's update (momentum too) is the same arithmetic.
-            model.body.emb.sparse = True
         opt = make_optimizer(cfg, model, dev)
         batches = self.data.train(seed)
         per_epoch = len(batches)
@@ -754,8 +756,9 @@ class Sweep:
                     peak = common.peak_flops(dev)
                     mfu = f"{100 * self.flops[arch] * n_log / dt / peak:.1f}%" if peak else "-"
                     history.append([step, l])
-                    cell_left = (time.time() - t_cell) / (step - step0) * (total - step)
-                    sweep_left, measured = self.eta(ci, cell_left)
+                    per_step = (time.time() - t_cell) / (step - step0)
+                    cell_left = per_step * (total - step)
+                    sweep_left, measured = self.eta(ci, cell_left, per_step * total)
                     self.log(f"aw {aw:g} seed {seed} | ep {ep} | step {step}/{total} | loss {l:.4f} "
                              f"(ce {c:.4f} mse {m:.5f}) | {ips:,.0f} ex/s | mfu {mfu} | cell eta "
                              f"{common.hms(cell_left)} | sweep eta {'' if measured else '>'}{common.hms(sweep_left)}")
