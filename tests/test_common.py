@@ -383,3 +383,42 @@ def test_setup_distributed_torchrun(tmp_path):
     assert [x["main"] for x in r] == [True, False]
     assert r[0]["gathered"] == r[1]["gathered"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
     assert all(not x["stop3"] and x["stop4"] for x in r)  # a signal on one rank stops every rank, at a check step
+
+
+# ----------------------------------------------------------------------------------- statistics over seeds
+
+@pytest.mark.parametrize("df, t", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423), (1000, 1.9623)])
+def test_t_quantile_matches_the_table(df, t):
+    assert common.t_quantile(0.975, df) == pytest.approx(t, abs=1e-4)
+
+
+def test_t_quantile_other_levels_and_bad_input():
+    assert common.t_quantile(0.5, 7) == pytest.approx(0, abs=1e-9)
+    assert common.t_quantile(0.95, 9) == pytest.approx(1.8331, abs=1e-4)
+    with pytest.raises(common.UserError):
+        common.t_quantile(0.975, 0)
+
+
+def test_mean_ci_by_hand():
+    r = common.mean_ci([1, 2, 3, 4])
+    assert r["mean"] == 2.5 and r["n"] == 4 and r["std"] == pytest.approx(math.sqrt(5 / 3))
+    assert r["ci95"] == pytest.approx(3.182446 * math.sqrt(5 / 3) / 2, rel=1e-6)
+    assert common.mean_ci([7.0]) == {"mean": 7.0, "std": None, "ci95": None, "n": 1}
+    assert common.mean_ci([3.0, 3.0])["ci95"] == 0
+
+
+def test_spearman_with_ties_and_its_permutation_p():
+    rho, p = common.spearman([0, 0, 1, 1], [1, 2, 3, 4])
+    assert rho == pytest.approx(4 / math.sqrt(20))  # average ranks (1.5, 1.5, 3.5, 3.5) against 1..4
+    rho, p = common.spearman(range(7), [1, 3, 2, 5, 8, 9, 20])
+    assert rho == pytest.approx(1 - 6 * 2 / (7 * 48)) and p < 0.01  # one swapped pair; exact p = 2 * 2 / 5040
+    rho, p = common.spearman(range(7), [-v for v in range(7)])
+    assert rho == -1 and p < 0.01
+    g = torch.Generator().manual_seed(0)
+    _, p = common.spearman(range(40), torch.randn(40, generator=g).tolist())
+    assert p > 0.05  # noise: no trend found
+    assert common.spearman([1, 2, 3], [5, 5, 5]) == (None, None)
+
+
+def test_hms():
+    assert [common.hms(s) for s in (0, 42.4, 185, 7620, -3)] == ["0s", "42s", "3m05s", "2h07m", "0s"]

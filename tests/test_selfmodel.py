@@ -72,6 +72,64 @@ def test_llc_of_a_regular_model_is_half_its_dimension(d):
     assert abs(llc - d / 2) < 0.1 * d / 2, llc
 
 
+def test_authors_protocol_also_reads_half_the_dimension():
+    """devinterp 0.2's reduction (L(w*) from the first batches, the second half of each chain's running mean)
+    on the same regular model: with a full-batch loader L(w*) is exact and the running means carry the
+    first ~25 rising draws into the average, a bias of ~1% at 3000 draws, so the same 10% holds."""
+    model, X, y = linear_regression(4)
+    kw = dict(eps=3e-4, gamma=1.0, nbeta=2000 / math.log(2000), num_chains=8, num_draws=3000, seed=0)
+    ours = S.estimate_llc(model, half_mse, [(X, y)], **kw)
+    authors = S.estimate_llc(model, half_mse, [(X, y)], **kw, protocol="authors")
+    assert abs(authors - 2) < 0.2 and authors != ours and abs(authors - ours) < 0.1, (authors, ours)
+
+
+def test_llc_details_trace_and_checks():
+    """The trace has `trace_points` block means per chain; a sampler whose step is too small to equilibrate
+    (relaxation ~2 / (eps nbeta) = 2500 draws > 1000) is flagged as still rising, the paper's step is not."""
+    model, X, y = linear_regression(16)
+    kw = dict(gamma=1.0, nbeta=2000 / math.log(2000), num_chains=8, num_draws=1000, seed=0, details=True)
+    d = S.estimate_llc(model, half_mse, [(X, y)], eps=3e-4, trace_points=40, **kw)
+    assert len(d["loss_trace"]) == 8 and all(len(c) == 40 for c in d["loss_trace"]) and d["draws_per_point"] == 25
+    assert len(d["init_trace"]) == 40 and d["flat"] and 0 <= d["frac_below_init"] < 0.05
+    assert d["llc"] == S.estimate_llc(model, half_mse, [(X, y)], eps=3e-4, **{**kw, "details": False})
+    slow = S.estimate_llc(model, half_mse, [(X, y)], eps=3e-6, **kw)
+    assert not slow["flat"] and slow["drift"] > 2 * slow["noise"] and slow["llc"] < 0.75 * d["llc"], slow
+
+
+def test_llc_diagnostics_by_hand():
+    T = 200
+    L0 = torch.full((T,), 1.0, dtype=torch.float64)
+    level = torch.full((T, 2), 1.5, dtype=torch.float64)
+    level[::5, 0] = 0.5  # every fifth draw of chain 0 below L(w*): 40 of 400, two in every block of 10
+    d = S.llc_diagnostics(level, L0, nbeta=10.0, trace_points=20)
+    assert d["frac_below_init"] == 40 / 400 and d["drift"] == pytest.approx(0, abs=1e-9) and d["flat"]
+    assert d["draws_per_point"] == 10 and d["init_trace"] == [1.0] * 20
+    assert d["loss_trace"][1] == [1.5] * 20 and d["loss_trace"][0] == pytest.approx([1.3] * 20)
+    ramp = 1.0 + torch.linspace(0, 1, T, dtype=torch.float64)[:, None].repeat(1, 2)
+    d = S.llc_diagnostics(ramp, L0, nbeta=10.0)  # nbeta x the rise across draws 100..199 of a 1/199 slope
+    assert d["drift"] == pytest.approx(10 * 99 / 199) and d["noise"] == 0 and not d["flat"]
+    assert S.llc_diagnostics(ramp[:, :1], L0, nbeta=10.0)["flat"] is None  # one chain: no spread to test against
+
+
+def test_summary_has_student_t_intervals_and_a_rank_trend():
+    cfg = {"aw": "0,10", "task": "mnist", "preset": "paper", "hidden": 64, "epochs": 50}
+    done = {}
+    for aw, llcs in ((0.0, [30.0, 32.0, 34.0]), (10.0, [20.0, 21.0, 25.0])):
+        for seed, v in enumerate(llcs):
+            done[S.cell_key(aw, seed)] = {"aw": aw, "seed": seed, "test_acc": 96.0 + seed, "width": v / 100,
+                                          "width_all": 0.05, "llc": v, "llc_check": {"flat": seed != 2}}
+    table = S.summarise(done, cfg)
+    r0, r1 = table["rows"]
+    # AW 0: mean 32, sd 2, t(0.975, 2) = 4.3027 -> half width 4.3027 * 2 / sqrt(3)
+    assert r0["llc_mean"] == 32 and r0["llc_std"] == pytest.approx(2) and r0["llc_ci95"] == pytest.approx(
+        4.302653 * 2 / math.sqrt(3), rel=1e-5)
+    assert r0["llc_flat"] == 2 and r1["n"] == 3 and r0["width_all_ci95"] == pytest.approx(0, abs=1e-12)
+    assert table["trend"]["llc"]["spearman"] < -0.8 and table["trend"]["test_acc"]["spearman"] == 0
+    assert table["trend"]["width_all"]["spearman"] is None  # constant: no trend to rank
+    text = S.format_table(table, {**cfg})
+    assert "32.00 +- 4.97" in text and "Spearman" in text and "2/3" in text
+
+
 def test_llc_on_minibatches_leaves_model_and_rng_alone():
     """Minibatches (the loader cycled), paired L_b(w*) baselines; the model, its mode and the global RNG
     are as before; the seed alone decides the value. Minibatch gradient noise biases the estimate by a
@@ -337,6 +395,15 @@ def run_in_process(argv, capsys):
     (["--sgld-eps", "0"], ["--sgld-eps"]),
     (["--sgld-draws", "1"], ["--sgld-draws"]),
     (["--sgld-batch", "100000"], ["--sgld-batch", "training examples"]),
+    (["--preset", "quick"], ["--preset quick", "mnist", "drop it"]),  # contradictions: refused, not ignored
+    (["--width", "8"], ["--width", "cifar10"]),
+    (["--vocab-size", "100"], ["--vocab-size", "imdb"]),
+    (["--test-subset", "20000"], ["--test-subset", "10000"]),
+    (["--train-subset", "70000"], ["--train-subset", "60000"]),
+    (["--normalize", "imagenet"], ["--normalize", "paper"]),
+    (["--llc-protocol", "devinterp"], ["--llc-protocol", "authors"]),
+    (["--llc-grid-eps", "1e-4"], ["--llc-grid-gamma", "together"]),
+    (["--llc-grid-eps", "0", "--llc-grid-gamma", "1"], ["--llc-grid-eps", "> 0"]),
     pytest.param(["--device", "cuda"], ["--device"],
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
     (["--out", "/proc/selfmodel"], ["--out", "not writable"]),
