@@ -36,10 +36,29 @@ Presets (`--preset`; any explicit flag wins over the preset, `--smoke` over both
   in100        ImageNet-100 224 px, ViT-B/16, the MAE recipe (blr 1.5e-4, 40 warm-up epochs), 400 epochs
                (the epoch count is our choice; the reference does not state the paper's).
 
-Evaluation (every --eval-every epochs and at the end) on frozen cls-token features of the unmasked encoder:
-effective rank (the entropy H of Eq. 6, and exp(H)), weighted kNN (k=20) and the MAE linear probe, all via
-common.evaluate_features, so `probe.py OUT/ckpt.pt` reproduces them. The results JSON keeps the trajectory
-and the Pearson correlation between effective rank and probe accuracy over the evaluations (Fig. 5).
+Evaluation (every --eval-every epochs and at the end) on frozen features of the unmasked encoder, two kinds,
+each scored with the same kNN (weighted, k=20), MAE linear probe (BatchNorm without affine + linear, SGD) and
+effective rank (the entropy H of Eq. 6, and exp(H)) via common.evaluate_features:
+  cls   the cls token after the encoder's final LayerNorm: the official MAE linear-probe protocol. This is
+        the headline (the top-level figures of every trajectory entry), as before.
+  mean  the mean over ALL 1+N tokens (cls included) of the raw last-block output, no final LayerNorm: what
+        the decayed-shortcut authors' released evaluation (util/misc.py eval_model) probes. Their head is a
+        plain Linear trained with AdamW; ours keeps the BatchNorm + Linear head for both kinds, so the two
+        figures differ only in the features (BatchNorm also makes the probe indifferent to the raw scale).
+        Kept under "mean" in every trajectory entry.
+The paper does not say which of the two its tables use. `probe.py OUT/ckpt.pt [--feature mean]` reproduces
+either. The results JSON keeps the trajectory of both kinds and the Pearson correlation between effective
+rank and probe (and kNN) accuracy over the evaluations (Fig. 5) for each kind (`pearson_erank_probe`,
+`pearson_erank_probe_mean`, ...).
+Feature norm: the cls feature sits after the final LayerNorm, so its norm is pinned near sqrt(D) whatever
+happens inside the encoder; the paper's instability signal for small alpha_min (feature-norm growth) is
+read instead as `raw_norm`, the mean L2 norm of the tokens of the raw last-block output (logged at every
+evaluation; probe.py reports it per block under --layers all).
+
+Weight decay (`--wd-tokens`, default on): like the official MAE code (timm's add_weight_decay: only 1-d
+parameters and biases are exempt), the cls token, the mask tokens (the skips' per-skip mask tokens too)
+and a learned positional embedding are decayed; --no-wd-tokens exempts them as this script used to. The
+fixed sin-cos embedding is a buffer and never decayed. We have no measurement that either choice matters.
 
 Determinism: on the CPU a fixed --seed gives bitwise repeatable runs, also across --stop-at-step/--resume.
 Batches, crops and masks are drawn from generators seeded by (seed, epoch, batch) or (seed, step), so a
@@ -81,7 +100,7 @@ SMOKE = dict(dataset="cifar10", patch=8, img_size=32, dim=64, depth=4, heads=2, 
 # the config keys a checkpoint must agree on before --resume may continue it
 RESUME_KEYS = ("dataset", "img_size", "patch", "dim", "depth", "heads", "mlp_ratio", "dec_dim", "dec_depth",
                "dec_heads", "pos_embed", "alpha_min", "decay", "decay_where", "skip", "mask_ratio",
-               "norm_pix_loss", "batch_size", "blr", "weight_decay", "epochs", "warmup_epochs", "seed", "n_train")
+               "norm_pix_loss", "batch_size", "blr", "weight_decay", "wd_tokens", "epochs", "warmup_epochs", "seed", "n_train")
 
 
 def build_parser():
@@ -121,6 +140,8 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=1024, help="global batch over all processes")
     p.add_argument("--blr", type=float, default=1.5e-4, help="base learning rate: lr = blr * batch / 256")
     p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--wd-tokens", action=argparse.BooleanOptionalAction, default=True,
+                   help="weight-decay the cls/mask tokens and a learned pos-embed, as official MAE (default on)")
     p.add_argument("--epochs", type=int, default=150)
     p.add_argument("--warmup-epochs", type=float, default=15)
     # evaluation and bookkeeping
@@ -414,18 +435,40 @@ def probe_layers(cfg):
     return cfg["depth"]
 
 
+FEATURES = ("cls", "mean")  # the feature kinds probe_features serves (probe.py --feature)
+
+
 @torch.no_grad()
-def probe_features(model, x, cfg, layers, t=None, generator=None):
-    """Frozen cls-token features of the unmasked encoder (probe.py protocol). Layer L = depth: the cls token
-    after the final LayerNorm (what the paper probes); layer l < L: block l's raw output cls token.
+def probe_features(model, x, cfg, layers, t=None, generator=None, feature="cls", norms=False):
+    """Frozen features of the unmasked encoder (probe.py protocol), one (B, D) tensor per layer l = 1..depth.
+    feature="cls": layer L = depth is the cls token after the final LayerNorm (the official MAE linear-probe
+    input); layer l < L is block l's raw output cls token. feature="mean": for every l (L included) the mean
+    over all 1+N tokens of block l's raw output, no final LayerNorm (the decayed-shortcut authors' eval_model).
+    Keys are the layers; when `feature` is a tuple of kinds, (kind, layer). norms=True adds ("raw_norm", l):
+    (B, 1), each image's mean L2 norm over the tokens of block l's raw output (the feature-norm diagnostic).
     x: normalised images as GPUBatches(train=False) yields them; resized when the run used another size.
     t and generator are unused (no randomness here)."""
     m = common.unwrap(model)
+    kinds = (feature,) if isinstance(feature, str) else tuple(feature)
+    bad = [k for k in kinds if k not in FEATURES]
+    if bad:
+        raise common.UserError(f"feature {bad[0]!r}: use one of {', '.join(FEATURES)}")
     if x.shape[-1] != cfg["img_size"]:
         x = F.interpolate(x, size=(cfg["img_size"],) * 2, mode="bicubic", align_corners=False)
     with common.autocast(x.device):
         latent, outs, _, _ = m.encode(x)
-    return {l: (latent if l == cfg["depth"] else outs[l - 1])[:, 0].float() for l in layers}
+    out = {}
+    for l in layers:
+        raw = outs[l - 1].float()
+        for kind in kinds:
+            if kind == "cls":
+                f = (latent if l == cfg["depth"] else outs[l - 1])[:, 0].float()
+            else:
+                f = raw.mean(1)
+            out[l if isinstance(feature, str) else (kind, l)] = f
+        if norms:
+            out[("raw_norm", l)] = raw.norm(dim=-1).mean(1, keepdim=True)
+    return out
 
 # ----------------------------------------------------------------------------------------------------
 # data
@@ -572,11 +615,16 @@ def load_data(a, d):
 # training helpers
 
 
-def param_groups(model, wd):
-    """No weight decay on norms, biases, positional embeddings, cls and mask tokens."""
+TOKEN_PARAMS = ("pos_embed", "cls_token", "mask_token")  # matches mask_token and skip_mask_tokens
+
+
+def param_groups(model, wd, wd_tokens=True):
+    """AdamW groups. As official MAE (timm's add_weight_decay): no decay on 1-d parameters (norms) and
+    biases, decay on everything else, the cls / mask tokens and a learned pos-embed included. With
+    wd_tokens=False those tokens and embeddings are exempt too (this script's earlier rule)."""
     decay, no_decay = [], []
     for n, p in model.named_parameters():
-        skip = p.ndim < 2 or any(k in n for k in ("pos_embed", "cls_token", "mask_token"))
+        skip = p.ndim < 2 or n.endswith(".bias") or (not wd_tokens and any(k in n for k in TOKEN_PARAMS))
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -621,25 +669,30 @@ def gathered_order(n, batch, world):
 
 
 def evaluate(model, cfg, train_eval, test_eval, is_main):
-    """The probe.py protocol on the last layer; metrics on rank 0 (None elsewhere). Features come from
-    all ranks and are put back into data-set order, so a multi-process eval equals a single-process one."""
+    """The probe.py protocol on the last layer for both feature kinds; metrics on rank 0 (None elsewhere):
+    the cls figures at the top level, the mean-token figures under "mean", and raw_norm (test images).
+    Features come from all ranks and are put back into data-set order, so a multi-process eval equals a
+    single-process one."""
     L = cfg["depth"]
-    fn = lambda x, g: probe_features(model, x, cfg, [L], None, g)
+    fn = lambda x, g: probe_features(model, x, cfg, [L], None, g, feature=FEATURES, norms=True)
     model.eval()
     feats = []
     for b in (train_eval, test_eval):
         f, y = common.extract_features(fn, b, cfg["seed"])
-        f, world = f[L], getattr(b, "world", 1)
+        world = getattr(b, "world", 1)
         if world > 1:
             order = gathered_order(len(y), b.bs, world).to(y.device)
-            f, y = torch.empty_like(f).index_copy_(0, order, f), torch.empty_like(y).index_copy_(0, order, y)
+            f = {k: torch.empty_like(v).index_copy_(0, order, v) for k, v in f.items()}
+            y = torch.empty_like(y).index_copy_(0, order, y)
         feats += [f, y]
     model.train()
     if not is_main:
         return None
     trf, try_, tef, tey = feats
-    m = common.evaluate_features(trf, try_, tef, tey, k=20, seed=cfg["seed"], probe_epochs=cfg["probe_epochs"])
-    return dict(m, n_train=len(try_), n_test=len(tey))
+    kw = dict(k=20, seed=cfg["seed"], probe_epochs=cfg["probe_epochs"])
+    m = common.evaluate_features(trf[("cls", L)], try_, tef[("cls", L)], tey, **kw)
+    mean = common.evaluate_features(trf[("mean", L)], try_, tef[("mean", L)], tey, **kw)
+    return dict(m, mean=mean, raw_norm=tef[("raw_norm", L)].mean().item(), n_train=len(try_), n_test=len(tey))
 
 
 def pearson(xs, ys):
@@ -696,7 +749,7 @@ def main(argv=None):
     train, train_eval, test_eval, show = load_data(args, d)
     torch.manual_seed(args.seed)
     model = build_model(cfg).to(d.device)
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=0.0, betas=(0.9, 0.95),
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay, args.wd_tokens), lr=0.0, betas=(0.9, 0.95),
                             fused=d.device.type == "cuda")
     spe, total = len(train), args.epochs * len(train)
     step, hist = 0, {"trajectory": [], "train_loss": [], "seconds": 0.0}
@@ -807,8 +860,11 @@ def main(argv=None):
             m = evaluate(model, cfg, train_eval, test_eval, d.is_main)
             if d.is_main:
                 hist["trajectory"].append(dict(m, epoch=epoch + 1, step=step, train_loss=hist["train_loss"][-1]))
-                log(f"eval ep {epoch + 1}: probe {m['linear_probe']:.2f}% knn {m['knn']:.2f}% erank {m['erank']:.3f} "
-                    f"(exp {m['erank_exp']:.1f}) |f| {m['feat_norm']:.2f} [{time.time() - t0:.1f} s]")
+                mm = m["mean"]
+                log(f"eval ep {epoch + 1}: cls probe {m['linear_probe']:.2f}% knn {m['knn']:.2f}% erank {m['erank']:.3f} "
+                    f"(exp {m['erank_exp']:.1f}) |f| {m['feat_norm']:.2f} | mean probe {mm['linear_probe']:.2f}% "
+                    f"knn {mm['knn']:.2f}% erank {mm['erank']:.3f} | raw last-block |x| {m['raw_norm']:.2f} "
+                    f"[{time.time() - t0:.1f} s]")
         if (epoch + 1) % args.ckpt_every == 0 or done:
             checkpoint()
         t_log += time.time() - t0  # keep eval and checkpoint time out of img/s
@@ -823,6 +879,10 @@ def main(argv=None):
         metrics = {"final": traj[-1] if traj else None, "trajectory": traj,
                    "pearson_erank_probe": pearson([t["erank"] for t in traj], [t["linear_probe"] for t in traj]),
                    "pearson_erank_knn": pearson([t["erank"] for t in traj], [t["knn"] for t in traj]),
+                   "pearson_erank_probe_mean": pearson([t["mean"]["erank"] for t in traj],
+                                                       [t["mean"]["linear_probe"] for t in traj]),
+                   "pearson_erank_knn_mean": pearson([t["mean"]["erank"] for t in traj],
+                                                     [t["mean"]["knn"] for t in traj]),
                    "train_loss": hist["train_loss"], "alphas": alpha.tolist(), "cum_alpha": cum_alpha,
                    "params": n_params, "flops_per_img": flops, "img_per_s": ips,
                    "mfu": flops * ips / (peak * d.world_size) if peak and ips else None, "steps": step,

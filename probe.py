@@ -4,6 +4,7 @@
     python probe.py CKPT --layers all --knn-k 20                      # every block
     python probe.py out/diffusion_decay/RUN/ckpt.pt --layers 4,7 --t 0.1,0.3   # diffusion: noise levels too
     python probe.py CKPT_A --compare CKPT_B CKPT_C                    # side by side (e.g. alpha_min 1.0 vs 0.6)
+    python probe.py out/mae_decay/RUN/ckpt.pt --feature mean --layers all   # MAE: mean of raw block tokens
 
 The checkpoint names the script and config that made it; probe.py imports that script's model code
 (`build_model`, `probe_layers`, `probe_features`), extracts frozen features of the train and test split
@@ -11,6 +12,9 @@ once per noise level (bf16 on a GPU, kept in memory) and reports per layer: line
 BatchNorm without affine + linear head, trained on the device), weighted kNN top-1, effective rank
 (entropy H and exp(H), see common.effective_rank) and mean feature norm. The numbers are computed by
 common.evaluate_features, the same call the training scripts make, so probe.py reproduces their final eval.
+Scripts whose module lists FEATURES (mae_decay: cls | mean) serve several feature kinds: `--feature` picks
+one (default: the first, cls) and each row also gets raw_norm, the mean token norm of block l's raw output
+(column raw|x|), so feature-norm growth shows per block under --layers all. See mae_decay's docstring.
 Output: a printed table and a JSON file (`--out`, default probe.json beside the first checkpoint).
 """
 import argparse, importlib, os, time
@@ -31,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default=None, help="cifar10 | cifar100 | mnist (default: the checkpoint's)")
     p.add_argument("--layers", default="last", help="last | all | comma list of 1-based block indices")
     p.add_argument("--t", default=None, help="noise levels in (0, 1) for diffusion checkpoints, e.g. 0.1,0.3")
+    p.add_argument("--feature", default=None,
+                   help="feature kind, for scripts that offer several (mae_decay: cls | mean; default cls)")
     p.add_argument("--knn-k", type=int, default=None, help="kNN neighbours (default: the run's, else 20)")
     p.add_argument("--probe-epochs", type=int, default=None, help="linear-probe epochs (default: the run's)")
     p.add_argument("--n-train", type=int, default=None, help="use the first N training images (default: the run's)")
@@ -94,6 +100,12 @@ def probe_one(path, args, dev):
     else:
         common.check(args.t is None, f"--t applies to diffusion_decay checkpoints only, not {mod.__name__}")
         ts = [None]
+    kinds = getattr(mod, "FEATURES", None)
+    common.check(args.feature is None or kinds is not None,
+                 f"--feature applies to checkpoints with several feature kinds (mae_decay), not {mod.__name__}")
+    common.check(args.feature is None or args.feature in kinds,
+                 f"--feature {args.feature!r}: {mod.__name__} offers {', '.join(kinds or ())}")
+    extra = {"feature": args.feature or kinds[0], "norms": True} if kinds else {}
 
     # the run's own evaluation settings, unless overridden, so the numbers match its final eval
     n_train = args.n_train or cfg.get("eval_n_train") or cfg.get("train_subset") or None  # 0 / None: all
@@ -114,12 +126,15 @@ def probe_one(path, args, dev):
         with torch.no_grad(), common.autocast(dev):
             for split, batches in splits.items():
                 feats[split] = common.extract_features(
-                    lambda x, g: mod.probe_features(model, x, cfg, layers, t, g), batches, seed=seed)
+                    lambda x, g: mod.probe_features(model, x, cfg, layers, t, g, **extra), batches, seed=seed)
         (tr_f, tr_y), (te_f, te_y) = feats["train"], feats["test"]
         for layer in layers:
             m = common.evaluate_features(tr_f[layer], tr_y, te_f[layer], te_y, k=knn_k, seed=seed,
                                          probe_epochs=epochs)
-            rows.append({"ckpt": path, "script": mod.__name__, "dataset": dataset, "layer": layer, "t": t, **m})
+            row = {"ckpt": path, "script": mod.__name__, "dataset": dataset, "layer": layer, "t": t, **m}
+            if extra:
+                row.update(feature=extra["feature"], raw_norm=te_f[("raw_norm", layer)].mean().item())
+            rows.append(row)
     return rows, cfg
 
 
@@ -137,11 +152,12 @@ def main(argv=None):
     seconds = time.time() - t0
 
     width = max(len(str(p)) for p in paths)
-    print(f"{'checkpoint':<{width}}  layer      t   probe%    kNN%   erank  exp(erank)    |f|")
+    print(f"{'checkpoint':<{width}}  layer      t  feature   probe%    kNN%   erank  exp(erank)    |f|   raw|x|")
     for r in rows:
         t = "-" if r["t"] is None else f"{r['t']:.2f}"
-        print(f"{str(r['ckpt']):<{width}}  {r['layer']:>5}  {t:>5}  {r['linear_probe']:7.2f} "
-              f"{r['knn']:7.2f} {r['erank']:7.3f} {r['erank_exp']:11.2f} {r['feat_norm']:6.2f}")
+        raw = f"{r['raw_norm']:8.2f}" if "raw_norm" in r else f"{'-':>8}"
+        print(f"{str(r['ckpt']):<{width}}  {r['layer']:>5}  {t:>5}  {r.get('feature', '-'):>7}  {r['linear_probe']:7.2f} "
+              f"{r['knn']:7.2f} {r['erank']:7.3f} {r['erank_exp']:11.2f} {r['feat_norm']:6.2f} {raw}")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "probe.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     common.write_json(out, {"rows": rows, "configs": configs, "args": vars(args), "device": common.device_name(d.device),

@@ -83,7 +83,7 @@ def test_solver_with_optimal_denoiser_recovers_gaussian():
     err = {}
     for order in (1, 2):
         for steps in (10, 20, 40):
-            out = dd.dpm_solver(eps, mu1 + sd1 * z, steps, order=order)
+            out = dd.dpm_solver(eps, mu1 + sd1 * z, steps, order=order, denoise=False)
             err[order, steps] = ((out - exact) / sde).abs().max().item()
     assert err[2, 40] < 0.02 and err[1, 40] < 0.3
     assert err[2, 20] / err[2, 40] > 3.0  # second order: halving the step cuts the error ~4x
@@ -93,6 +93,69 @@ def test_solver_with_optimal_denoiser_recovers_gaussian():
     out = dd.dpm_solver(eps, torch.randn(8000, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), 25)
     assert torch.allclose(out.mean(0), m, atol=0.06)
     assert torch.allclose(out.std(0) / s, torch.ones(4, dtype=torch.float64), atol=0.03)
+
+
+def _gaussian_oracle(mu, s):
+    """Exact noise predictor for data x0 ~ N(mu, diag s^2) under the VP-SDE:
+    eps*(x_t, t) = sigma_t (x_t - alpha_t mu) / (alpha_t^2 s^2 + sigma_t^2)."""
+    def eps(x, t):
+        a, sg = dd.vp_alpha_sigma(torch.tensor(t, dtype=torch.float64))
+        return sg * (x - a * mu) / (a * a * s * s + sg * sg)
+    return eps
+
+
+def test_samples_match_gaussian_data_at_25_and_50_steps():
+    """Sampling as for real (x_1 ~ N(0, I), the default end: t=1e-4 + denoising step) with the exact
+    predictor of Gaussian data gives the data's mean and spread, for both solvers. One coordinate has
+    s = 0.03, where the noise the old sampler left behind (sigma 0.0105 at t=1e-3, returned as x_t) is
+    plain to see: it must fail there. DDIM is first order: its samples are ~10% (25 steps) / ~5% (50
+    steps) too narrow, so its tolerance is wider and the error must halve with twice the steps."""
+    mu = torch.tensor([0.5, -0.3, 0.0, 0.8], dtype=torch.float64)
+    s = torch.tensor([0.03, 0.2, 0.5, 1.0], dtype=torch.float64)
+    eps = _gaussian_oracle(mu, s)
+    z = torch.randn(20000, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    tol = {(2, 25): 0.03, (2, 50): 0.03, (1, 25): 0.13, (1, 50): 0.075}
+    dev = {}
+    for order in (1, 2):
+        for steps in (25, 50):
+            out = dd.dpm_solver(eps, z, steps, order=order)
+            ratio = out.std(0) / s
+            assert torch.all((out.mean(0) - mu).abs() < 0.02 * s + 0.002), (order, steps, out.mean(0))
+            assert torch.all((ratio - 1).abs() < tol[order, steps]), (order, steps, ratio)
+            dev[order, steps] = (ratio - 1).abs().max().item()
+    assert 1.5 < dev[1, 25] / dev[1, 50] < 2.5  # DDIM's error is its first-order bias, not noise
+    # the old ending leaves sigma(1e-3) = 0.0105 of noise: std sqrt(s^2 + 0.0105^2) = 1.06 s at s = 0.03
+    sigma_end = dd.vp_alpha_sigma(torch.tensor(1e-3, dtype=torch.float64))[1].item()
+    assert sigma_end == pytest.approx(0.0105, abs=2e-4)
+    for steps in (25, 50):
+        old = dd.dpm_solver(eps, z, steps, order=2, t_end=1e-3, denoise=False)
+        assert old.std(0)[0] / s[0] > 1.045, steps
+        assert old.std(0)[0] / s[0] == pytest.approx(math.sqrt(1 + (sigma_end / 0.03) ** 2), abs=0.01)
+
+
+def test_denoise_and_lower_order_final_step():
+    """denoise=True returns the x0 prediction at t_end (one more predictor call); 2M's last step is
+    first order (a DDIM step from the same state) below 15 steps and second order from 15 on."""
+    mu = torch.tensor([0.5, -0.3], dtype=torch.float64)
+    s = torch.tensor([0.3, 1.0], dtype=torch.float64)
+    oracle = _gaussian_oracle(mu, s)
+    z = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for steps, first_order_last in ((5, True), (14, True), (15, False), (25, False)):
+        calls = []
+        eps = lambda x, t: calls.append((x.clone(), t)) or oracle(x, t)
+        xt = dd.dpm_solver(eps, z, steps, order=2, denoise=False)
+        assert len(calls) == steps
+        x0 = dd.dpm_solver(eps, z, steps, order=2, denoise=True)
+        assert len(calls) == 2 * steps + 1 and torch.equal(calls[-1][0], xt)
+        t_end = calls[-1][1]
+        assert t_end == pytest.approx(dd.T_SAMPLE_END, rel=1e-9)
+        a, sg = dd.vp_alpha_sigma(torch.tensor(t_end, dtype=torch.float64))
+        assert torch.allclose(x0, (xt - sg * oracle(xt, t_end)) / a)
+        # one DDIM step from the state before the last one
+        (xp, tp), lam = calls[steps - 1], dd.vp_lambda(torch.tensor([calls[steps - 1][1], t_end], dtype=torch.float64))
+        ap, sp = dd.vp_alpha_sigma(torch.tensor(tp, dtype=torch.float64))
+        ddim = (sg / sp) * xp - a * torch.expm1(-(lam[1] - lam[0])) * (xp - sp * oracle(xp, tp)) / ap
+        assert torch.allclose(xt, ddim, rtol=1e-12, atol=1e-12) == first_order_last, steps
 
 
 def test_step_draws_split_by_rank_like_one_process():

@@ -152,6 +152,48 @@ def test_init_every_encoder_block_is_its_scaled_identity():
     assert torch.equal(model(imgs, torch.rand(2, 16))[1], torch.zeros(2, 16, 192))  # zero-init head
 
 
+@pytest.mark.parametrize("pos_embed", ["sincos", "learned"])
+def test_weight_decay_groups_follow_official_mae(pos_embed):
+    """Official MAE (timm's add_weight_decay): only 1-d parameters and biases go undecayed, so the cls
+    token, the mask tokens and a learned pos-embed are decayed; --no-wd-tokens exempts them."""
+    for skip in (True, False):
+        model = tiny(skip=skip, pos_embed=pos_embed)
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = M.param_groups(model, 0.05)
+        decayed = {names[id(p)] for p in groups[0]["params"]}
+        free = {names[id(p)] for p in groups[1]["params"]}
+        assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+        assert decayed | free == set(names.values()) and not decayed & free
+        tokens = {"cls_token", "skip_mask_tokens" if skip else "mask_token"}
+        tokens |= {"pos_embed", "dec_pos_embed"} if pos_embed == "learned" else set()
+        assert tokens <= decayed, tokens - decayed
+        assert all(model.get_parameter(n).ndim >= 2 for n in decayed)
+        assert free == {n for n, p in model.named_parameters() if p.ndim < 2}
+        assert "blocks.0.attn.qkv.weight" in decayed and "blocks.0.attn.qkv.bias" in free
+        old = M.param_groups(model, 0.05, wd_tokens=False)
+        assert {names[id(p)] for p in old[1]["params"]} == free | tokens
+    assert M.parse_args([]).wd_tokens and not M.parse_args(["--no-wd-tokens"]).wd_tokens
+
+
+def test_feature_kinds_cls_after_norm_and_mean_of_raw_tokens():
+    model = randomize(tiny()).eval()
+    cfg = dict(TINY)
+    x = torch.randn(3, 3, 32, 32)
+    latent, outs, _, _ = model.encode(x)
+    f = M.probe_features(model, x, cfg, [2, 4], feature=M.FEATURES, norms=True)
+    assert sorted(f, key=str) == sorted([("cls", 2), ("cls", 4), ("mean", 2), ("mean", 4), ("raw_norm", 2),
+                                         ("raw_norm", 4)], key=str)
+    assert torch.equal(f[("cls", 4)], latent[:, 0]) and torch.equal(f[("cls", 2)], outs[1][:, 0])
+    for l in (2, 4):
+        assert torch.allclose(f[("mean", l)], outs[l - 1].mean(1))  # all 1+N tokens, raw (no final norm)
+        assert torch.allclose(f[("raw_norm", l)][:, 0], outs[l - 1].norm(dim=-1).mean(1))
+    assert not torch.allclose(f[("mean", 4)], model.norm(outs[-1]).mean(1))
+    one = M.probe_features(model, x, cfg, [4], feature="mean")
+    assert list(one) == [4] and torch.equal(one[4], f[("mean", 4)])
+    with pytest.raises(common.UserError, match="feature"):
+        M.probe_features(model, x, cfg, [4], feature="avg")
+
+
 def test_random_masking_keeps_the_right_tokens_and_unshuffle_restores_order():
     b, n, d = 3, 16, 4
     x = torch.arange(b * n * d, dtype=torch.float32).view(b, n, d)
@@ -261,12 +303,24 @@ def test_short_cifar10_run_learns_and_evaluates(learned_run):
     assert len(loss) == 4 and loss[-1] < loss[0] - 0.04, loss  # ~0.99 (predicting 0) -> ~0.91
     traj = m["trajectory"]
     assert [t["epoch"] for t in traj] == [1, 2, 3, 4] and m["final"] == traj[-1]
+    keys = ("linear_probe", "knn", "erank", "erank_exp", "feat_norm")
     for t in traj:
-        assert all(math.isfinite(t[k]) for k in ("linear_probe", "knn", "erank", "erank_exp", "feat_norm"))
-        assert 0 <= t["linear_probe"] <= 100 and 0 <= t["knn"] <= 100 and t["erank"] >= 0 and t["erank_exp"] >= 1
+        for f in (t, t["mean"]):  # both feature kinds, each with every metric
+            assert all(math.isfinite(f[k]) for k in keys)
+            assert 0 <= f["linear_probe"] <= 100 and 0 <= f["knn"] <= 100 and f["erank"] >= 0 and f["erank_exp"] >= 1
         assert t["n_train"] == 256 and t["n_test"] == 128
-    r = m["pearson_erank_probe"]
-    assert r is not None and -1 <= r <= 1
+        # the cls feature is LayerNorm'ed (affine weights barely moved): its norm stays near sqrt(D);
+        # the raw last-block tokens are free to grow, so the diagnostic reads them
+        assert abs(t["feat_norm"] - 8.0) < 1.0 and t["raw_norm"] > 0 and t["raw_norm"] != t["feat_norm"]
+    # on a trained model the two kinds are different features, with different scores
+    last = traj[-1]
+    assert last["erank"] != last["mean"]["erank"] and last["feat_norm"] != last["mean"]["feat_norm"]
+    assert (last["linear_probe"], last["knn"]) != (last["mean"]["linear_probe"], last["mean"]["knn"])
+    for key in ("pearson_erank_probe", "pearson_erank_knn", "pearson_erank_probe_mean", "pearson_erank_knn_mean"):
+        r = m[key]
+        assert r is not None and -1 <= r <= 1, key
+    assert "mean probe" in open(learned_run / "log.txt").read() and "raw last-block |x|" in open(
+        learned_run / "log.txt").read()
     assert m["cum_alpha"] == pytest.approx(float(M.decay_schedule(4, 0.6).prod()))
     from PIL import Image
     assert Image.open(learned_run / "reconstructions.png").size == (8 * 34 + 2, 3 * 34 + 2)  # 3 rows of 8
@@ -289,13 +343,17 @@ def test_probe_protocol_reproduces_the_final_eval(learned_run, data_dir):
             b = common.GPUBatches(x[:n], y[:n], cfg["eval_batch_size"], train=False, mean=mean, std=std)
             feats.append(common.extract_features(lambda x, g: M.probe_features(model, x, cfg, [1, 2, 3, L], None, g),
                                                  b, seed=cfg["seed"]))
-        (trf, try_), (tef, tey) = feats
-        got = common.evaluate_features(trf[L], try_, tef[L], tey, k=20, seed=cfg["seed"],
-                                       probe_epochs=cfg["probe_epochs"])
+            feats.append(common.extract_features(
+                lambda x, g: M.probe_features(model, x, cfg, [L], None, g, feature="mean"), b, seed=cfg["seed"]))
+        (trf, try_), (trm, _), (tef, tey), (tem, _) = feats
+        kw = dict(k=20, seed=cfg["seed"], probe_epochs=cfg["probe_epochs"])
+        got = common.evaluate_features(trf[L], try_, tef[L], tey, **kw)
+        got_mean = common.evaluate_features(trm[L], try_, tem[L], tey, **kw)
     assert sorted(tef) == [1, 2, 3, 4] and all(f.shape == (128, cfg["dim"]) for f in tef.values())
     assert not torch.allclose(tef[3], tef[4])  # layer L is the final-normed token, not block L's raw output
     final = json.load(open(learned_run / "results.json"))["metrics"]["final"]
     assert {k: got[k] for k in got} == {k: final[k] for k in got}
+    assert got_mean == final["mean"]
 
 
 def test_imagenet100_folder_path(data_dir, tmp_path):
@@ -420,6 +478,9 @@ def test_resume_with_other_flags_is_refused(learned_run, data_dir):
     with pytest.raises(common.UserError, match="--alpha-min"):
         run_inproc(["--smoke", "--data-dir", data_dir, "--out", learned_run, "--n-train", 1024, "--epochs", 4,
                     "--alpha-min", 0.7, "--resume"])
+    with pytest.raises(common.UserError, match="--wd-tokens"):  # other optimizer groups: refused too
+        run_inproc(["--smoke", "--data-dir", data_dir, "--out", learned_run, "--n-train", 1024, "--epochs", 4,
+                    "--no-wd-tokens", "--resume"])
 
 
 def test_bad_flags_on_the_command_line(tmp_path):

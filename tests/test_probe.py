@@ -54,8 +54,18 @@ def test_mae_probe_equals_training_eval(ckpts, data_dir, tmp_path):
     ck, res = ckpts["mae_decay"]
     final = json.load(open(res))["metrics"]["final"]
     (row,) = _probe(ck, "--data-dir", data_dir, "--out", tmp_path / "p.json")
-    for k in ("linear_probe", "knn", "erank", "erank_exp", "feat_norm"):
+    for k in ("linear_probe", "knn", "erank", "erank_exp", "feat_norm", "raw_norm"):
         assert row[k] == final[k], k
+    assert row["feature"] == "cls"
+    (mean,) = _probe(ck, "--feature", "mean", "--data-dir", data_dir, "--out", tmp_path / "m.json")
+    for k in ("linear_probe", "knn", "erank", "erank_exp", "feat_norm"):
+        assert mean[k] == final["mean"][k], k
+    assert mean["feature"] == "mean" and mean["raw_norm"] == row["raw_norm"]
+    assert mean["erank"] != row["erank"]  # the two kinds really are different features
+    # every block's raw token norm, so feature-norm growth through depth is visible
+    rows = _probe(ck, "--layers", "all", "--data-dir", data_dir, "--out", tmp_path / "a.json")
+    norms = [r["raw_norm"] for r in rows]
+    assert len(norms) == len(set(norms)) and all(n > 0 for n in norms) and rows[-1]["raw_norm"] == row["raw_norm"]
 
 
 def test_diffusion_probe_equals_training_eval(ckpts, data_dir, tmp_path):
@@ -141,6 +151,8 @@ def test_errors_are_one_line(ckpts, data_dir, tmp_path):
              ([mnist_model, "--dataset", "cifar10"], "--dataset cifar10"),
              ([mae, "--t", "0.1"], "--t"),
              ([mae, "--knn-k", "0"], "--knn-k"),
+             ([mae, "--feature", "avg"], "--feature 'avg'"),
+             ([mnist_model, "--feature", "mean"], "--feature applies"),
              ([tmp_path / "missing.pt"], "no checkpoint")]
     for argv, words in cases:
         with pytest.raises(common.UserError) as e:

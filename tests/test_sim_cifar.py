@@ -214,6 +214,46 @@ def test_flops_order_off_rho_full():
     assert flops["rho"] / flops["off"] < 1.2  # sampling 20% of tokens keeps the extra cost small
 
 
+@pytest.mark.parametrize("mode", ["rho", "full"])
+def test_sim_blocks_all_or_stride1(mode):
+    """--sim-blocks stride1 wraps only the 5 BasicBlocks that keep the map size (the authors' code cannot
+    pair tokens across a stride-2 block); all wraps the 8. Both train, and stride1 costs less."""
+    flops, x, y = {}, torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    for blocks, want in (("all", list(range(8))), ("stride1", [0, 1, 3, 5, 7])):
+        cfg = dict(sim=mode, rho=0.2, latent_dim=16, width=8, lam=5e-3, label_smoothing=0.1, dataset="cifar10",
+                   sim_blocks=blocks)
+        torch.manual_seed(0)
+        net = S.build_model(cfg)
+        assert [i for i, b in enumerate(net.blocks) if isinstance(b, S.SIM)] == want
+        assert all(b.block.conv1.stride == (1, 1) for b in net.blocks if isinstance(b, S.SIM)) == (blocks == "stride1")
+        flops[blocks] = common.count_flops(lambda: S.training_loss(net, x, y, cfg)[0].backward())
+        assert sum(m.loss is None for m in net.modules() if isinstance(m, S.SIM)) == len(want)  # all collected
+    assert flops["stride1"] < flops["all"]
+    # the same backbone either way; checkpoints from before the flag build as "all"
+    legacy = dict(cfg)
+    del legacy["sim_blocks"]
+    assert sum(isinstance(b, S.SIM) for b in S.build_model(legacy).blocks) == 8
+    assert S.parse_args(["--smoke"]).sim_blocks == "all"
+    a = S.parse_args(["--smoke", "--sim-blocks", "stride1"])
+    assert a.sim_blocks == "stride1" and "stride1" in a.out and "sim_blocks" in S.RESUME_KEYS
+
+
+def test_flops_cut_compared_with_the_paper_only_at_width_64():
+    cost = {"flops_per_step": {"off": 100, "full": 150, "rho": 110}}
+    real, smoke = S.parse_args([]), S.parse_args(["--smoke"])
+    assert real.width == 64 and "26.7% fewer FLOPs (paper: 16.5%" in S.flops_cut_line(real, cost)
+    assert smoke.width == 8 and "(paper: 16.5%" not in S.flops_cut_line(smoke, cost)
+    assert "not comparable" in S.flops_cut_line(smoke, cost)
+
+
+def test_old_run_json_keys_are_translated():
+    """run.json from before single-view became the headline had test_acc = flip TTA."""
+    old = {"variant": "off", "test_acc": 91.0, "test_acc_no_tta": 90.0}
+    assert S.current_run_json(old) == {"variant": "off", "test_acc": 90.0, "test_acc_tta": 91.0}
+    new = {"variant": "off", "test_acc": 90.0, "test_acc_tta": 91.0}
+    assert S.current_run_json(new) == new
+
+
 def test_probe_protocol():
     cfg = dict(sim="rho", rho=0.2, latent_dim=32, width=8, dataset="cifar10")
     net = S.build_model(cfg).eval()
@@ -307,6 +347,18 @@ def test_resume_is_bitwise(cifar, stopped, tmp_path):
             assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     ma, mb = (json.load(open(d / "results.json"))["metrics"] for d in (a, b))
     assert ma["test_acc"] == mb["test_acc"] and ma["flops_per_step"] == mb["flops_per_step"]
+    # the headline is single-view: results.json, the paired gain and the summary table say so
+    for v in ("off", "rho"):
+        run = json.load(open(a / f"{v}_seed0" / "run.json"))
+        ep, tta, single = run["history"]["eval"][-1]
+        assert ma["test_acc"][v] == [run["test_acc"]] == [single] and ma["test_acc_tta"][v] == [tta]
+    assert ma["paired_gain"]["per_seed"] == [ma["test_acc"]["rho"][0] - ma["test_acc"]["off"][0]]
+    assert ma["paired_gain_tta"]["per_seed"] == [ma["test_acc_tta"]["rho"][0] - ma["test_acc_tta"]["off"][0]]
+    assert ma["headline"].startswith("single-view")
+    assert "test acc % (single view)" in p.stdout and "flip TTA" in p.stdout
+    assert "points single-view (headline" in p.stdout
+    # width 8: the FLOPs cut is printed without the paper's 16.5% as a yardstick
+    assert "not comparable with the paper's 16.5%" in p.stdout and "(paper: 16.5%" not in p.stdout
     assert set(ma["train_step_ms"]) == {"off", "rho"} and ma["train_step_ratio"] > 0  # the runs' own timing
 
 
@@ -391,6 +443,7 @@ def test_two_processes_match_one(cifar, tmp_path):
     (["--label-smoothing", "1"], ["--label-smoothing"]),
     (["--warmup-epochs", "50"], ["--warmup-epochs"]), (["--test-subset", "-5"], ["--test-subset"]),
     (["--batch-size", "4096"], ["--train-subset", "--batch-size"]),
+    (["--sim", "off", "--sim-blocks", "stride1"], ["--sim-blocks"]),
 ])
 def test_flag_validation(argv, words):
     with pytest.raises(common.UserError) as e:
