@@ -372,6 +372,9 @@ def estimate_llc(model, loss_fn, loader, *, eps, gamma, nbeta, num_chains, num_d
     check = common.check
     check(protocol in ("ours", "authors"), f"--llc-protocol {protocol!r} is not one of ours, authors")
     modes = {m: m.training for m in model.modules()}
+    sparse = [m for m in model.modules() if getattr(m, "sparse", False)]  # vmap's grad wants dense gradients
+    for m in sparse:
+        m.sparse = False
     if protocol == "authors":  # batch statistics in every BatchNorm, on a copy: the model's buffers stay
         model = copy.deepcopy(model)
         torch.func.replace_all_batch_norm_modules_(model)
@@ -404,7 +407,7 @@ def estimate_llc(model, loss_fn, loader, *, eps, gamma, nbeta, num_chains, num_d
                     raise ValueError("estimate_llc: the loader yields no batches")
 
         grad_fn = vmap(grad(batch_loss, has_aux=True), in_dims=(0, None, None))
-        losses, inits = [], []
+        losses, inits, step, noise = [], [], torch.empty_like(w), torch.empty_like(w)
         with torch.no_grad():
             if protocol == "authors":  # devinterp 0.2's init loss: the first num_chains batches of a fresh pass
                 it = batches()
@@ -420,8 +423,10 @@ def estimate_llc(model, loss_fn, loader, *, eps, gamma, nbeta, num_chains, num_d
                     losses.append(loss.float())
                     inits.append(fixed if protocol == "authors" else loss_fn(model(x), y).float())
                     g = torch.cat([grads[n].flatten(1) for n, _ in named], 1)
-                    noise = torch.randn(w.shape, generator=gen, device=dev)
-                    w.add_(-0.5 * eps * (nbeta * g + gamma * (w - w_star)) + math.sqrt(eps) * noise)
+                    # the step in place: no temporaries the size of (chains x weights), which for IMDB's
+                    # 6.4M-weight embedding would cost more than the gradients
+                    torch.sub(w, w_star, out=step).mul_(gamma).add_(g, alpha=nbeta)
+                    w.add_(step, alpha=-0.5 * eps).add_(noise.normal_(generator=gen), alpha=math.sqrt(eps))
         L = torch.stack(losses).double().cpu()  # (draws, chains): the one host sync
         L0 = torch.stack(inits).double().cpu()  # (draws,)
         half = num_draws // 2
@@ -436,6 +441,8 @@ def estimate_llc(model, loss_fn, loader, *, eps, gamma, nbeta, num_chains, num_d
     finally:
         for m, mode in modes.items():
             m.training = mode
+        for m in sparse:
+            m.sparse = True
 
 
 def llc_diagnostics(L, L0, nbeta, trace_points=50):
@@ -604,9 +611,45 @@ class Data:
 # training one (AW, seed) cell of the sweep
 
 
+class RowSparseSGD(torch.optim.Optimizer):
+    """torch.optim.SGD's update (momentum, Nesterov; no dampening or weight decay) that also takes row-sparse
+    gradients, as an EmbeddingBag(sparse=True) gives, without making them dense:
+        buf <- momentum * buf + g;   w <- w - lr * (g + momentum * buf)  (Nesterov)  or  w - lr * buf.
+    A step of IMDB's model touches ~15k of ~100k embedding rows; the dense gradient's zero-fill and the
+    fused update over all rows were most of a CPU step (12 -> 8 ms). Same arithmetic as SGD (tested)."""
+
+    def __init__(self, params, lr, momentum=0.0, nesterov=False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, mu = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.coalesce() if p.grad.is_sparse else p.grad
+                if g.is_sparse:  # add g to a dense tensor: only its rows are touched
+                    add = lambda t, alpha, g=g: t.index_add_(0, g.indices()[0], g.values(), alpha=alpha)
+                else:
+                    add = lambda t, alpha, g=g: t.add_(g, alpha=alpha)
+                if mu == 0:
+                    add(p, -lr)
+                    continue
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buf = self.state[p]["momentum_buffer"]
+                add(buf.mul_(mu), 1.0)
+                if group["nesterov"]:
+                    add(p.add_(buf, alpha=-lr * mu), -lr)
+                else:
+                    p.add_(buf, alpha=-lr)
+
+
 def make_optimizer(cfg, model, device):
-    # fused kernels: one pass over the weights per step (on the CPU too, where this torch has them). For IMDB's
-    # ~100k x 64 embedding, whose dense update is most of a step, that is ~2x on the CPU.
+    if any(getattr(m, "sparse", False) for m in model.modules()):
+        return RowSparseSGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["momentum"] > 0)
+    # fused kernels: one pass over the weights per step (on the CPU too, where this torch has them)
     fused = {"fused": True} if device.type == "cuda" or fused_on_cpu() else {}
     if cfg["optimizer"] == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg["lr"], **fused)
@@ -707,6 +750,8 @@ class Sweep:
         model = build_model(cfg, self_model=arch).to(dev)
         if args.task == "cifar10" and dev.type == "cuda":  # channels_last helps cuDNN, slows the CPU down
             model = model.to(memory_format=torch.channels_last)
+        if args.task == "imdb" and dev.type == "cpu" and d.world_size == 1:
+            model.body.emb.sparse = True  # row-sparse gradients and RowSparseSGD: 1.6x faster CPU steps
         opt = make_optimizer(cfg, model, dev)
         batches = self.data.train(seed)
         per_epoch = len(batches)

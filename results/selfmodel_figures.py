@@ -1,0 +1,236 @@
+"""Publish a self-modeling sweep: merge the runs' results.json files, write results/selfmodel_NAME.json (the
+table with 95% intervals, the trend test, per-seed values, thinned RLCT traces) and the figures.
+
+  python results/selfmodel_figures.py mnist_h64 out/selfmodel/mnist_h64_s0-4 out/selfmodel/mnist_h64_s5-9
+  python results/selfmodel_figures.py --redraw results/selfmodel_mnist_h64.json   # figures from the JSON alone
+
+Figures: NAME.png, three panels against AW (test accuracy, width of the final layer's class rows, RLCT), each
+point the mean over seeds with its 95% Student-t interval; for a run with --llc-grid-*, NAME_calibration.png,
+the chain-mean RLCT trace nbeta * (L(w) - L(w*)) of every (eps, gamma), AW 0 against the largest AW.
+
+The runs must share every setting but the AW list and the seeds (a sweep split over processes). The trace
+check ("flat") is recomputed here from the stored traces with the current selfmodel.llc_diagnostics, so runs
+made by older code are judged by the same rule. matplotlib is an optional extra: the training scripts never
+import it; this script needs it only for the figures (the JSON is written without it).
+"""
+import argparse, json, os, sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import common  # noqa: E402
+import selfmodel as S  # noqa: E402
+
+VARY = {"aw", "seeds", "seed", "out", "resume", "model_aw", "model_seed", "stop_at_step", "data_dir", "log_every",
+        "ckpt_interval", "no_download", "device", "compile", "eval_batch", "num_tokens"}
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), None)
+    except OSError:
+        return None
+
+
+def command_of(cfg):
+    """The selfmodel.py command a config came from: the flags that differ from its task's and preset's defaults."""
+    base = vars(S.get_args(["--task", cfg["task"], "--preset", cfg["preset"]]))
+    argv = ["python selfmodel.py", "--task", cfg["task"]] + (["--preset", cfg["preset"]] if cfg["preset"] != "paper" else [])
+    argv += ["--aw", cfg["aw"], "--seed", str(cfg["seed"]), "--seeds", str(cfg["seeds"])]
+    for k in ("hidden", "width", "epochs", "batch_size", "lr", "momentum", "normalize", "train_subset", "test_subset",
+              "sgld_eps", "sgld_gamma", "sgld_chains", "sgld_draws", "sgld_batch", "llc_protocol", "llc_grid_eps",
+              "llc_grid_gamma", "vocab_size"):
+        if k in cfg and cfg[k] != base.get(k):
+            argv += [f"--{k.replace('_', '-')}", f"{cfg[k]:g}" if isinstance(cfg[k], float) else str(cfg[k])]
+    return " ".join(argv)
+
+
+def rounded(x, digits=5):
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}")
+    if isinstance(x, list):
+        return [rounded(v, digits) for v in x]
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    return x
+
+
+def recheck(trace, nbeta):
+    """The current trace check on the stored block means (the line fit on block means of equal size is the
+    fit on the draws, up to the dropped tail)."""
+    L = torch.tensor(trace["loss_trace"], dtype=torch.float64).T  # (blocks, chains)
+    L0 = torch.tensor(trace["init_trace"], dtype=torch.float64)
+    d = S.llc_diagnostics(L, L0, nbeta, trace_points=len(L0))
+    return {k: d[k] for k in ("drift", "noise", "flat")}
+
+
+def merge(name, dirs):
+    files = [os.path.join(d, "results.json") if os.path.isdir(d) else d for d in dirs]
+    for f in files:
+        common.check(os.path.exists(f), f"{f} does not exist: pass a selfmodel output folder or its results.json")
+    res = [json.load(open(f)) for f in files]
+    for f, r in zip(files, res):
+        common.check(r.get("script") == "selfmodel", f"{f} was not written by selfmodel.py")
+    base = {k: v for k, v in res[0]["config"].items() if k not in VARY}
+    for f, r in zip(files, res):
+        diff = sorted(k for k in set(base) | set(r["config"]) if k not in VARY and r["config"].get(k) != base.get(k))
+        common.check(not diff, f"{f} differs from {files[0]} in {', '.join(diff)}: only --aw and the seeds may differ")
+    runs = {}
+    for r in res:
+        for key, cell in r["metrics"]["runs"].items():
+            common.check(key not in runs, f"cell {key} appears in two runs: drop one of them")
+            runs[key] = cell
+    aws = sorted({c["aw"] for c in runs.values()})
+    cfg = {**base, "aw": ",".join(S.fmt_aw(a) for a in aws)}
+    nbeta = base["sgld_nbeta"]
+    cells = {}
+    for key, c in sorted(runs.items(), key=lambda kv: (kv[1]["aw"], kv[1]["seed"])):
+        cell = {k: c[k] for k in ("aw", "seed", "test_acc", "width", "width_out", "width_all", "llc", "train_seconds",
+                                  "llc_seconds", "steps", "final_loss")}
+        cell["llc_check"] = {"frac_below_init": c["llc_check"]["frac_below_init"], **recheck(c["llc_trace"], nbeta)}
+        cell["llc_trace"] = c["llc_trace"]
+        if "llc_grid" in c:
+            cell["llc_grid"] = {}
+            for g, est in c["llc_grid"].items():
+                cell["llc_grid"][g] = {"llc": est["llc"], "frac_below_init": est["frac_below_init"],
+                                       **recheck(est, nbeta), "loss_trace": est["loss_trace"],
+                                       "init_trace": est["init_trace"], "draws_per_point": est["draws_per_point"]}
+        cells[key] = cell
+    return {
+        "name": name, "task": base["task"], "paper": PAPER.get(base["task"]),
+        "commands": [command_of(r["config"]) for r in res],
+        "device": res[0]["device"], "cpu_model": cpu_model() if res[0]["device"].startswith("cpu") else None,
+        "torch": res[0]["torch"], "git_commits": sorted({str(r["git_commit"]) for r in res}),
+        "wall_minutes": round(sum(r["seconds"] for r in res) / 60, 1),
+        "finished": all(r["metrics"]["finished"] for r in res),
+        "config": {k: base[k] for k in sorted(base) if k not in ("smoke",)},
+        "table": S.summarise(cells, cfg), "runs": rounded(cells)}
+
+
+PAPER = {
+    "mnist": "weight width and RLCT fall as AW grows; test accuracy flat",
+    "imdb": "weight width and RLCT fall as AW grows; test accuracy flat or slightly higher",
+    "cifar10": "weight width and RLCT fall as AW grows; test accuracy flat",
+}
+
+
+def _x(aws):
+    """AW on a symlog axis, so 0 and 100 both show."""
+    return [float(a) for a in aws]
+
+
+def plot(summary, out_png):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = summary["table"]["rows"]
+    aws = _x([r["aw"] for r in rows])
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = (("test_acc", "test accuracy (%)"), ("width", "width: std of the class rows"), ("llc", "RLCT (SGLD)"))
+    for ax, (k, label) in zip(axes, panels):
+        mean = [r[k + "_mean"] for r in rows]
+        ci = [r[k + "_ci95"] or 0.0 for r in rows]
+        ax.errorbar(aws, mean, yerr=ci, fmt="o-", capsize=4, color="C0")
+        for r in summary["runs"].values():  # the seeds themselves, faint
+            ax.plot(float(r["aw"]), r[k], ".", color="0.6", ms=4, zorder=0)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel("auxiliary weight AW")
+        ax.set_title(label, fontsize=10)
+        t = summary["table"]["trend"].get(k)
+        if t and t["spearman"] is not None:
+            ax.text(0.02, 0.03, f"Spearman {t['spearman']:+.2f}, p = {t['p']:.3g}", transform=ax.transAxes, fontsize=8)
+        ax.grid(alpha=0.3)
+    n = max(r["n"] for r in rows)
+    fig.suptitle(f"self-modeling, {summary['name']}: mean and 95% interval over {n} seeds "
+                 f"({summary['device']}{', ' + summary['cpu_model'] if summary.get('cpu_model') else ''})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def plot_calibration(summary, out_png):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cells = [c for c in summary["runs"].values() if "llc_grid" in c]
+    if not cells:
+        return None
+    nbeta = summary["config"]["sgld_nbeta"]
+    keys = list(cells[0]["llc_grid"])
+    eps = sorted({float(k.split(",")[0].split("=")[1]) for k in keys})
+    gam = sorted({float(k.split(",")[1].split("=")[1]) for k in keys})
+    aws = sorted({c["aw"] for c in cells})
+    fig, axes = plt.subplots(len(gam), len(eps), figsize=(4 * len(eps), 2.8 * len(gam)), squeeze=False)
+    for i, g in enumerate(gam):
+        for j, e in enumerate(eps):
+            ax, key = axes[i][j], f"eps={e:g},gamma={g:g}"
+            for ci, aw in enumerate(aws):
+                for c in (c for c in cells if c["aw"] == aw):
+                    est = c["llc_grid"][key]
+                    L = torch.tensor(est["loss_trace"]).mean(0)
+                    sig = nbeta * (L - torch.tensor(est["init_trace"]))
+                    x = [(b + 0.5) * est["draws_per_point"] for b in range(len(sig))]
+                    ax.plot(x, sig.tolist(), color=f"C{ci}", alpha=0.8,
+                            label=f"AW {S.fmt_aw(aw)}" if c["seed"] == min(d["seed"] for d in cells) else None)
+            ax.set_title(f"eps {e:g}, gamma {g:g}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if i == len(gam) - 1:
+                ax.set_xlabel("draw")
+            if j == 0:
+                ax.set_ylabel("nbeta (L(w) - L(w*))")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"RLCT traces, {summary['name']} (chain means; one line per seed)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def markdown(summary):
+    """The README rows: AW | n | test acc | width | RLCT | flat traces."""
+    lines = ["| AW | seeds | test acc (%) | width (class rows) | RLCT | traces flat |", "|---|---|---|---|---|---|"]
+    for r in summary["table"]["rows"]:
+        f = lambda k, p: f"{r[k + '_mean']:.{p}f} ± {r[k + '_ci95']:.{p}f}" if r[k + "_ci95"] is not None \
+            else f"{r[k + '_mean']:.{p}f}"
+        lines.append(f"| {S.fmt_aw(r['aw'])} | {r['n']} | {f('test_acc', 2)} | {f('width', 4)} | {f('llc', 1)} | "
+                     f"{r['llc_flat']}/{r['n']} |")
+    tr = summary["table"]["trend"]
+    lines.append("")
+    lines.append("Trend in AW (Spearman over all seeds, permutation p): " + "; ".join(
+        f"{k} {t['spearman']:+.2f} (p = {t['p']:.2g})" for k, t in tr.items() if t["spearman"] is not None))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.one_line_errors(p)
+    p.add_argument("name", nargs="?", help="result name: writes results/selfmodel_NAME.json and .png")
+    p.add_argument("runs", nargs="*", help="selfmodel output folders (or their results.json)")
+    p.add_argument("--redraw", default=None, help="a results/selfmodel_*.json: draw its figures again")
+    p.add_argument("--out-dir", default=HERE, help="where the JSON and figures go")
+    args = p.parse_args(argv)
+    if args.redraw:
+        common.check(os.path.exists(args.redraw), f"--redraw {args.redraw} does not exist")
+        summary = json.load(open(args.redraw))
+    else:
+        common.check(args.name and args.runs, "give a NAME and at least one selfmodel output folder (see --help)")
+        summary = merge(args.name, args.runs)
+        os.makedirs(args.out_dir, exist_ok=True)
+        common.write_json(os.path.join(args.out_dir, f"selfmodel_{args.name}.json"), summary)
+    base = os.path.join(args.out_dir, f"selfmodel_{summary['name']}")
+    print(S.format_table(summary["table"], {**summary["config"], "task": summary["task"]}))
+    print(markdown(summary))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib is not installed: JSON written, figures skipped (pip install -r requirements-figures.txt)")
+        return
+    made = [plot(summary, base + ".png"), plot_calibration(summary, base + "_calibration.png")]
+    print("figures:", ", ".join(f for f in made if f))
+
+
+if __name__ == "__main__":
+    common.run_main(main)
