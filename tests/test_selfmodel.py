@@ -446,12 +446,12 @@ def test_row_sparse_sgd_is_torch_sgd(momentum, nesterov):
         torch.manual_seed(0)
         net = S.build_model({"task": "imdb", "dataset": "imdb", "hidden": 16, "num_tokens": 300, "model_aw": 1.0})
         net.body.emb.sparse = sparse
-        opt = (S.RowSparseSGD if sparse else torch.optim.SGD)(net.parameters(), lr=0.5, momentum=momentum,
+        opt = (S.RowSparseSGD if sparse else torch.optim.SGD)(net.parameters(), lr=5.0, momentum=momentum,
                                                               nesterov=nesterov)
         for i, (tok, off, y) in enumerate(batches):
             if i == 3 and sparse:  # a resume in the middle: a fresh optimizer loaded from the state dict
                 state = opt.state_dict()
-                opt = S.RowSparseSGD(net.parameters(), lr=0.5, momentum=momentum, nesterov=nesterov)
+                opt = S.RowSparseSGD(net.parameters(), lr=5.0, momentum=momentum, nesterov=nesterov)
                 opt.load_state_dict(state)
             loss = S.loss_parts(net, (tok, off), y, 1.0)[0]
             opt.zero_grad()
@@ -460,7 +460,8 @@ def test_row_sparse_sgd_is_torch_sgd(momentum, nesterov):
             opt.step()
         nets.append(net)
     dense, sparse = (n.state_dict() for n in nets)
-    assert all(torch.allclose(v, sparse[k], atol=1e-6) for k, v in dense.items())
+    assert all(torch.allclose(v, sparse[k], atol=1e-5) for k, v in dense.items())
     torch.manual_seed(0)
     init = S.build_model({"task": "imdb", "dataset": "imdb", "hidden": 16, "num_tokens": 300, "model_aw": 1.0})
-    assert not torch.allclose(init.body.emb.weight, nets[1].body.emb.weight, atol=1e-3)  # the rows did move
+    moved = (init.body.emb.weight - nets[1].body.emb.weight).abs().max()
+    assert moved > 1e-3, moved  # the rows did move, by far more than the tolerance
