@@ -6,25 +6,43 @@ A classifier whose output layer is widened so that it also predicts its own hidd
 paper reports that the width of the final layer's weight distribution and the RLCT (local learning
 coefficient, estimated by SGLD) fall as the auxiliary weight AW grows, at unchanged accuracy.
 This script trains the AW x seeds sweep for one task and prints a table of test accuracy, weight
-width and RLCT (mean +- std over seeds).
+width and RLCT: mean and 95% Student-t interval over seeds, and the trend in AW (Spearman rank
+correlation over the per-seed values, with a permutation p-value).
 
-  python selfmodel.py --task mnist --aw 0,1,10,50 --seeds 3                   # paper settings (50 epochs)
+  python selfmodel.py --task mnist --aw 0,1,2,5,10,20,50,100 --seeds 10      # the paper's MNIST protocol
   python selfmodel.py --task cifar10 --preset quick --aw 0,0.5,1,2 --seeds 3   # 15 epochs, batch 256
   python selfmodel.py --task cifar10 --aw 0,0.5,1,2 --seeds 10                 # paper: Adam 1e-4, 250 epochs
-  python selfmodel.py --task imdb --preset quick --aw 0,1,100,500 --seeds 3    # 50 epochs + momentum (paper: 500)
+  python selfmodel.py --task imdb --preset quick --aw 0,1,100,500 --seeds 5    # 50 epochs + momentum (paper: 500)
+  python selfmodel.py --task mnist --aw 0,50 --seeds 2 --llc-grid-eps 1e-5,1e-4,1e-3 --llc-grid-gamma 1,10,100
   python selfmodel.py --smoke                                                  # CPU, seconds
   torchrun --nproc_per_node 8 selfmodel.py --task cifar10 --preset quick       # DDP over the batch
+  python results/selfmodel_figures.py NAME OUT [OUT ...]                      # table + figures of finished runs
 
 Models (the paper's): MNIST MLP 784 -> hidden (ReLU) -> head, target = the hidden activation;
 CIFAR-10 ResNet-18 (3x3 stem, no max-pool) -> avgpool -> Linear(512, 2000) + ReLU -> head, targets =
 the last block's output (512x4x4) and the 2000-d hidden; IMDB EmbeddingBag(vocab, 64) -> Linear(64, 128)
 + ReLU -> head, target = the 128-d hidden. AW = 0 builds the plain network (no extra outputs).
+Data as the authors: images Normalize(0.5, 0.5) (`--normalize dataset` for the data set's statistics; the
+choice sets the scale of the weight width); IMDB tokenised by torchtext's basic_english rules (written out
+in common.tokenize) with the vocabulary of every training word.
 
 RLCT: `estimate_llc` below, localised SGLD on the classification-only network (the self-model rows
-dropped), cross-entropy on un-augmented training batches, nbeta = B / ln B with B = --sgld-batch
-(the paper's training batch). Burn-in: devinterp's default is none; the authors average the second
-half of the trace, so we discard the first half of each chain's draws.
-Output: OUT/results.json (table + per-seed values + loss curves) and OUT/ckpt.pt (the sweep's state).
+dropped), nbeta = B / ln B with B = --sgld-batch (the paper's training batch), the second half of the
+draws averaged (devinterp 0.2's burn-in was broken; the authors averaged the second half). Two protocols:
+  --llc-protocol ours (default)  eval mode, clean training batches, L(w*) taken on the same batch as each
+                                 draw: the batch-to-batch spread cancels in the difference (lower variance).
+  --llc-protocol authors         as the paper ran devinterp 0.2: train mode (BatchNorm on batch statistics),
+                                 the augmented training loader, L(w*) = mean of the first `chains` batches,
+                                 the second half of each chain's running mean. Use it to compare with the
+                                 paper's CIFAR-10 numbers; for the MLP and IMDB models (no BatchNorm, no
+                                 augmentation) the two differ only in the reduction.
+Every estimate keeps its sampled-loss trace (thinned) and the checks devinterp's calibration guide asks
+for: the share of draws below L(w*) and whether the trace has flattened. Absolute values are localised:
+with gamma 100 and nbeta = B / ln B a regular d-parameter model reads about 0.31 d, not d / 2, so only the
+ordering across AW compares with the paper. `--llc-grid-eps/--llc-grid-gamma` add estimates of every cell
+over an (eps, gamma) grid, to see whether that ordering depends on the sampler's settings.
+Output: OUT/results.json (table + per-seed values + loss curves + RLCT traces), OUT/log.txt, and
+OUT/ckpt.pt (the sweep's state: the last cell's weights and the finished cells' results).
 """
 import argparse, copy, math, os, sys, time, warnings
 from contextlib import nullcontext

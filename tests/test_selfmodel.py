@@ -72,6 +72,20 @@ def test_llc_of_a_regular_model_is_half_its_dimension(d):
     assert abs(llc - d / 2) < 0.1 * d / 2, llc
 
 
+def test_llc_at_the_papers_localisation_is_a_fraction_of_half_the_dimension():
+    """With gamma 100 and nbeta = 512 / ln 512 = 82 (the paper's MNIST sampler) the localisation dominates: the
+    Gaussian posterior gives E[LLC] = 1/2 sum_i nbeta h_i / (nbeta h_i + gamma) over the Hessian's eigenvalues
+    h_i, which for mean-squared error on unit-variance inputs (h ~ 2) is 0.31 d, not d / 2."""
+    model, X, y = linear_regression(8)
+    mse = lambda out, t: ((out - t) ** 2).mean()
+    nbeta = 512 / math.log(512)
+    h = 2 * torch.linalg.eigvalsh(X.T @ X / len(X)).double()
+    expect = float(0.5 * (nbeta * h / (nbeta * h + 100)).sum())
+    assert abs(expect / 8 - 0.31) < 0.02
+    llc = S.estimate_llc(model, mse, [(X, y)], eps=1e-4, gamma=100.0, nbeta=nbeta, num_chains=8, num_draws=2000)
+    assert abs(llc - expect) < 0.08 * expect, (llc, expect)
+
+
 def test_authors_protocol_also_reads_half_the_dimension():
     """devinterp 0.2's reduction (L(w*) from the first batches, the second half of each chain's running mean)
     on the same regular model: with a full-batch loader L(w*) is exact and the running means carry the
