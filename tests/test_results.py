@@ -1,0 +1,75 @@
+"""results/: the self-modeling publisher merges split sweeps, recomputes the trace check, writes the JSON
+and (with matplotlib) the figures, and refuses runs that do not belong together."""
+import json, os, sys
+
+import pytest
+
+import common
+from conftest import need, run_script
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "results"))
+import selfmodel_figures as F  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def split_sweep(data_dir, tmp_path_factory):
+    """A smoke sweep run as two processes: AW 0 (seeds 0, 1) and AW 5 (seeds 0, 1), plus a calibration grid."""
+    need(data_dir, "mnist", "MNIST", "raw", "t10k-images-idx3-ubyte.gz")
+    tmp = tmp_path_factory.mktemp("sweeps")
+    base = ["selfmodel.py", "--smoke", "--device", "cpu", "--data-dir", data_dir, "--seeds", "2",
+            "--train-subset", "1024", "--sgld-draws", "20"]
+    outs = []
+    for aw, extra in (("0", []), ("5", ["--llc-grid-eps", "1e-4,1e-3", "--llc-grid-gamma", "100"])):
+        out = tmp / f"aw{aw}"
+        p = run_script(base + ["--aw", aw, "--out", str(out)] + extra)
+        assert p.returncode == 0, p.stderr[-2000:]
+        outs.append(str(out))
+    return tmp, outs
+
+
+def test_merge_writes_the_table_commands_and_rechecked_traces(split_sweep):
+    tmp, outs = split_sweep
+    # the grid run differs in its flags: merging it with a plain run is refused, naming the flags
+    with pytest.raises(common.UserError, match="llc_grid"):
+        F.merge("x", outs)
+    plain = tmp / "aw5_plain"
+    grid = json.load(open(os.path.join(outs[1], "results.json")))
+    grid["config"].update(llc_grid=[], llc_grid_eps="", llc_grid_gamma="")
+    for cell in grid["metrics"]["runs"].values():
+        cell.pop("llc_grid")
+    plain.mkdir()
+    common.write_json(str(plain / "results.json"), grid)
+    s = F.merge("smoke", [outs[0], str(plain)])
+    rows = s["table"]["rows"]
+    assert [r["aw"] for r in rows] == [0.0, 5.0] and all(r["n"] == 2 for r in rows)
+    assert rows[0]["test_acc_ci95"] > 0 and s["table"]["trend"]["llc"]["n"] == 4
+    assert s["commands"][0].startswith("python selfmodel.py --task mnist --aw 0 --seed 0 --seeds 2")
+    assert "--train-subset 1024" in s["commands"][0] and "--sgld-draws 20" in s["commands"][0]
+    for cell in s["runs"].values():  # the trace check is recomputed with 2 chains: a verdict, not None
+        assert cell["llc_check"]["flat"] in (True, False) and len(cell["llc_trace"]["loss_trace"]) == 2
+    text = F.markdown(s)
+    assert text.count("\n| ") == 2 and "| 5 | 2 |" in text and "Spearman" in text
+    with pytest.raises(common.UserError, match="two runs"):
+        F.merge("twice", [outs[0], outs[0]])
+
+
+def test_figures_and_redraw(split_sweep, tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is the optional figure extra (requirements-figures.txt)")
+    _, outs = split_sweep
+    F.main(["calib", outs[1], "--out-dir", str(tmp_path)])
+    made = sorted(os.listdir(tmp_path))
+    assert made == ["selfmodel_calib.json", "selfmodel_calib.png", "selfmodel_calib_calibration.png"]
+    s = json.load(open(tmp_path / "selfmodel_calib.json"))
+    grid = s["table"]["rows"][0]["llc_grid"]
+    assert sorted(grid) == ["eps=0.0001,gamma=100", "eps=0.001,gamma=100"] and all(g["n"] == 2 for g in grid.values())
+    for f in made[1:]:  # the figures again from the committed JSON alone
+        os.remove(tmp_path / f)
+    F.main(["--redraw", str(tmp_path / "selfmodel_calib.json"), "--out-dir", str(tmp_path)])
+    for f in made[1:]:
+        assert open(tmp_path / f, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(tmp_path / f) > 10_000
+
+
+def test_bad_inputs_give_one_line(tmp_path):
+    p = run_script([os.path.join("results", "selfmodel_figures.py"), "x", str(tmp_path / "missing")])
+    assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr
