@@ -44,7 +44,7 @@ over an (eps, gamma) grid, to see whether that ordering depends on the sampler's
 Output: OUT/results.json (table + per-seed values + loss curves + RLCT traces), OUT/log.txt, and
 OUT/ckpt.pt (the sweep's state: the last cell's weights and the finished cells' results).
 """
-import argparse, copy, math, os, sys, time, warnings
+import argparse, copy, math, os, sys, time
 from contextlib import nullcontext
 
 import torch
@@ -400,14 +400,12 @@ def estimate_llc(model, loss_fn, loader, *, eps, gamma, nbeta, num_chains, num_d
     else:
         model.eval()
     try:
-        named = list(model.named_parameters())
-        w_star = torch.cat([p.detach().float().flatten() for _, p in named])
-        dev = w_star.device
-        w = w_star.repeat(num_chains, 1)  # (chains, all weights): one tensor, so a step is a few whole-tensor ops
-        params, o = {}, 0
-        for n, p in named:  # views into w, shaped as the model's parameters with a leading chain dimension
-            params[n] = w[:, o:o + p.numel()].view(num_chains, *p.shape)
-            o += p.numel()
+        names = [n for n, _ in model.named_parameters()]
+        w_star = [p.detach().float() for _, p in model.named_parameters()]
+        dev = w_star[0].device
+        # every parameter with a leading chain dimension: all chains step together
+        params = {n: w.repeat(num_chains, *[1] * w.dim()) for n, w in zip(names, w_star)}
+        w, tmp = list(params.values()), [torch.empty_like(p) for p in params.values()]
         buffers = {n: b.detach() for n, b in model.named_buffers()}
         gen = torch.Generator(device=dev).manual_seed(seed)
 
@@ -424,27 +422,49 @@ def estimate_llc(model, loss_fn, loader, *, eps, gamma, nbeta, num_chains, num_d
                 if empty:
                     raise ValueError("estimate_llc: the loader yields no batches")
 
-        grad_fn = vmap(grad(batch_loss, has_aux=True), in_dims=(0, None, None))
-        losses, inits, step, noise = [], [], torch.empty_like(w), torch.empty_like(w)
+        # one vmapped gradient over the chains; embedding_bag has no batching rule, and vmap's fallback
+        # (a loop that stacks the chains' gradients) costs more than the loop written out
+        looped = any(isinstance(m, nn.EmbeddingBag) for m in model.modules())
+        grad_fn = grad(batch_loss, has_aux=True)
+        vgrad = vmap(grad_fn, in_dims=(0, None, None))
+
+        def gradients(x, y):
+            """[(chains' slices of the parameters, their gradients)] and the chains' losses."""
+            if not looped:
+                g, loss = vgrad(params, x, y)
+                return [(w, [g[n] for n in names])], loss
+            out, losses = [], []
+            for c in range(num_chains):
+                g, loss = grad_fn({n: p[c] for n, p in params.items()}, x, y)
+                out.append(([p[c] for p in w], [g[n] for n in names]))
+                losses.append(loss)
+            return out, torch.stack(losses)
+
+        losses, inits = [], []
         with torch.no_grad():
             if protocol == "authors":  # devinterp 0.2's init loss: the first num_chains batches of a fresh pass
                 it = batches()
                 fixed = torch.stack([loss_fn(model(x), y).float() for x, y in (next(it) for _ in range(num_chains))])
                 fixed = fixed.mean()
-        with warnings.catch_warnings():  # embedding_bag has no batching rule: vmap loops over chains, correctly
-            warnings.filterwarnings("ignore", message=".*performance drop.*")
-            it = batches()
-            for t in range(num_draws):
-                x, y = next(it)
-                grads, loss = grad_fn(params, x, y)
-                with torch.no_grad():
-                    losses.append(loss.float())
-                    inits.append(fixed if protocol == "authors" else loss_fn(model(x), y).float())
-                    g = torch.cat([grads[n].flatten(1) for n, _ in named], 1)
-                    # the step in place: no temporaries the size of (chains x weights), which for IMDB's
-                    # 6.4M-weight embedding would cost more than the gradients
-                    torch.sub(w, w_star, out=step).mul_(gamma).add_(g, alpha=nbeta)
-                    w.add_(step, alpha=-0.5 * eps).add_(noise.normal_(generator=gen), alpha=math.sqrt(eps))
+        it = batches()
+        for t in range(num_draws):
+            x, y = next(it)
+            parts, loss = gradients(x, y)
+            with torch.no_grad():
+                losses.append(loss.float())
+                inits.append(fixed if protocol == "authors" else loss_fn(model(x), y).float())
+                # the step, in place (no temporaries the size of chains x weights; IMDB has 6.4M weights a chain):
+                # w <- w - eps/2 * (nbeta * g + gamma * (w - w*)) + sqrt(eps) * N(0, 1)
+                for c, (ws, gs) in enumerate(parts):
+                    ts = tmp if len(parts) == 1 else [t_[c] for t_ in tmp]
+                    for t_, p_, s_ in zip(ts, ws, w_star):
+                        torch.sub(p_, s_, out=t_)
+                    torch._foreach_mul_(ts, gamma)
+                    torch._foreach_add_(ts, gs, alpha=nbeta)
+                    torch._foreach_add_(ws, ts, alpha=-0.5 * eps)
+                    for t_ in ts:
+                        t_.normal_(generator=gen)
+                    torch._foreach_add_(ws, ts, alpha=math.sqrt(eps))
         L = torch.stack(losses).double().cpu()  # (draws, chains): the one host sync
         L0 = torch.stack(inits).double().cpu()  # (draws,)
         half = num_draws // 2
