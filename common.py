@@ -4,7 +4,7 @@ checkpoints, results and command-line plumbing. Importing this module has no sid
 Conventions: accuracies are percentages (0-100); images are uint8 tensors (N, C, H, W); labels int64.
 Data live under one root (`--data-dir`, default $DATA_DIR or ./data), one folder per data set.
 """
-import argparse, gzip, hashlib, json, math, os, pickle, re, signal, subprocess, sys, tarfile, time
+import argparse, atexit, gzip, hashlib, json, math, os, pickle, re, signal, subprocess, sys, tarfile, time
 from collections import Counter, namedtuple
 from contextlib import nullcontext
 
@@ -19,15 +19,23 @@ class UserError(Exception):
     """A mistake the user can fix (bad flag, missing file); printed as one line, no traceback."""
 
 
+def _rank():
+    return int(os.environ.get("RANK", 0))
+
+
 def run_main(main):
-    """Run `main()`, turning UserError into a one-line message and exit code 2."""
+    """Run `main()`, turning UserError into a one-line message and exit code 2. Under torchrun every rank
+    hits the same mistake; only rank 0 says it (one write, so lines never interleave), all exit 2."""
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if _rank() == 0:
+            sys.stderr.write(f"error: {e}\n")
+            sys.stderr.flush()
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints and exits cleanly)
-        print("interrupted", file=sys.stderr)
+        if _rank() == 0:
+            sys.stderr.write("interrupted\n")
         sys.exit(130)
 
 
@@ -55,10 +63,25 @@ def one_line_errors(p):
     return p
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help names every option's default: argparse's "(default: X)" is added unless the help text
+    already says what the default is (e.g. "default: the preset's")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return f"{text} (default: off)".strip()
+        return super()._get_help_string(action)
+
+
 def add_common_args(p, script):
-    """The flags every script shares (see README, 'Conventions'); bad flags fail in one line."""
+    """The flags every script shares (see README, 'Conventions'); bad flags fail in one line and --help
+    shows every default."""
     one_line_errors(p)
-    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"), help="data root ($DATA_DIR)")
+    p.formatter_class = HelpFormatter
+    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"), help="data root ($DATA_DIR, else ./data)")
     p.add_argument("--out", default=None, help=f"output dir (default out/{script}/<run-name>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny CPU-sized run (tests)")
@@ -70,16 +93,157 @@ def add_common_args(p, script):
     return p
 
 
+# flags that never change what a run computes, only where or how fast it runs, or how often it reports
+# or saves; each script extends this with its own. Any other flag is refused on --resume when it differs
+# from the checkpoint's (so a new flag is refused until someone decides it is safe).
+SAFE_ON_RESUME = frozenset({"resume", "out", "device", "compile", "stop_at_step", "data_dir", "no_download"})
+
+
+def check_resume_config(saved, current, safe, path):
+    """Refuse to continue the run in `path` when any setting outside `safe` differs between the checkpoint's
+    config `saved` and this invocation's `current` (dicts of resolved flags); the message names each flag."""
+    diff = sorted(k for k in set(saved) | set(current) if k not in safe and saved.get(k) != current.get(k))
+    if diff:
+        shown = ", ".join(f"--{k.replace('_', '-')} {current.get(k)!r} (run: {saved.get(k)!r})" for k in diff[:4])
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise UserError(f"--resume: {path} was made with other settings: {shown}{more}; pass the run's flags "
+                        "or a new --out")
+
+
 def prepare_out_dir(path):
     """Create the output dir and prove it is writable before any training starts."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
+        probe = os.path.join(path, f".write_test{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
         raise UserError(f"--out {path} is not writable ({e.strerror}): pick another directory") from None
     return path
+
+
+LOCK_NAME = ".lock"
+_held_locks = set()
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _lock_owner(lock):
+    """(pid, host) written in a lock file, or None when it cannot be read (half written, gone)."""
+    try:
+        with open(lock) as fh:
+            pid, host = fh.read().split()[:2]
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def lock_out_dir(path):
+    """Take OUT/.lock (it holds "pid host") so a second run into the same folder is refused instead of
+    both writing there. A lock left by a dead process (SIGKILL, power loss) on this host is taken over;
+    one from another host is refused (we cannot tell whether it is alive). Released at exit."""
+    lock, host = os.path.join(path, LOCK_NAME), os.uname().nodename
+    tmp = f"{lock}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(f"{os.getpid()} {host}\n")
+    try:
+        for _ in range(3):
+            try:
+                os.link(tmp, lock)  # atomic: exactly one of two racing runs gets the lock
+                break
+            except FileExistsError:
+                owner = _lock_owner(lock)
+                if owner is not None and owner == (os.getpid(), host):
+                    break  # ours already (main() called twice in one process)
+                if owner is not None and (owner[1] != host or _pid_alive(owner[0])):
+                    raise UserError(f"--out {path} is in use by another run (pid {owner[0]} on {owner[1]}): wait for "
+                                    f"it to end or pick another --out (if no such run exists, delete {lock})")
+                if owner is None and time.time() - os.path.getmtime(lock) < 5:
+                    time.sleep(1)  # being written right now
+                    continue
+                try:  # stale: move it aside (only one racer succeeds), then try again
+                    os.replace(lock, f"{lock}.stale{os.getpid()}")
+                    os.remove(f"{lock}.stale{os.getpid()}")
+                except FileNotFoundError:
+                    pass
+        else:
+            raise UserError(f"could not lock --out {path}: delete {lock} if no run is using that folder")
+    finally:
+        os.remove(tmp)
+    if lock not in _held_locks:
+        _held_locks.add(lock)
+        atexit.register(release_out_dir, path)
+    return lock
+
+
+def release_out_dir(path):
+    """Remove OUT/.lock if this process holds it."""
+    lock = os.path.join(path, LOCK_NAME)
+    if _lock_owner(lock) == (os.getpid(), os.uname().nodename):
+        try:
+            os.remove(lock)
+        except OSError:
+            pass
+    _held_locks.discard(lock)
+
+
+_TEMP_RE = re.compile(r"\.tmp\d*$|^\.write_test\d*$|^\.lock\.(tmp|stale)\d+$")
+
+
+def clean_stale_temps(path):
+    """Delete the temporary files that a killed writer leaves in `path` and its subfolders (save_checkpoint's
+    `*.tmpPID`, write_json's `*.tmp`, prepare_out_dir's probe). Call only while holding the folder's lock:
+    then no live run of this folder can be writing them. Returns the paths removed."""
+    removed = []
+    for root, _, files in os.walk(path):
+        for f in files:
+            if _TEMP_RE.search(f) and not f.startswith(LOCK_NAME + ".tmp" + str(os.getpid())):
+                try:
+                    os.remove(os.path.join(root, f))
+                    removed.append(os.path.join(root, f))
+                except OSError:
+                    pass
+    return removed
+
+
+def claim_out_dir(path, resume, existing=("ckpt.pt", "results.json")):
+    """Everything a script does to its output folder before any work (rank 0 only): create it and check
+    it is writable, lock it against a second run, delete temporary files a killed run left behind, and,
+    without --resume, refuse a folder that already holds a run (`existing`: names relative to `path`)
+    rather than overwrite it. Returns `path`."""
+    prepare_out_dir(path)
+    lock_out_dir(path)
+    for f in clean_stale_temps(path):
+        print(f"note: removed {f}, left by an interrupted write", file=sys.stderr)
+    if not resume:
+        found = [n for n in existing if os.path.exists(os.path.join(path, n))]
+        if found:
+            release_out_dir(path)
+            raise UserError(f"{os.path.join(path, found[0])} exists: add --resume to continue that run, "
+                            "or pass a new --out")
+    return path
+
+
+def file_logger(out_dir, is_main, name="log.txt"):
+    """log(msg): on rank 0 print the line (above any progress bar) and append it to OUT/log.txt."""
+    if not is_main:
+        return lambda *a, **k: None
+    path = os.path.join(out_dir, name)
+
+    def log(msg=""):
+        from tqdm import tqdm
+        tqdm.write(msg)
+        with open(path, "a") as fh:
+            fh.write(msg + "\n")
+    return log
 
 # ----------------------------------------------------------------------------------------------------
 # data
@@ -104,6 +268,14 @@ _MNIST_FILES = {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873"
                 "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
                 "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
                 "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}
+
+
+def bad_data_file(path, exc, download=False):
+    """The one-line error for a data file that exists but cannot be read (truncated, corrupt, not the format)."""
+    why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:60]}" if str(exc) else type(exc).__name__
+    fix = ("delete it and run again to re-download it" if download else
+           "replace it with a good copy (or delete it and run without --no-download to re-download it)")
+    return UserError(f"{path} is corrupt or truncated ({why}): {fix}")
 
 
 def _ensure(root, names, download, fetch):
@@ -132,10 +304,16 @@ def _cifar(name, data_dir, train, download, label_key):
     _ensure(root, files, download, lambda: download_and_extract_archive(url, base, md5=md5))
     xs, ys = [], []
     for f in files:
-        with open(os.path.join(root, f), "rb") as fh:
-            d = pickle.load(fh, encoding="bytes")  # py2 pickles; we read only data + labels
-        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d[label_key], dtype=np.int64))
+        path = os.path.join(root, f)
+        try:
+            with open(path, "rb") as fh:
+                d = pickle.load(fh, encoding="bytes")  # py2 pickles; we read only data + labels
+            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[label_key], dtype=np.int64))
+            if not len(xs[-1]) == len(ys[-1]) > 0:
+                raise ValueError(f"{len(xs[-1])} images but {len(ys[-1])} labels")
+        except Exception as e:
+            raise bad_data_file(path, e, download) from None
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
@@ -155,11 +333,14 @@ def load_mnist(data_dir, train=True, download=False):
     _ensure(root, names, download, lambda: [download_url(_MNIST_URL + n, root, md5=_MNIST_FILES[n]) for n in names])
 
     def idx(path):  # idx format: zero bytes, dtype code, ndim, then big-endian int32 dims, then raw bytes
-        with gzip.open(path, "rb") as fh:
-            raw = fh.read()
-        ndim = raw[3]
-        dims = np.frombuffer(raw, ">i4", ndim, 4)
-        return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+        try:
+            with gzip.open(path, "rb") as fh:
+                raw = fh.read()
+            ndim = raw[3]
+            dims = np.frombuffer(raw, ">i4", ndim, 4)
+            return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+        except Exception as e:
+            raise bad_data_file(path, e, download) from None
     x = idx(os.path.join(root, names[0]))
     y = idx(os.path.join(root, names[1]))
     return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
@@ -197,7 +378,8 @@ def load_imdb(data_dir, vocab_size=20000, download=False):
     """Raw aclImdb reviews -> token-id sequences (lists of int64 tensors) and 0/1 labels (1 = positive).
 
     Reads `imdb/aclImdb/` or extracts an archive beside it (`aclImdb_v1.tar.gz` as downloaded, or
-    `aclImdb.tar.xz`) into that folder, or into the user cache when the data folder is read-only.
+    `aclImdb.tar.xz`) into the user cache (cache_dir()/imdb/<key>/); data folders are read-only to this
+    code, writable or not (only a download, when allowed and needed, adds the archive there).
     Vocabulary: id 0 = padding, 1 = unknown, then the most frequent training words.
     """
     base = os.path.join(data_dir, "imdb")
@@ -213,9 +395,7 @@ def load_imdb(data_dir, vocab_size=20000, download=False):
         archive = next((a for a in archives if os.path.exists(a)), None)
         check(archive, f"no IMDB data in {base}: expected aclImdb/ or aclImdb_v1.tar.gz there; "
                        "pass --data-dir or drop --no-download")
-        # root passes os.access on an r-x folder, so honour the mode bits too: a shared read-only copy stays untouched
-        writable = os.access(base, os.W_OK) and os.stat(base).st_mode & 0o222
-        dest = base if writable else os.path.dirname(folders[1])
+        dest = os.path.dirname(folders[1])  # always the cache: a data folder is never written (it may be shared)
         tmp = os.path.join(dest, f".partial{os.getpid()}")  # renamed when complete: no half-extracted cache
         os.makedirs(tmp, exist_ok=True)
         with tarfile.open(archive) as tf:
@@ -559,8 +739,10 @@ def save_checkpoint(path, obj):
             os.remove(tmp)
 
 
-def load_checkpoint(path):
-    check(os.path.isfile(path), f"no checkpoint at {path}: drop --resume or point --out at the run to continue")
+def load_checkpoint(path, missing=None):
+    """Read a checkpoint of this repo (weights cleaned of DDP / compile prefixes); a missing or bad file is a
+    one-line UserError. `missing`: the message when there is no file (default: the --resume advice)."""
+    check(os.path.isfile(path), missing or f"no checkpoint at {path}: drop --resume or point --out at the run to continue")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
@@ -606,10 +788,17 @@ def hms(seconds):
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def write_results(out_dir, script, config, metrics, seconds, device):
-    """out_dir/results.json: config, metrics, device, wall seconds, git commit; written atomically."""
+def write_results(out_dir, script, config, metrics, wall_seconds, device, train_seconds=None):
+    """out_dir/results.json: config, metrics, device, timing, git commit; written atomically.
+    Timing means the same in every script (README, Conventions): `wall_seconds`, the wall-clock time of
+    the process that writes the file, from the start of main() to now (set-up, data loading and final
+    evaluation included; an earlier, interrupted process of a resumed run is not counted); `train_seconds`,
+    the time inside the training loop (periodic evaluations and checkpoints included), summed over every
+    process of the run, --resume included."""
     res = {"script": script, "config": config, "metrics": metrics, "device": device_name(device),
-           "seconds": round(seconds, 3), "git_commit": git_commit(), "torch": torch.__version__,
+           "wall_seconds": round(wall_seconds, 3),
+           "train_seconds": None if train_seconds is None else round(train_seconds, 3),
+           "git_commit": git_commit(), "torch": torch.__version__,
            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     return write_json(os.path.join(out_dir, "results.json"), res)
 
