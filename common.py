@@ -4,7 +4,7 @@ checkpoints, results and command-line plumbing. Importing this module has no sid
 Conventions: accuracies are percentages (0-100); images are uint8 tensors (N, C, H, W); labels int64.
 Data live under one root (`--data-dir`, default $DATA_DIR or ./data), one folder per data set.
 """
-import argparse, atexit, gzip, hashlib, json, math, os, pickle, re, signal, subprocess, sys, tarfile, time
+import argparse, atexit, copy, gzip, hashlib, json, math, os, pickle, re, signal, subprocess, sys, tarfile, time
 from collections import Counter, namedtuple
 from contextlib import nullcontext
 
@@ -66,6 +66,12 @@ def one_line_errors(p):
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help names every option's default: argparse's "(default: X)" is added unless the help text
     already says what the default is (e.g. "default: the preset's")."""
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings and action.default is not argparse.SUPPRESS:
+            action = copy.copy(action)  # argparse prints no help line at all for help=None
+            action.help = "(default: off)" if action.nargs == 0 else "(default: %(default)s)"
+        return super()._format_action(action)
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -178,9 +184,7 @@ def lock_out_dir(path):
             raise UserError(f"could not lock --out {path}: delete {lock} if no run is using that folder")
     finally:
         os.remove(tmp)
-    if lock not in _held_locks:
-        _held_locks.add(lock)
-        atexit.register(release_out_dir, path)
+    _held_locks.add(lock)
     return lock
 
 
@@ -193,6 +197,13 @@ def release_out_dir(path):
         except OSError:
             pass
     _held_locks.discard(lock)
+
+
+@atexit.register
+def release_out_dirs():
+    """Release every output-folder lock this process holds (scripts call it when main() ends; also at exit)."""
+    for lock in list(_held_locks):
+        release_out_dir(os.path.dirname(lock))
 
 
 _TEMP_RE = re.compile(r"\.tmp\d*$|^\.write_test\d*$|^\.lock\.(tmp|stale)\d+$")
@@ -230,6 +241,23 @@ def claim_out_dir(path, resume, existing=("ckpt.pt", "results.json")):
             raise UserError(f"{os.path.join(path, found[0])} exists: add --resume to continue that run, "
                             "or pass a new --out")
     return path
+
+
+def rank0_first(fn, *args):
+    """Run fn(*args) on rank 0 only (e.g. claim_out_dir) and hand its UserError, if any, to every rank, so
+    under torchrun all ranks stop together with rank 0's message instead of hanging or dying in a collective."""
+    err = None
+    if _rank() == 0:
+        try:
+            fn(*args)
+        except UserError as e:
+            err = str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [err]
+        dist.broadcast_object_list(box, 0)
+        err = box[0]
+    if err is not None:
+        raise UserError(err)
 
 
 def file_logger(out_dir, is_main, name="log.txt"):

@@ -61,7 +61,9 @@ results.json and the best is reported. probe.py reproduces these numbers from ck
 
 Outputs (rank 0): OUT/ckpt.pt (config, model, ema, optimizer, scheduler, step, loss history; written
 atomically every --ckpt-every iterations and on SIGTERM/SIGINT), OUT/results.json, OUT/samples.png (EMA
-samples), OUT/train.log. A finished run resumed with --resume only re-runs the evaluation.
+samples), OUT/log.txt. A finished run resumed with --resume only re-runs the evaluation; --resume may
+change --iters (the schedule is constant after warm-up, so training just goes on) and the sampling, FID and
+probe flags (they act after training), besides the flags safe everywhere; any other difference is refused.
 
 Determinism: CPU runs with a fixed --seed are bitwise repeatable and resume bitwise. Every random draw of
 a training step (t, noise, label drop) comes from a generator keyed by (seed, step), drawn for the global
@@ -105,20 +107,26 @@ PRESETS = {
                   probe_layer="all", probe_t="0.1", probe_epochs=3, log_every=2, ckpt_every=4, grid=16,
                   n_train=512, n_test=256),
 }
-# what a resumed run must share with the checkpoint (the rest, e.g. --iters or eval flags, may change)
-FROZEN = ("dataset", "cond", "p_uncond", "patch", "dim", "depth", "heads", "mlp_ratio", "alpha_min",
-          "batch_size", "lr", "wd", "betas", "warmup", "ema", "seed", "n_train")
+# what may differ between a run and its --resume: --iters (constant lr after warm-up), the evaluation flags
+# (they act after training) and the flags safe everywhere. Every other flag, a new one too, must match.
+SAFE_ON_RESUME = common.SAFE_ON_RESUME | {
+    "log_every", "ckpt_every", "iters", "steps", "solver", "cfg_scale", "fid_n", "fid_n_explicit", "fid_weights",
+    "fid_weights_found", "fid_skipped", "fid_cache", "sample_batch", "grid", "probe_layer", "probe_t",
+    "probe_epochs", "knn_k", "n_test", "eval_n_test", "eval_batch_size"}
+P_UNCOND = 0.1  # --p-uncond's default (--cond only)
 
 
-def get_args(argv=None, world_size=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser(preset=None, add_help=True):
+    """The flags; with `preset`, --help states that preset's value for every flag it sets."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=add_help)
     common.add_common_args(p, SCRIPT)
     p.add_argument("--preset", default="cifar_quick", choices=["cifar_quick", "uvit_s2"],
                    help="size and schedule; individual flags override it (--smoke picks a CPU-sized one)")
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"])
     p.add_argument("--alpha-min", type=float, default=1.0, help="last sub-layer's identity scale (1 = plain)")
     p.add_argument("--cond", action="store_true", help="class-conditional (class token + null class for CFG)")
-    p.add_argument("--p-uncond", type=float, default=0.1, help="label drop rate for classifier-free guidance")
+    p.add_argument("--p-uncond", type=float, default=None,
+                   help=f"label drop rate for classifier-free guidance (default {P_UNCOND}; --cond only)")
     g = p.add_argument_group("model (default: preset)")
     g.add_argument("--patch", type=int)
     g.add_argument("--dim", type=int)
@@ -155,7 +163,19 @@ def get_args(argv=None, world_size=None):
     g.add_argument("--knn-k", type=int, default=20)
     g.add_argument("--n-test", type=int, help="probe on the first N test images (default all)")
     g.add_argument("--eval-batch-size", type=int)
-    args = p.parse_args(argv)
+    if preset is not None:
+        for a in p._actions:
+            if a.default is None and a.dest in PRESETS[preset] and "default" not in (a.help or ""):
+                a.help = f"{a.help or ''} (default {PRESETS[preset][a.dest]} with --preset {preset})".strip()
+    return p
+
+
+def get_args(argv=None, world_size=None):
+    first, _ = build_parser(add_help=False).parse_known_args(argv)
+    args = build_parser("smoke" if first.smoke else first.preset).parse_args(argv)
+    common.check(args.p_uncond is None or args.cond,
+                 "--p-uncond only applies to class-conditional training: add --cond or drop --p-uncond")
+    args.p_uncond = P_UNCOND if args.p_uncond is None else args.p_uncond
 
     args.preset = "smoke" if args.smoke else args.preset
     args.fid_n_explicit = args.fid_n is not None
@@ -649,37 +669,29 @@ def ema_update(ema, model, decay):
 
 
 def main(argv=None):
+    t_wall = time.time()
     args = get_args(argv)
     d = common.setup_distributed(args.device)
     common.warn_if_cpu(d, args.smoke)
     try:
-        return run(args, d)
+        return run(args, d, t_wall)
     finally:
+        common.release_out_dirs()
         common.cleanup_distributed()
 
 
-def run(args, d):
+def run(args, d, t_start=None):
     dev, rank, world, is_main = d.device, d.rank, d.world_size, d.is_main
-    t_start = time.time()
-    if is_main:
-        common.prepare_out_dir(args.out)
+    t_start = time.time() if t_start is None else t_start
+    common.rank0_first(common.claim_out_dir, args.out, args.resume)  # lock, clean, never overwrite a run
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    log_file = os.path.join(args.out, "train.log")
-
-    def log(msg):
-        if is_main:
-            tqdm.write(msg)
-            with open(log_file, "a") as fh:
-                fh.write(msg + "\n")
+    log = common.file_logger(args.out, is_main)
 
     ck = None
     if args.resume:
         ck = common.load_checkpoint(ckpt_path)
         common.check(ck.get("script") == SCRIPT, f"{ckpt_path} was written by {ck.get('script')!r}, not {SCRIPT}")
-        for k in FROZEN:
-            old, new = ck["config"].get(k), getattr(args, k)
-            common.check(old == new, f"--resume: --{k.replace('_', '-')} {new} differs from the checkpoint's "
-                                     f"{old}; use the run's flags or a new --out")
+        common.check_resume_config(ck["config"], vars(args), SAFE_ON_RESUME, ckpt_path)
     cfg = vars(args)
 
     # data: the whole uint8 training set on the device, flips done there, pixels in [-1, 1]
@@ -841,7 +853,8 @@ def run(args, d):
         metrics.update(probe=probe, probe_n_train=n_feats[0], probe_n_test=n_feats[1],
                        best_linear_probe=best["linear_probe"], best_probe_layer=best["layer"], best_probe_t=best["t"],
                        best_knn=best_knn["knn"], best_knn_layer=best_knn["layer"], best_knn_t=best_knn["t"])
-        path = common.write_results(args.out, SCRIPT, cfg, metrics, time.time() - t_start, dev)
+        path = common.write_results(args.out, SCRIPT, cfg, metrics, time.time() - t_start, dev,
+                                    train_seconds=train_seconds)
         log(f"best linear probe {best['linear_probe']:.2f}% (layer {best['layer']}, t {best['t']:g}), best kNN "
             f"{best_knn['knn']:.2f}% | wrote {path}")
     return metrics

@@ -97,21 +97,23 @@ PRESETS = {
 SMOKE = dict(dataset="cifar10", patch=8, img_size=32, dim=64, depth=4, heads=2, dec_dim=32, dec_depth=2,
              dec_heads=2, batch_size=32, blr=5e-3, epochs=2, warmup_epochs=1, eval_every=1, n_train=256,
              eval_n_train=256, eval_n_test=128, eval_batch_size=128, probe_epochs=5, log_every=4, ckpt_every=1)
-# the config keys a checkpoint must agree on before --resume may continue it
-RESUME_KEYS = ("dataset", "img_size", "patch", "dim", "depth", "heads", "mlp_ratio", "dec_dim", "dec_depth",
-               "dec_heads", "pos_embed", "alpha_min", "decay", "decay_where", "skip", "mask_ratio",
-               "norm_pix_loss", "batch_size", "blr", "weight_decay", "wd_tokens", "epochs", "warmup_epochs", "seed", "n_train")
+# the flags that may differ between a run and its --resume: none changes a number the run computes.
+# Every other flag (a new one too) must match the checkpoint's, or --resume is refused naming it.
+SAFE_ON_RESUME = common.SAFE_ON_RESUME | {"compile_mode", "workers", "eval_batch_size", "log_every", "ckpt_every",
+                                          "inject_nan_at_step", "dump_grads"}
+ALPHA_MIN = 0.6  # --alpha-min's default (used by --decay linear only)
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser(add_help=True):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=add_help)
     common.add_common_args(p, SCRIPT)
     p.add_argument("--preset", default="cifar_quick", choices=sorted(PRESETS), help="defaults for a whole run")
     p.add_argument("--compile-mode", default="default",
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode with --compile (reduce-overhead: CUDA graphs, for launch-bound steps)")
     # the paper's knobs
-    p.add_argument("--alpha-min", type=float, default=0.6, help="last sub-layer's shortcut weight (1 = plain residual)")
+    p.add_argument("--alpha-min", type=float, default=None,
+                   help=f"last sub-layer's shortcut weight (1 = plain residual; default {ALPHA_MIN}; --decay linear only)")
     p.add_argument("--decay", default="linear", choices=["linear", "none", "scale-both", "scale-branch"],
                    help="linear: alpha ramp; none: x+f; scale-branch: x+sqrt(.5)f; scale-both: sqrt(.5)(x+f)")
     p.add_argument("--decay-where", default="both", choices=["both", "attn", "mlp"],
@@ -136,7 +138,7 @@ def build_parser():
     # data and optimisation
     p.add_argument("--dataset", choices=["cifar10", "cifar100", "imagenet100"], default="cifar10")
     p.add_argument("--n-train", type=int, default=None, help="train on the first N training images (default all)")
-    p.add_argument("--workers", type=int, default=8, help="data-loader processes (ImageNet-100 only)")
+    p.add_argument("--workers", type=int, default=None, help="data-loader processes (default 8; ImageNet-100 only)")
     p.add_argument("--batch-size", type=int, default=1024, help="global batch over all processes")
     p.add_argument("--blr", type=float, default=1.5e-4, help="base learning rate: lr = blr * batch / 256")
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -159,9 +161,10 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """Flags -> validated args with the preset, --smoke and --model sizes resolved."""
+    """Flags -> validated args with the preset, --smoke and --model sizes resolved. The preset's values are
+    the parser's defaults before --help is read, so --help shows the defaults of the chosen preset."""
+    first, _ = build_parser(add_help=False).parse_known_args(argv)
     p = build_parser()
-    first, _ = p.parse_known_args(argv)
     p.set_defaults(**PRESETS[first.preset])
     if first.smoke:
         p.set_defaults(**SMOKE)
@@ -175,6 +178,13 @@ def parse_args(argv=None):
 
 def validate(a):
     c = common.check
+    # flags that only act under a mode that is off are mistakes, not silently ignored settings
+    c(a.alpha_min is None or a.decay == "linear",
+      f"--alpha-min only applies to --decay linear (got --decay {a.decay}): drop --alpha-min")
+    c(a.workers is None or a.dataset == "imagenet100",
+      f"--workers only applies to --dataset imagenet100 ({a.dataset} is held in memory): drop --workers")
+    a.alpha_min = ALPHA_MIN if a.alpha_min is None else a.alpha_min
+    a.workers = 8 if a.workers is None else a.workers
     c(0 < a.alpha_min <= 1, f"--alpha-min {a.alpha_min} must be in (0, 1]: 1 is a plain residual, "
                             "the paper's best is 0.6-0.7")
     c(a.decay == "linear" or a.decay_where == "both", f"--decay-where {a.decay_where} only applies to --decay linear")
@@ -726,6 +736,14 @@ def save_reconstructions(model, imgs, cfg, path):
 
 
 def main(argv=None):
+    try:
+        _main(argv)
+    finally:
+        common.release_out_dirs()
+
+
+def _main(argv=None):
+    t_wall = time.time()
     args = parse_args(argv)
     d = common.setup_distributed(args.device)
     common.warn_if_cpu(d, args.smoke)
@@ -733,8 +751,7 @@ def main(argv=None):
         common.check(getattr(args, flag) % d.world_size == 0,
                      f"--{flag.replace('_', '-')} {getattr(args, flag)} must divide by the {d.world_size} processes")
     args.out = args.out or os.path.join("out", SCRIPT, run_name(args))
-    if d.is_main:
-        common.prepare_out_dir(args.out)
+    common.rank0_first(common.claim_out_dir, args.out, args.resume)  # lock, clean, never overwrite a run
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "stop_at_step", "inject_nan_at_step",
                                                              "dump_grads")}
@@ -756,10 +773,8 @@ def main(argv=None):
     loss_sum = torch.zeros((), device=d.device)  # this epoch's summed loss, on the device (no sync per step)
     if args.resume:
         ck = common.load_checkpoint(ckpt_path)
-        bad = [k for k in RESUME_KEYS if ck["config"].get(k) != cfg.get(k)]
-        flags = ", ".join("--" + k.replace("_", "-") for k in bad)
-        common.check(not bad, f"--resume: {ckpt_path} was made with other {flags}: "
-                              "pass the same flags or another --out")
+        common.check(ck.get("script") == SCRIPT, f"{ckpt_path} was written by {ck.get('script')!r}, not {SCRIPT}")
+        common.check_resume_config(ck["config"], cfg, SAFE_ON_RESUME, ckpt_path)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step, hist = ck["step"], ck["history"]
@@ -887,7 +902,8 @@ def main(argv=None):
                    "params": n_params, "flops_per_img": flops, "img_per_s": ips,
                    "mfu": flops * ips / (peak * d.world_size) if peak and ips else None, "steps": step,
                    "epochs": args.epochs, "world_size": d.world_size, "minutes": seconds / 60}
-        path = common.write_results(args.out, SCRIPT, cfg, metrics, seconds, d.device)
+        path = common.write_results(args.out, SCRIPT, cfg, metrics, time.time() - t_wall, d.device,
+                                    train_seconds=seconds)
         log(f"results -> {path}; reconstructions -> {png}")
         log_file.close()
     common.cleanup_distributed()

@@ -15,7 +15,8 @@ common.evaluate_features, the same call the training scripts make, so probe.py r
 Scripts whose module lists FEATURES (mae_decay: cls | mean) serve several feature kinds: `--feature` picks
 one (default: the first, cls) and each row also gets raw_norm, the mean token norm of block l's raw output
 (column raw|x|), so feature-norm growth shows per block under --layers all. See mae_decay's docstring.
-Output: a printed table and a JSON file (`--out`, default probe.json beside the first checkpoint).
+Output: a printed table and a JSON file (`--out`, default probe.json beside the first checkpoint). Every
+checkpoint path and the output path are checked before any probing starts, so a typo costs nothing.
 """
 import argparse, importlib, os, time
 
@@ -24,17 +25,21 @@ import torch
 import common
 
 SCRIPTS = ("mae_decay", "diffusion_decay", "sim_cifar", "selfmodel")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, common.HelpFormatter):
+    """The module docstring as written, and every option's default."""
 IMAGE_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 28)}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     common.one_line_errors(p)
     p.add_argument("ckpt", help="checkpoint written by one of the experiment scripts")
     p.add_argument("--compare", nargs="+", default=[], metavar="CKPT", help="more checkpoints for the same table")
     p.add_argument("--dataset", default=None, help="cifar10 | cifar100 | mnist (default: the checkpoint's)")
     p.add_argument("--layers", default="last", help="last | all | comma list of 1-based block indices")
-    p.add_argument("--t", default=None, help="noise levels in (0, 1) for diffusion checkpoints, e.g. 0.1,0.3")
+    p.add_argument("--t", default=None, help="noise levels in (0, 1) for diffusion checkpoints, e.g. 0.1,0.3 (default: the run's --probe-t)")
     p.add_argument("--feature", default=None,
                    help="feature kind, for scripts that offer several (mae_decay: cls | mean; default cls)")
     p.add_argument("--knn-k", type=int, default=None, help="kNN neighbours (default: the run's, else 20)")
@@ -42,9 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--n-train", type=int, default=None, help="use the first N training images (default: the run's)")
     p.add_argument("--n-test", type=int, default=None, help="use the first N test images (default: the run's)")
     p.add_argument("--batch-size", type=int, default=None, help="feature-extraction batch (default: the run's)")
-    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"))
-    p.add_argument("--no-download", action="store_true")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"), help="data root ($DATA_DIR, else ./data)")
+    p.add_argument("--no-download", action="store_true", help="never try to download data")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--out", default=None, help="JSON path (default: probe.json beside the first checkpoint)")
     args = p.parse_args(argv)
     for flag in ("knn_k", "probe_epochs", "n_train", "n_test", "batch_size"):
@@ -55,7 +60,7 @@ def parse_args(argv=None):
 
 def load_run(path):
     """Checkpoint -> (script module, config, model with the weights the run would evaluate)."""
-    ck = common.load_checkpoint(path)
+    ck = common.load_checkpoint(path, missing=_missing(path))
     script = ck.get("script")
     common.check(script in SCRIPTS, f"{path} was written by {script!r}, not one of {', '.join(SCRIPTS)}")
     mod = importlib.import_module(script)
@@ -69,6 +74,27 @@ def load_run(path):
         raise common.UserError(f"{path}: weights do not fit the model its config describes "
                                f"({str(e).splitlines()[0][:120]})") from None
     return mod, cfg, model.eval()
+
+
+def _missing(path):
+    return f"no checkpoint at {path}: give the path of a ckpt.pt that a training script wrote (e.g. out/mae_decay/RUN/ckpt.pt)"
+
+
+def check_paths(paths, out):
+    """Fail in one line before any work: every checkpoint is a readable file, the JSON path is writable."""
+    for p in paths:
+        common.check(os.path.isfile(p), _missing(p))
+        common.check(os.access(p, os.R_OK), f"{p} is not readable: check its permissions")
+    common.check(not os.path.isdir(out), f"--out {out} is a directory: give a file name, e.g. {os.path.join(out, 'probe.json')}")
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        test = os.path.join(folder, f".write_test{os.getpid()}")
+        open(test, "w").close()
+        os.remove(test)
+        common.check(not os.path.exists(out) or os.access(out, os.W_OK), f"--out {out} exists and is read-only")
+    except OSError as e:
+        raise common.UserError(f"--out {out}: cannot write there ({e.strerror}): pick another path") from None
 
 
 def pick_layers(spec, n):
@@ -139,10 +165,12 @@ def probe_one(path, args, dev):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    d = common.setup_distributed(args.device)
-    paths = [args.ckpt] + args.compare
     t0 = time.time()
+    args = parse_args(argv)
+    paths = [args.ckpt] + args.compare
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "probe.json")
+    check_paths(paths, out)
+    d = common.setup_distributed(args.device)
     rows, configs = [], {}
     for path in paths:
         r, cfg = probe_one(path, args, d.device)
@@ -158,10 +186,8 @@ def main(argv=None):
         raw = f"{r['raw_norm']:8.2f}" if "raw_norm" in r else f"{'-':>8}"
         print(f"{str(r['ckpt']):<{width}}  {r['layer']:>5}  {t:>5}  {r.get('feature', '-'):>7}  {r['linear_probe']:7.2f} "
               f"{r['knn']:7.2f} {r['erank']:7.3f} {r['erank_exp']:11.2f} {r['feat_norm']:6.2f} {raw}")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "probe.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     common.write_json(out, {"rows": rows, "configs": configs, "args": vars(args), "device": common.device_name(d.device),
-                            "seconds": round(seconds, 3), "git_commit": common.git_commit()})
+                            "wall_seconds": round(seconds, 3), "git_commit": common.git_commit()})
     print(f"wrote {out} ({seconds:.1f} s on {common.device_name(d.device)})")
     return rows
 

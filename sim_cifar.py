@@ -16,9 +16,10 @@ Paper: ResNet-18 on CIFAR-10 94.65 -> 94.94 top-1 with rho-SIM; rho-SIM costs 16
 `--sim` defaults to rho. Unless `--no-baseline` is given, every seed also trains the plain ResNet-18
 (`--sim off`) on the same data order, so the report is a paired comparison; `--seeds N` runs seeds
 seed..seed+N-1. Before training, the FLOPs of one training step (torch.utils.flop_counter) and the
-synchronised eager step time of off, full and rho on one real batch are measured (a few seconds; never
-compiled, so --compile costs no compilation of modes that are not trained; --bench-steps 0 keeps only the
-FLOPs) and the overheads relative to off printed. Each run also logs its own steady-state step time (after
+synchronised eager step time of off, full and rho on one real batch are measured (a few seconds on a GPU;
+never compiled, so --compile costs no compilation of modes that are not trained; --bench-steps 0 keeps only
+the FLOPs) and the overheads relative to off printed. On the CPU only the FLOPs are counted unless
+--bench-steps is given (timing full batches there takes many minutes) and the log says so. Each run also logs its own steady-state step time (after
 its first epoch, compiled with --compile), img/s and MFU; the summary gives those step times relative to off.
 
 Recipe (one GPU, fast): CIFAR-10 resident on the device (common.GPUBatches: crop with 4 px padding and
@@ -48,7 +49,7 @@ probe.py features: layer l = 1..8 is the average-pooled output of BasicBlock l; 
 
 Outputs, under --out (default out/sim_cifar/<run-name>): one folder per trained run, <variant>_seed<s>/,
 holding ckpt.pt (probe.py reads it) and run.json; cost.json (the cost measurement); results.json (all
-runs, mean +- std per variant, overheads). `--resume` continues every unfinished run exactly and skips
+runs, mean +- std per variant, overheads); log.txt (every log line). `--resume` continues every unfinished run exactly and skips
 finished ones. On the CPU with a fixed seed a run is bitwise repeatable; on GPUs cuDNN algorithm choice
 and atomics make runs repeatable only to float tolerance.
 """
@@ -74,16 +75,18 @@ DEFAULTS = dict(epochs=40, batch_size=512, lr=0.4, warmup_epochs=2.0, width=64, 
 SMOKE = dict(epochs=2, batch_size=64, lr=0.05, warmup_epochs=0.5, width=8, train_subset=1024, test_subset=1000,
              log_every=4, eval_every=1, ckpt_every=1, bench_steps=1, latent_dim=32)
 RHO, LAM, LATENT = 0.2, 5e-3, 128
-# flags that fix the model or the data order: a checkpoint only resumes under the same values
-RESUME_KEYS = ("sim", "rho", "latent_dim", "sim_blocks", "width", "batch_size", "epochs", "train_subset", "seed")
 SIM_BLOCKS = ("all", "stride1")
+# flags that may differ between a run and its --resume (they change no number the run computes); any
+# other flag that differs from the checkpoint's is refused, new flags included
+SAFE_ON_RESUME = common.SAFE_ON_RESUME | {"log_every", "ckpt_every", "bench_steps", "bench_steps_given",
+                                          "log_grad_norms"}
 
 
 def _preset(k, text=""):
     return f"{text} (default {DEFAULTS[k]}; --smoke {SMOKE[k]})".strip()
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sim", choices=MODES, default="rho", help="off | full | rho (default rho)")
     p.add_argument("--rho", type=float, default=None, help=f"fraction of tokens kept by rho-SIM (default {RHO})")
@@ -92,8 +95,8 @@ def parse_args(argv=None):
                    help=f"rho-SIM latent width (default {LATENT}; --smoke {SMOKE['latent_dim']})")
     p.add_argument("--sim-blocks", choices=SIM_BLOCKS, default=None,
                    help="which BasicBlocks get SIM: all 8 (default), or the 5 stride-1 ones (the authors' code)")
-    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                   help="also train the plain ResNet-18 with the same seeds (default on)")
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train the plain ResNet-18 with the same seeds (default on; not with --sim off)")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds: seed, seed+1, ...")
     p.add_argument("--epochs", type=int, default=None, help=_preset("epochs"))
     p.add_argument("--batch-size", type=int, default=None, help=_preset("batch_size", "global, split over processes"))
@@ -101,7 +104,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup-epochs", type=float, default=None, help=_preset("warmup_epochs", "linear warm-up"))
     p.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum")
     p.add_argument("--wd", type=float, default=5e-4, help="weight decay")
-    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy")
     p.add_argument("--width", type=int, default=None, help=_preset("width", "channels of the first stage"))
     p.add_argument("--train-subset", type=int, default=None, help=_preset("train_subset", "first N train images, 0: all"))
     p.add_argument("--test-subset", type=int, default=None, help=_preset("test_subset", "first N test images, 0: all"))
@@ -109,10 +112,15 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=None, help=_preset("eval_every", "epochs between test evaluations"))
     p.add_argument("--ckpt-every", type=int, default=None, help=_preset("ckpt_every", "epochs between checkpoints"))
     p.add_argument("--bench-steps", type=int, default=None,
-                   help=_preset("bench_steps", "timed steps per mode in the cost measurement (0: FLOPs only)"))
+                   help=_preset("bench_steps", "timed steps per mode in the cost measurement (0: FLOPs only)")[:-1]
+                   + "; on the CPU 0 unless given)")
     p.add_argument("--log-grad-norms", action="store_true", help="log the gradient norm of every block")
     common.add_common_args(p, SCRIPT)
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
 
     # a value the chosen mode would silently ignore is a mistake worth reporting
     common.check(args.rho is None or args.sim == "rho",
@@ -124,6 +132,10 @@ def parse_args(argv=None):
     common.check(args.sim_blocks is None or args.sim != "off",
                  "--sim-blocks has no effect with --sim off: drop --sim-blocks or pick --sim rho|full")
     args.sim_blocks = args.sim_blocks or "all"
+    common.check(args.baseline is None or args.sim != "off",
+                 "--baseline / --no-baseline have no effect with --sim off (that run is the baseline): drop it")
+    args.baseline = args.baseline is not False
+    args.bench_steps_given = args.bench_steps is not None
     args.rho = RHO if args.rho is None else args.rho
     args.lam = LAM if args.lam is None else args.lam
     for k, v in (SMOKE if args.smoke else dict(DEFAULTS, latent_dim=LATENT)).items():
@@ -436,22 +448,28 @@ def block_grad_norms(net):
 # cost accounting: FLOPs and synchronised (eager) step time of off, full and rho on the same batch
 
 
-def measure_cost(args, d, data):
+def measure_cost(args, d, data, log=print):
     base = dict(vars(args), dataset="cifar10")
     x, y = next(make_batches(data, dict(base, sim="off"), d)[0].epoch(0))
+    bench_steps = args.bench_steps
+    if d.device.type == "cpu" and not args.smoke and not args.bench_steps_given and bench_steps:
+        bench_steps = 0
+        log(f"cost: on the CPU only FLOPs are counted (timing {args.bench_steps} steps of batch {len(x)} per mode "
+            "would take many minutes; pass --bench-steps N to time them anyway)")
     res = {"flops_per_step": {}, "step_ms": {}, "batch": args.batch_size, "bench_rows": len(x),
-           "bench_steps": args.bench_steps}
+           "bench_steps": bench_steps}
     for mode in MODES:
+        log(f"cost: {mode}: counting FLOPs" + (f", timing {bench_steps} eager steps" if bench_steps else ""))
         cfg = dict(base, sim=mode)
         net = new_model(cfg, d)
         # FLOPs scale exactly with the batch (convs and linears act per image; the token draw does not
         # depend on it), so count 2 images and scale: counting a full batch on the CPU would take minutes.
         res["flops_per_step"][mode] = int(common.count_flops(
             lambda: training_loss(net, x[:2], y[:2], cfg)[0].backward()) * args.batch_size / 2)
-        if args.bench_steps:  # eager on purpose: compiling all three modes would delay training by minutes
+        if bench_steps:  # eager on purpose: compiling all three modes would delay training by minutes
             opt = make_optimizer(net, cfg, d.device)
             warm = 1 if args.smoke else 5
-            for i in range(warm + args.bench_steps):
+            for i in range(warm + bench_steps):
                 if i == warm:
                     common.sync(d.device)
                     t0 = time.perf_counter()
@@ -460,7 +478,7 @@ def measure_cost(args, d, data):
                 loss.backward()
                 opt.step()
             common.sync(d.device)
-            res["step_ms"][mode] = 1000 * (time.perf_counter() - t0) / args.bench_steps
+            res["step_ms"][mode] = 1000 * (time.perf_counter() - t0) / bench_steps
         del net
     off = res["flops_per_step"]["off"]
     res["flops_ratio"] = {m: res["flops_per_step"][m] / off for m in MODES}
@@ -473,9 +491,10 @@ def measure_cost(args, d, data):
 # one training run (one variant, one seed)
 
 
-def train_run(args, cfg, d, data, run_dir, stop, ck, flops_per_step):
-    """Train one run to the end (returns its metrics) or until a stop is requested (returns None)."""
-    log = tqdm.write if d.is_main else (lambda *a, **k: None)
+def train_run(args, cfg, d, data, run_dir, stop, ck, flops_per_step, log=None):
+    """Train one run to the end (returns its metrics) or until a stop is requested (returns None).
+    `log`: where rank 0's lines go (run() passes the OUT/log.txt logger; default: the terminal only)."""
+    log = log or (tqdm.write if d.is_main else (lambda *a, **k: None))
     ckpt_path = os.path.join(run_dir, "ckpt.pt")
     net = new_model(cfg, d)
     opt = make_optimizer(net, cfg, d.device)
@@ -606,7 +625,8 @@ def train_run(args, cfg, d, data, run_dir, stop, ck, flops_per_step):
     seconds += time.perf_counter() - t_run
     save(done=True)
     res = {"variant": cfg["sim"], "seed": cfg["seed"], "test_acc": plain, "test_acc_tta": tta, "test_n": n_test,
-           "train_step_ms": statistics.median(timing) if timing else None, "minutes": seconds / 60, "history": hist}
+           "train_step_ms": statistics.median(timing) if timing else None, "train_seconds": seconds,
+           "minutes": seconds / 60, "history": hist}
     if d.is_main:
         common.write_json(os.path.join(run_dir, "run.json"), res)
     log(f"[{cfg['sim']} seed {cfg['seed']}] final test acc {plain:.2f}% single-view, {tta:.2f}% flip TTA, "
@@ -644,45 +664,45 @@ def pm(m, sd, sign=""):
 
 
 def main(argv=None):
+    t0 = time.perf_counter()
     args = parse_args(argv)
     d = common.setup_distributed(args.device)
     common.warn_if_cpu(d, args.smoke)
     try:
-        run(args, d)
+        run(args, d, t0)
         if dist.is_initialized():  # gloo can abort a rank that tears down while rank 0 still writes files
             dist.barrier()
     finally:
+        common.release_out_dirs()
         common.cleanup_distributed()
 
 
-def run(args, d):
-    t0 = time.perf_counter()
-    log = print if d.is_main else (lambda *a, **k: None)
-    if d.is_main:
-        common.prepare_out_dir(args.out)
+def run(args, d, t0=None):
+    t0 = time.perf_counter() if t0 is None else t0
     torch.backends.cudnn.benchmark = d.device.type == "cuda"  # fixed shapes: each conv autotuned once, then reused
     seeds = list(range(args.seed, args.seed + args.seeds))
     variants = (["off"] if args.baseline and args.sim != "off" else []) + [args.sim]
     runs = [(v, s) for s in seeds for v in variants]  # interleaved: every seed's pair finishes together
     cfgs = {(v, s): dict(vars(args), sim=v, seed=s, dataset="cifar10") for v, s in runs}
+    # this folder is ours alone from here on: locked, leftovers of killed writes gone, no run overwritten
+    existing = ["results.json", "cost.json"] + [os.path.join(f"{v}_seed{s}", n) for v, s in runs
+                                                for n in ("ckpt.pt", "run.json")]
+    common.rank0_first(common.claim_out_dir, args.out, args.resume, existing)
+    log = common.file_logger(args.out, d.is_main)
 
     # checkpoints first, so a bad --resume fails before any data is read
     ckpts, done = {}, {}
     for v, s in runs:
         rd = os.path.join(args.out, f"{v}_seed{s}")
         path = os.path.join(rd, "ckpt.pt")
-        if args.resume and os.path.exists(os.path.join(rd, "run.json")):
-            with open(os.path.join(rd, "run.json")) as fh:
-                done[(v, s)] = current_run_json(json.load(fh))
-        elif args.resume and os.path.exists(path):
+        if args.resume and os.path.exists(path):
             ck = common.load_checkpoint(path)
-            for k in RESUME_KEYS:
-                common.check(ck["config"].get(k) == cfgs[(v, s)][k],
-                             f"{path} was trained with --{k.replace('_', '-')} {ck['config'].get(k)}, not "
-                             f"{cfgs[(v, s)][k]}: use the original value or a new --out")
-            ckpts[(v, s)] = ck
-        elif not args.resume and not args.smoke and os.path.exists(path):
-            raise common.UserError(f"{path} exists: add --resume to continue it, or pass a new --out")
+            common.check_resume_config(ck["config"], cfgs[(v, s)], SAFE_ON_RESUME, path)
+            if os.path.exists(os.path.join(rd, "run.json")):  # finished: its numbers are reused as they are
+                with open(os.path.join(rd, "run.json")) as fh:
+                    done[(v, s)] = current_run_json(json.load(fh))
+            else:
+                ckpts[(v, s)] = ck
     if args.resume and not ckpts and not done:
         common.load_checkpoint(os.path.join(args.out, f"{runs[0][0]}_seed{runs[0][1]}", "ckpt.pt"))  # one-line error
 
@@ -696,7 +716,7 @@ def run(args, d):
         with open(cost_path) as fh:
             cost = json.load(fh)
     else:
-        cost = measure_cost(args, d, data) if d.is_main else None
+        cost = measure_cost(args, d, data, log) if d.is_main else None
         if d.is_main:
             common.write_json(cost_path, cost)
     if d.world_size > 1:
@@ -719,7 +739,7 @@ def run(args, d):
         rd = os.path.join(args.out, f"{v}_seed{s}")
         if d.is_main:
             os.makedirs(rd, exist_ok=True)
-        res = train_run(args, cfgs[(v, s)], d, data, rd, stop, ckpts.get((v, s)), cost["flops_per_step"][v])
+        res = train_run(args, cfgs[(v, s)], d, data, rd, stop, ckpts.get((v, s)), cost["flops_per_step"][v], log)
         if res is None:
             return  # stopped: the checkpoint is written, exit 0
         results.append(res)
@@ -752,8 +772,9 @@ def run(args, d):
         log(f"{args.sim} - off, paired over seeds: {pm(g['mean'], g['std'], '+')} points single-view (headline; "
             f"paper: 94.65 -> 94.94, +0.29); {pm(gt['mean'], gt['std'], '+')} with flip TTA")
     if d.is_main:
+        train_s = sum(r.get("train_seconds", 60 * r["minutes"]) for r in results)
         path = common.write_results(args.out, SCRIPT, dict(vars(args), dataset="cifar10"), metrics,
-                                    time.perf_counter() - t0, d.device)
+                                    time.perf_counter() - t0, d.device, train_seconds=train_s)
         log(f"results: {path}")
 
 
