@@ -32,7 +32,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, common.HelpFormatter):
 IMAGE_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 28)}
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     common.one_line_errors(p)
     p.add_argument("ckpt", help="checkpoint written by one of the experiment scripts")
@@ -51,7 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--no-download", action="store_true", help="never try to download data")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--out", default=None, help="JSON path (default: probe.json beside the first checkpoint)")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     for flag in ("knn_k", "probe_epochs", "n_train", "n_test", "batch_size"):
         v = getattr(args, flag)
         common.check(v is None or v >= 1, f"--{flag.replace('_', '-')} {v} must be >= 1")

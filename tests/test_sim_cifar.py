@@ -365,9 +365,12 @@ def test_resume_is_bitwise(cifar, stopped, tmp_path):
 def test_nan_stops_with_step_and_checkpoint(cifar, stopped, tmp_path):
     out = tmp_path / "nan"
     shutil.copytree(stopped, out)
+    ckpt = str(out / "off_seed0" / "ckpt.pt")
+    ck = torch.load(ckpt, weights_only=False)
+    ck["config"]["lr"] = 1e30  # a run whose own lr blows up (--resume refuses a changed --lr)
+    torch.save(ck, ckpt)
     p = run_script(["sim_cifar.py"] + TINY + ["--data-dir", cifar, "--out", out, "--resume", "--lr", "1e30",
                                               "--ckpt-every", "2"])  # no epoch-end checkpoint before the NaN
-    ckpt = str(out / "off_seed0" / "ckpt.pt")
     assert_clean_error(p, "at step 5", ckpt)  # step 4's update overflows, so step 5's loss is not finite
     assert common.load_checkpoint(ckpt)["step"] == 3  # the last good checkpoint is intact
 
