@@ -328,7 +328,7 @@ def test_out_dir_and_results(tmp_path):
     out = common.prepare_out_dir(str(tmp_path / "a" / "b"))
     p = common.write_results(out, "demo", {"lr": 0.1}, {"acc": np.float32(91.5)}, 1.23456, torch.device("cpu"))
     r = json.load(open(p))
-    assert r["config"] == {"lr": 0.1} and r["metrics"]["acc"] == 91.5 and r["seconds"] == 1.235
+    assert r["config"] == {"lr": 0.1} and r["metrics"]["acc"] == 91.5 and r["wall_seconds"] == 1.235
     assert r["script"] == "demo" and r["device"].startswith("cpu")
 
 

@@ -385,7 +385,7 @@ def full_run(data_dir, tmp_path_factory):
 def test_smoke_run_and_probe_protocol(full_run, data_dir):
     out, p, res = full_run
     m = res["metrics"]
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "results.json", "samples.png", "train.log"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.txt", "results.json", "samples.png"]
     assert [s for s, _ in m["loss_history"]] == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(l) for _, l in m["loss_history"])
     assert len(m["probe"]) == 3 and m["probe_n_train"] == 512 and m["probe_n_test"] == 256
@@ -513,7 +513,7 @@ def test_unwritable_out_and_resume_mismatch(full_run, data_dir, tmp_path):
     with pytest.raises(common.UserError, match="--out .* is not writable"):
         dd.main([*SMOKE, "--data-dir", data_dir, "--out", "/proc/no_such_dir"])
     shutil.copy(full_run[0] / "ckpt.pt", tmp_path / "ckpt.pt")
-    with pytest.raises(common.UserError, match="--alpha-min 0.7 differs from the checkpoint's 1.0"):
+    with pytest.raises(common.UserError, match=r"--resume: .* other settings: --alpha-min 0.7 \(run: 1.0\)"):
         dd.main([*SMOKE, "--data-dir", data_dir, "--out", str(tmp_path), "--resume", "--alpha-min", "0.7"])
 
 

@@ -381,7 +381,7 @@ def test_torchrun_two_processes(cifar, tmp_path):
                    torchrun=2)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("final test acc") == 1 and p.stdout.count("cost of one training step") == 1  # rank 0 logs
-    assert sorted(os.listdir(out)) == ["cost.json", "results.json", "rho_seed0"]
+    assert sorted(os.listdir(out)) == ["cost.json", "log.txt", "results.json", "rho_seed0"]
     assert sorted(os.listdir(out / "rho_seed0")) == ["ckpt.pt", "run.json"]
     run = json.load(open(out / "results.json"))["metrics"]["runs"][0]
     assert run["test_n"] == 200  # each rank evaluated half; the counts were gathered
