@@ -542,6 +542,7 @@ def train_run(args, cfg, d, data, run_dir, stop, ck, flops_per_step, log=None):
     peak = common.peak_flops(d.device)
     stop_every = 10 if (d.world_size > 1 and d.device.type == "cuda") else 1  # the stop vote is a collective
     start_step, t_run, t_log, t_paused, it, timing = step, time.perf_counter(), None, 0.0, None, []
+    t_said = time.perf_counter()  # last line printed: slow steps (a CPU) still show progress every 30 s
     bar = tqdm(total=total, initial=step, disable=not (d.is_main and sys.stderr.isatty()), leave=False)
     while step < total:
         epoch, i = divmod(step, spe)
@@ -563,6 +564,9 @@ def train_run(args, cfg, d, data, run_dir, stop, ck, flops_per_step, log=None):
             acc += torch.stack([l, ce.detach(), s.detach()])
         step += 1
         bar.update(1)
+        if d.is_main and not log_now and time.perf_counter() - t_said > 30:
+            log(f"[{cfg['sim']} s{cfg['seed']}] step {step}/{total} (a full line every {cfg['log_every']} steps)")
+            t_said = time.perf_counter()
         if d.device.type == "cpu":
             check_finite()  # free on the CPU; a GPU run checks at log and checkpoint time
         if log_now:
@@ -588,7 +592,7 @@ def train_run(args, cfg, d, data, run_dir, stop, ck, flops_per_step, log=None):
             if norms is not None:
                 msg += " | grad " + " ".join(f"{v:.2g}" for v in norms)
             log(msg)
-            t_log, t_paused = now, 0.0
+            t_log, t_paused, t_said = now, 0.0, now
         ep = step // spe
         do_eval = step % spe == 0 and ep % cfg["eval_every"] == 0 and step < total  # the final one follows the loop
         do_ckpt = step % spe == 0 and ep % cfg["ckpt_every"] == 0 and step < total

@@ -371,9 +371,9 @@ def test_flags_that_do_apply_still_work():
     assert S.parse_args(["--smoke", "--sim", "off"]).baseline and not S.parse_args(["--smoke", "--no-baseline"]).baseline
 
 
-@pytest.mark.parametrize("name,parser", [("sim_cifar", S.build_parser), ("mae_decay", M.build_parser),
+@pytest.mark.parametrize("name,parser", [("sim_cifar", lambda: S.build_parser()), ("mae_decay", lambda: M.build_parser()),
                                          ("diffusion_decay", lambda: D.build_parser("cifar_quick")),
-                                         ("probe", P.build_parser)])
+                                         ("probe", lambda: P.build_parser())])
 def test_help_shows_every_default(name, parser):
     p = parser()
     fmt = p._get_formatter()
