@@ -465,3 +465,29 @@ def test_probe_checks_compare_paths_first(tmp_path):
     with pytest.raises(common.UserError) as e:
         P.main([str(tmp_path / "missing.pt")])
     assert "no checkpoint" in str(e.value) and "--resume" not in str(e.value)
+
+
+def test_sim_cifar_slow_steps_still_show_progress(tmp_path, monkeypatch):
+    """A CPU step of the full-size run takes seconds: a line at least every 30 s, not every 50 steps."""
+    class Clock:  # every reading 40 s later than the last
+        t = 0.0
+
+        def perf_counter(self):
+            Clock.t += 40.0
+            return Clock.t
+    args = S.parse_args(["--smoke", "--no-baseline", "--train-subset", "128", "--batch-size", "32", "--test-subset", "100",
+                         "--epochs", "1", "--log-every", "100", "--width", "4", "--latent-dim", "8"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (128,), generator=g)
+    monkeypatch.setattr(S, "time", Clock())
+    lines = []
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        S.train_run(args, dict(vars(args), dataset="cifar10"), CPU, (x, y, x[:100], y[:100]), str(tmp_path),
+                    common.StopSignal(None), None, 1, lines.append)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    assert [l for l in lines if "a full line every 100 steps" in l] == [
+        f"[rho s0] step {i}/4 (a full line every 100 steps)" for i in (1, 2, 3)]
