@@ -129,21 +129,11 @@ def prepare_out_dir(path):
 
 
 LOCK_NAME = ".lock"
-_held_locks = set()
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+_held_locks = {}  # lock path -> open descriptor holding the flock
 
 
 def _lock_owner(lock):
-    """(pid, host) written in a lock file, or None when it cannot be read (half written, gone)."""
+    """(pid, host) written in a lock file, or None when it cannot be read."""
     try:
         with open(lock) as fh:
             pid, host = fh.read().split()[:2]
@@ -153,50 +143,48 @@ def _lock_owner(lock):
 
 
 def lock_out_dir(path):
-    """Take OUT/.lock (it holds "pid host") so a second run into the same folder is refused instead of
-    both writing there. A lock left by a dead process (SIGKILL, power loss) on this host is taken over;
-    one from another host is refused (we cannot tell whether it is alive). Released at exit."""
-    lock, host = os.path.join(path, LOCK_NAME), os.uname().nodename
-    tmp = f"{lock}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(f"{os.getpid()} {host}\n")
-    try:
-        for _ in range(3):
-            try:
-                os.link(tmp, lock)  # atomic: exactly one of two racing runs gets the lock
-                break
-            except FileExistsError:
-                owner = _lock_owner(lock)
-                if owner is not None and owner == (os.getpid(), host):
-                    break  # ours already (main() called twice in one process)
-                if owner is not None and (owner[1] != host or _pid_alive(owner[0])):
-                    raise UserError(f"--out {path} is in use by another run (pid {owner[0]} on {owner[1]}): wait for "
-                                    f"it to end or pick another --out (if no such run exists, delete {lock})")
-                if owner is None and time.time() - os.path.getmtime(lock) < 5:
-                    time.sleep(1)  # being written right now
-                    continue
-                try:  # stale: move it aside (only one racer succeeds), then try again
-                    os.replace(lock, f"{lock}.stale{os.getpid()}")
-                    os.remove(f"{lock}.stale{os.getpid()}")
-                except FileNotFoundError:
-                    pass
-        else:
-            raise UserError(f"could not lock --out {path}: delete {lock} if no run is using that folder")
-    finally:
-        os.remove(tmp)
-    _held_locks.add(lock)
+    """Lock OUT/.lock (an flock, so the kernel drops it when the process dies, SIGKILL included: a lock
+    file left behind is stale by construction and simply taken over) and write "pid host" into it; a
+    second run into the same folder is refused, naming the holder. Re-entrant within one process.
+    release_out_dir removes the file."""
+    import fcntl
+    lock = os.path.join(path, LOCK_NAME)
+    if lock in _held_locks:
+        return lock
+    for _ in range(10):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid, host = _lock_owner(lock) or ("?", "?")
+            raise UserError(f"--out {path} is in use by another run (pid {pid} on {host}): wait for it to end "
+                            "or pick another --out") from None
+        try:  # the file locked must still be the one at that path (a run that just ended unlinks it)
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    else:
+        raise UserError(f"could not lock --out {path}: too many runs starting there at once")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {os.uname().nodename}\n".encode())
+    _held_locks[lock] = fd
     return lock
 
 
 def release_out_dir(path):
-    """Remove OUT/.lock if this process holds it."""
+    """Remove OUT/.lock and drop the lock, if this process holds it."""
     lock = os.path.join(path, LOCK_NAME)
-    if _lock_owner(lock) == (os.getpid(), os.uname().nodename):
+    fd = _held_locks.pop(lock, None)
+    if fd is not None:
         try:
-            os.remove(lock)
+            os.remove(lock)  # while still locked: no other run can be holding this file
         except OSError:
             pass
-    _held_locks.discard(lock)
+        os.close(fd)
 
 
 @atexit.register
@@ -206,7 +194,7 @@ def release_out_dirs():
         release_out_dir(os.path.dirname(lock))
 
 
-_TEMP_RE = re.compile(r"\.tmp\d*$|^\.write_test\d*$|^\.lock\.(tmp|stale)\d+$")
+_TEMP_RE = re.compile(r"\.tmp\d*$|^\.write_test\d*$")
 
 
 def clean_stale_temps(path):
@@ -216,7 +204,7 @@ def clean_stale_temps(path):
     removed = []
     for root, _, files in os.walk(path):
         for f in files:
-            if _TEMP_RE.search(f) and not f.startswith(LOCK_NAME + ".tmp" + str(os.getpid())):
+            if _TEMP_RE.search(f):
                 try:
                     os.remove(os.path.join(root, f))
                     removed.append(os.path.join(root, f))

@@ -177,47 +177,49 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path, script):
     assert (out / ckpt).read_bytes() == b"a finished run" and not (out / ".lock").exists()
 
 
-def _sleeper():
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+def _holder(out):
+    """Another run: a live process holding OUT's lock until killed."""
+    code = (f"import sys, time; sys.path.insert(0, {ROOT!r}); import common; "
+            f"common.claim_out_dir({str(out)!r}, False); print('held', flush=True); time.sleep(120)")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_second_run_into_a_locked_folder_is_refused(tmp_path, script):
     main, argv, _ = _mains(tmp_path)[script]
     out = tmp_path / "run"
-    out.mkdir()
-    other = _sleeper()  # a live process that holds the lock
+    other = _holder(out)
     try:
-        (out / ".lock").write_text(f"{other.pid} {os.uname().nodename}\n")
         with pytest.raises(common.UserError, match=f"in use by another run \\(pid {other.pid}"):
             main(argv + ["--out", str(out)])
         assert (out / ".lock").read_text().split()[0] == str(other.pid)  # theirs, untouched
     finally:
-        other.kill()
+        other.kill()  # SIGKILL: no clean-up, the lock file stays behind ...
         other.wait()
-    # the holder died without cleaning up (SIGKILL): its lock is stale, taken over, then released
-    with pytest.raises(common.UserError, match="missing"):
+    assert (out / ".lock").exists()
+    with pytest.raises(common.UserError, match="missing"):  # ... and is stale: the next run goes on
         main(argv + ["--out", str(out)])
-    assert not (out / ".lock").exists()
+    assert not (out / ".lock").exists()  # released when main() ended
 
 
 def test_two_processes_race_for_one_folder(tmp_path):
-    """Real processes: the second of two runs into one --out is refused while the first holds it."""
+    """Real processes: the second of two runs into one --out exits 2 with one line while the first runs."""
     out = tmp_path / "run"
-    start = f"import sys, time; sys.path.insert(0, {ROOT!r}); import common; "
-    hold = start + f"common.claim_out_dir({str(out)!r}, False); print('held', flush=True); time.sleep(60)"
-    try_it = start + f"common.run_main(lambda: common.claim_out_dir({str(out)!r}, False))"
-    first = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    first = _holder(out)
     try:
-        assert first.stdout.readline().strip() == "held"
-        second = subprocess.run([sys.executable, "-c", try_it], capture_output=True, text=True, timeout=60)
-        assert second.returncode == 2 and f"pid {first.pid}" in second.stderr, second.stderr
+        code = (f"import sys; sys.path.insert(0, {ROOT!r}); import common; "
+                f"common.run_main(lambda: common.claim_out_dir({str(out)!r}, False))")
+        second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert f"in use by another run (pid {first.pid}" in second.stderr
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    assert (out / ".lock").exists()  # SIGKILL: nothing cleaned up ...
-    common.claim_out_dir(str(out), False)  # ... and the next run takes the stale lock over
+    common.claim_out_dir(str(out), False)  # the stale lock is taken over
     assert (out / ".lock").read_text().split()[0] == str(os.getpid())
+    common.claim_out_dir(str(out), False)  # re-entrant in one process
     common.release_out_dir(str(out))
     assert not (out / ".lock").exists()
 
