@@ -112,7 +112,7 @@ PRESETS = {
 SAFE_ON_RESUME = common.SAFE_ON_RESUME | {
     "log_every", "ckpt_every", "iters", "steps", "solver", "cfg_scale", "fid_n", "fid_n_explicit", "fid_weights",
     "fid_weights_found", "fid_skipped", "fid_cache", "sample_batch", "grid", "probe_layer", "probe_t",
-    "probe_epochs", "knn_k", "n_test", "eval_n_test", "eval_batch_size"}
+    "probe_epochs", "knn_k", "n_test", "eval_n_test", "eval_batch_size", "t_end", "denoise"}
 P_UNCOND = 0.1  # --p-uncond's default (--cond only)
 
 

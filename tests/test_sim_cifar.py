@@ -235,7 +235,7 @@ def test_sim_blocks_all_or_stride1(mode):
     assert sum(isinstance(b, S.SIM) for b in S.build_model(legacy).blocks) == 8
     assert S.parse_args(["--smoke"]).sim_blocks == "all"
     a = S.parse_args(["--smoke", "--sim-blocks", "stride1"])
-    assert a.sim_blocks == "stride1" and "stride1" in a.out and "sim_blocks" in S.RESUME_KEYS
+    assert a.sim_blocks == "stride1" and "stride1" in a.out and "sim_blocks" not in S.SAFE_ON_RESUME
 
 
 def test_flops_cut_compared_with_the_paper_only_at_width_64():

@@ -30,6 +30,7 @@ SIM_CHANGES = {
     "wd": ([], ["--wd", "0.1"]), "label_smoothing": ([], ["--label-smoothing", "0"]), "width": ([], ["--width", "16"]),
     "train_subset": ([], ["--train-subset", "512"]), "test_subset": ([], ["--test-subset", "500"]),
     "eval_every": ([], ["--eval-every", "2"]), "seed": ([], ["--seed", "1"]), "smoke": ([], []),
+    "sim_blocks": ([], ["--sim-blocks", "stride1"]),
 }
 MAE_CHANGES = {
     "preset": ([], ["--preset", "cifar"]), "alpha_min": ([], ["--alpha-min", "0.7"]), "decay": ([], ["--decay", "none"]),
@@ -43,7 +44,7 @@ MAE_CHANGES = {
     "epochs": ([], ["--epochs", "3"]), "warmup_epochs": ([], ["--warmup-epochs", "0.5"]),
     "eval_every": ([], ["--eval-every", "2"]), "eval_n_train": ([], ["--eval-n-train", "128"]),
     "eval_n_test": ([], ["--eval-n-test", "64"]), "probe_epochs": ([], ["--probe-epochs", "2"]),
-    "seed": ([], ["--seed", "1"]), "smoke": ([], []),
+    "seed": ([], ["--seed", "1"]), "smoke": ([], []), "wd_tokens": ([], ["--no-wd-tokens"]),
 }
 DIFF_CHANGES = {
     "preset": (None, ["--preset", "uvit_s2"]), "dataset": ([], ["--dataset", "cifar100"]),
@@ -112,7 +113,8 @@ SAFE_ARGV = ["--out", "elsewhere", "--device", "cpu", "--compile", "--data-dir",
 @pytest.mark.parametrize("script,extra", [("sim_cifar", ["--bench-steps", "2", "--log-grad-norms"]),
                                           ("mae_decay", ["--eval-batch-size", "64"]),
                                           ("diffusion_decay", ["--iters", "20", "--fid-n", "0", "--steps", "3",
-                                                               "--probe-t", "0.2", "--n-test", "100", "--grid", "0"])])
+                                                               "--probe-t", "0.2", "--n-test", "100", "--grid", "0",
+                                                               "--t-end", "0.001", "--no-denoise"])])
 def test_resume_allows_the_documented_safe_flags(script, extra):
     mod, _, cfg_of, _ = SCRIPTS[script]
     argv = ["--smoke"] + SAFE_ARGV + extra
