@@ -86,8 +86,8 @@ SMOKE = {  # CPU-sized: a small real subset, a narrow model, a short chain
 }
 BASE = dict(seeds=3, width=64, vocab_size=0, train_subset=0, test_subset=0, log_every=100)
 # flags that do not change what the sweep computes (may differ between a run and its --resume)
-NOT_EXPERIMENT = {"resume", "out", "device", "compile", "stop_at_step", "log_every", "ckpt_interval", "data_dir",
-                  "no_download", "eval_batch", "model_aw", "model_seed"}
+SAFE_ON_RESUME = common.SAFE_ON_RESUME | {"log_every", "ckpt_interval", "eval_batch", "model_aw", "model_seed",
+                                         "num_tokens"}
 
 
 def task_defaults(key):
@@ -98,7 +98,7 @@ def task_defaults(key):
     return f" (default: {text}" + "".join(f"; {t} quick {v:g}" for t, v in quick.items()) + ")"
 
 
-def get_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = task_defaults
@@ -139,8 +139,11 @@ def get_args(argv=None):
     p.add_argument("--ckpt-interval", type=float, default=300,
                    help="checkpoint at the end of an epoch once this many seconds passed (0 = every epoch)")
     common.add_common_args(p, SCRIPT)
-    args = p.parse_args(argv)
+    return p
 
+
+def get_args(argv=None):
+    args = build_parser().parse_args(argv)
     check = common.check
     check(args.task in TASKS, f"--task {args.task!r} is not one of {', '.join(TASKS)}")
     check(args.preset in PRESETS, f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}")
@@ -744,16 +747,14 @@ class Sweep:
         self.ck = ck
         self.cells = [(aw, args.seed + s) for aw in parse_aws(self.cfg) for s in range(args.seeds)]
         self.flops = {}
-        self.t0 = time.time()
         self.cell_seconds = []  # wall time of each cell finished in this process: the sweep's ETA
-        self.log_path = os.path.join(args.out, "log.txt")
+        self.log = common.file_logger(args.out, d.is_main)  # terminal (above the tqdm bar) and OUT/log.txt
+        self.prior_seconds = ck.get("train_seconds", 0.0) if ck else 0.0  # cells' time in earlier processes
+        self.t_work, self.t_main = None, time.time()  # main() sets t_main to its own start
 
-    def log(self, msg):
-        """Terminal (above the tqdm bar) and OUT/log.txt, rank 0 only."""
-        if self.d.is_main:
-            tqdm.write(msg)
-            with open(self.log_path, "a") as fh:
-                fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+    def train_seconds(self):
+        """Time spent in the cells (training, evaluation, RLCT), summed over this and earlier processes."""
+        return self.prior_seconds + (time.time() - self.t_work if self.t_work else 0.0)
 
     def eta(self, ci, cell_left_s, cell_train_s):
         """Seconds left in the sweep: this cell's remaining training plus the cells after it, each taking the
@@ -771,12 +772,14 @@ class Sweep:
             "script": SCRIPT, "config": {**self.cfg, "model_aw": aw, "model_seed": seed},
             "model": net.state_dict(), "optimizer": opt.state_dict() if running else None,
             "cell": [aw, seed] if running else None, "epoch": epoch, "batch": batch, "step": step,
-            "history": list(history), "done": self.done, "rng": torch.get_rng_state()})
+            "history": list(history), "done": self.done, "rng": torch.get_rng_state(),
+            "train_seconds": self.train_seconds()})
 
     def write_results(self, final=False):
         if self.d.is_main:
             metrics = {"table": summarise(self.done, self.cfg), "runs": self.done, "finished": final}
-            common.write_results(self.args.out, SCRIPT, self.cfg, metrics, time.time() - self.t0, self.d.device)
+            common.write_results(self.args.out, SCRIPT, self.cfg, metrics, time.time() - self.t_main, self.d.device,
+                                 train_seconds=self.train_seconds())
 
     def run_cell(self, ci, aw, seed, stop, self_model=None):
         """Train one cell; returns its metrics, or None when a stop was requested (checkpoint written).
@@ -962,23 +965,28 @@ def load_resume(path, args):
     ck = common.load_checkpoint(path)
     common.check(ck.get("script") == SCRIPT, f"{path} was written by {ck.get('script')!r}, not {SCRIPT}: "
                                              "point --out at a selfmodel run")
-    old, new = ck["config"], vars(args)
-    diff = sorted(k for k in set(old) | set(new) if k not in NOT_EXPERIMENT and k != "num_tokens"
-                  and old.get(k) != new.get(k))
-    common.check(not diff, f"--resume: {path} was made with other settings ({', '.join(diff[:4])}): "
-                           "pass the flags of that run or a new --out")
+    common.check_resume_config(ck["config"], vars(args), SAFE_ON_RESUME, path)
     return ck
 
 
 def main(argv=None):
+    t_main = time.time()
     common.git_commit()  # the code this run loaded, recorded before a long sweep
     args = get_args(argv)
-    common.prepare_out_dir(args.out)
     d = common.setup_distributed(args.device)
+    try:
+        sweep_main(args, d, t_main)
+    finally:
+        common.release_out_dirs()
+
+
+def sweep_main(args, d, t_main):
+    common.rank0_first(common.claim_out_dir, args.out, args.resume)  # lock; refuse to overwrite a finished run
     common.warn_if_cpu(d, args.smoke)
     ck = load_resume(os.path.join(args.out, "ckpt.pt"), args) if args.resume else None
     data = Data(args, d)
     sweep = Sweep(args, d, data, ck)
+    sweep.t_main = t_main
     stop = common.StopSignal(args.stop_at_step)
     sweep.log(f"selfmodel {args.task} on {common.device_name(d.device)} x{d.world_size}: AW {args.aw}, "
               f"{args.seeds} seed(s), out {args.out}")
@@ -988,6 +996,7 @@ def main(argv=None):
         if cell_key(aw, seed) in sweep.done:
             continue
         t_cell = time.time()
+        sweep.t_work = sweep.t_work or t_cell
         if sweep.run_cell(ci, aw, seed, stop) is None:
             sweep.log(f"stopped at step {sweep.stopped_at} of the sweep (aw {aw:g} seed {seed}); "
                       f"checkpoint {sweep.path}; rerun with --resume to continue")
@@ -1000,7 +1009,7 @@ def main(argv=None):
     bar.close()
     sweep.write_results(final=True)
     sweep.log(format_table(summarise(sweep.done, sweep.cfg), sweep.cfg))
-    sweep.log(f"done in {(time.time() - sweep.t0) / 60:.1f} min; results {os.path.join(args.out, 'results.json')}")
+    sweep.log(f"done in {(time.time() - t_main) / 60:.1f} min; results {os.path.join(args.out, 'results.json')}")
     common.cleanup_distributed()
 
 

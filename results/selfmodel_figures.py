@@ -103,7 +103,7 @@ def merge(name, dirs):
         "commands": [command_of(r["config"]) for r in res],
         "device": res[0]["device"], "cpu_model": cpu_model() if res[0]["device"].startswith("cpu") else None,
         "torch": res[0]["torch"], "git_commits": sorted({str(r["git_commit"]) for r in res}),
-        "wall_minutes": round(sum(r["seconds"] for r in res) / 60, 1),
+        "wall_minutes": round(sum(r.get("wall_seconds", r.get("seconds", 0)) for r in res) / 60, 1),
         "finished": all(r["metrics"]["finished"] for r in res),
         "config": {k: base[k] for k in sorted(base) if k not in ("smoke",)},
         "table": S.summarise(cells, cfg), "runs": rounded(cells)}

@@ -443,7 +443,7 @@ def test_bad_checkpoints_and_the_real_cli(mnist, tmp_path, capsys):
     common.save_checkpoint(str(out / "ckpt.pt"), {"script": "selfmodel", "model": {},
                                                   "config": {**vars(S.get_args(["--smoke"])), "lr": 1.0}})
     code, err = run_in_process(["--smoke", "--data-dir", mnist, "--out", str(out), "--resume"], capsys)
-    assert code == 2 and "other settings (lr)" in err
+    assert code == 2 and "other settings: --lr 0.005 (run: 1.0)" in err
     # and through a real process: one line, no traceback
     assert_clean_error(run_script(SMOKE + ["--aw", "-1"]), "--aw", ">= 0")
 

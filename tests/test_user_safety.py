@@ -13,6 +13,7 @@ import common
 import diffusion_decay as D
 import mae_decay as M
 import probe as P
+import selfmodel as SM
 import sim_cifar as S
 from conftest import ROOT, assert_clean_error, need, run_script
 
@@ -57,6 +58,27 @@ DIFF_CHANGES = {
     "smoke": ([], []),
 }
 
+SM_CHANGES = {
+    "task": ([], ["--task", "imdb"]), "preset": (["--task", "imdb"], ["--task", "imdb", "--preset", "quick"]),
+    "aw": ([], ["--aw", "0,5"]), "seeds": ([], ["--seeds", "2"]), "hidden": ([], ["--hidden", "16"]),
+    "width": (["--task", "cifar10"], ["--task", "cifar10", "--width", "8"]),
+    "vocab_size": (["--task", "imdb"], ["--task", "imdb", "--vocab-size", "100"]),
+    "epochs": ([], ["--epochs", "2"]), "batch_size": ([], ["--batch-size", "64"]), "lr": ([], ["--lr", "0.1"]),
+    "momentum": ([], ["--momentum", "0.5"]), "normalize": ([], ["--normalize", "dataset"]),
+    "train_subset": ([], ["--train-subset", "100"]), "test_subset": ([], ["--test-subset", "100"]),
+    "sgld_eps": ([], ["--sgld-eps", "1e-3"]), "sgld_gamma": ([], ["--sgld-gamma", "1"]),
+    "sgld_chains": ([], ["--sgld-chains", "3"]), "sgld_draws": ([], ["--sgld-draws", "10"]),
+    "sgld_batch": ([], ["--sgld-batch", "64"]), "llc_protocol": ([], ["--llc-protocol", "authors"]),
+    "llc_grid_eps": ([], ["--llc-grid-eps", "1e-4", "--llc-grid-gamma", "1"]),
+    "llc_grid_gamma": (["--llc-grid-eps", "1e-4", "--llc-grid-gamma", "1"],
+                       ["--llc-grid-eps", "1e-4", "--llc-grid-gamma", "10"]),
+    "seed": ([], ["--seed", "1"]), "smoke": ([], []),
+}
+
+
+def _sm_cfg(argv):
+    return vars(SM.get_args(argv))
+
 
 def _sim_cfg(argv):
     a = S.parse_args(argv)
@@ -74,7 +96,8 @@ def _diff_cfg(argv):
 
 SCRIPTS = {"sim_cifar": (S, SIM_CHANGES, _sim_cfg, lambda: S.build_parser()),
            "mae_decay": (M, MAE_CHANGES, _mae_cfg, lambda: M.build_parser()),
-           "diffusion_decay": (D, DIFF_CHANGES, _diff_cfg, lambda: D.build_parser())}
+           "diffusion_decay": (D, DIFF_CHANGES, _diff_cfg, lambda: D.build_parser()),
+           "selfmodel": (SM, SM_CHANGES, _sm_cfg, lambda: SM.build_parser())}
 CASES = [(name, dest) for name, (_, table, _, _) in SCRIPTS.items() for dest in table]
 
 
@@ -114,10 +137,11 @@ SAFE_ARGV = ["--out", "elsewhere", "--device", "cpu", "--compile", "--data-dir",
                                           ("mae_decay", ["--eval-batch-size", "64"]),
                                           ("diffusion_decay", ["--iters", "20", "--fid-n", "0", "--steps", "3",
                                                                "--probe-t", "0.2", "--n-test", "100", "--grid", "0",
-                                                               "--t-end", "0.001", "--no-denoise"])])
+                                                               "--t-end", "0.001", "--no-denoise"]),
+                                          ("selfmodel", ["--ckpt-interval", "5", "--eval-batch", "64"])])  # in seconds
 def test_resume_allows_the_documented_safe_flags(script, extra):
     mod, _, cfg_of, _ = SCRIPTS[script]
-    argv = ["--smoke"] + SAFE_ARGV + extra
+    argv = ["--smoke"] + (SAFE_ARGV[:-2] if script == "selfmodel" else SAFE_ARGV) + extra  # no --ckpt-every there
     if script == "mae_decay":
         argv.remove("--compile")  # --compile-mode needs it; compile itself is tested by the others
     common.check_resume_config(cfg_of(["--smoke"]), cfg_of(argv), mod.SAFE_ON_RESUME, "OUT/ckpt.pt")
@@ -165,7 +189,8 @@ def _mains(tmp_path):
     nodata = ["--data-dir", str(tmp_path / "none"), "--no-download", "--smoke"]
     return {"sim_cifar": (S.main, nodata + ["--no-baseline"], os.path.join("rho_seed0", "ckpt.pt")),
             "mae_decay": (M.main, nodata, "ckpt.pt"),
-            "diffusion_decay": (D.main, nodata, "ckpt.pt")}
+            "diffusion_decay": (D.main, nodata, "ckpt.pt"),
+            "selfmodel": (SM.main, nodata, "ckpt.pt")}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -377,7 +402,7 @@ def test_flags_that_do_apply_still_work():
 
 @pytest.mark.parametrize("name,parser", [("sim_cifar", lambda: S.build_parser()), ("mae_decay", lambda: M.build_parser()),
                                          ("diffusion_decay", lambda: D.build_parser("cifar_quick")),
-                                         ("probe", lambda: P.build_parser())])
+                                         ("probe", lambda: P.build_parser()), ("selfmodel", SM.build_parser)])
 def test_help_shows_every_default(name, parser):
     p = parser()
     fmt = p._get_formatter()
