@@ -123,6 +123,11 @@ def probe_one(path, args, dev):
     common.check(IMAGE_SHAPES[dataset] == IMAGE_SHAPES.get(name), f"--dataset {dataset} ({IMAGE_SHAPES[dataset]}) "
                  f"cannot feed a model trained on {name} ({IMAGE_SHAPES.get(name)}): pick a data set of that shape")
     layers = pick_layers(args.layers, mod.probe_layers(cfg))
+    cell = None
+    if "model_aw" in cfg:  # a selfmodel sweep keeps the weights of one cell only: say which
+        cell = {"aw": cfg["model_aw"], "seed": cfg["model_seed"]}
+        print(f"{path}: a selfmodel sweep checkpoint holds only its last trained cell; probing AW {cell['aw']:g}, "
+              f"seed {cell['seed']}")
     if mod.__name__ == "diffusion_decay":
         spec = args.t or cfg.get("probe_t") or "0.1"
         ts = common.parse_list(",".join(map(str, spec)) if isinstance(spec, (list, tuple)) else spec, float, "--t")
@@ -144,7 +149,8 @@ def probe_one(path, args, dev):
     epochs = args.probe_epochs or cfg.get("probe_epochs") or 50
     knn_k = args.knn_k or cfg.get("knn_k") or 20
     seed = cfg.get("seed", 0)
-    mean, std = common.DATASET_STATS[dataset]
+    # the normalisation the run trained with (selfmodel follows its paper's Normalize(0.5, 0.5) by default)
+    mean, std = mod.input_stats(cfg, dataset) if hasattr(mod, "input_stats") else common.DATASET_STATS[dataset]
     splits = {}
     for split, n in (("train", n_train), ("test", n_test)):
         x, y = common.load_dataset(dataset, args.data_dir, train=split == "train", download=not args.no_download)
@@ -161,7 +167,8 @@ def probe_one(path, args, dev):
         for layer in layers:
             m = common.evaluate_features(tr_f[layer], tr_y, te_f[layer], te_y, k=knn_k, seed=seed,
                                          probe_epochs=epochs)
-            row = {"ckpt": path, "script": mod.__name__, "dataset": dataset, "layer": layer, "t": t, **m}
+            row = {"ckpt": path, "script": mod.__name__, "dataset": dataset, "layer": layer, "t": t, **m,
+                   **({"cell": cell} if cell else {})}
             if extra:
                 row.update(feature=extra["feature"], raw_norm=te_f[("raw_norm", layer)].mean().item())
             rows.append(row)

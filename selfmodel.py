@@ -596,6 +596,15 @@ class AffineBatches:
             yield (x.contiguous(memory_format=torch.channels_last) if self.b.channels_last else x), y
 
 
+def input_stats(cfg, dataset):
+    """The (mean, std) a run normalised its images with: Normalize(0.5, 0.5) as the authors, or the data
+    set's statistics under --normalize dataset (probe.py reads it, so probes see what training saw)."""
+    mean, std = common.DATASET_STATS[dataset]
+    if cfg.get("normalize", "paper") == "paper":
+        return (0.5,) * len(mean), (0.5,) * len(std)
+    return mean, std
+
+
 class Data:
     """Train / test / SGLD batches for one task, the tensors loaded once onto the device."""
 
@@ -615,9 +624,7 @@ class Data:
             self.train_xy = cut(imdb.train_x, imdb.train_y, args.train_subset, "--train-subset")
             self.test_xy = cut(imdb.test_x, imdb.test_y, args.test_subset, "--test-subset")
         else:
-            self.mean, self.std = common.DATASET_STATS[args.dataset]
-            if args.normalize == "paper":  # the authors' Normalize(0.5, 0.5) (sets the weight-width scale)
-                self.mean, self.std = (0.5,) * len(self.mean), (0.5,) * len(self.std)
+            self.mean, self.std = input_stats(vars(args), args.dataset)  # the choice sets the weight-width scale
             x, y = common.load_dataset(args.dataset, args.data_dir, train=True, download=dl)
             self.train_xy = tuple(t.to(d.device) for t in cut(x, y, args.train_subset, "--train-subset"))
             x, y = common.load_dataset(args.dataset, args.data_dir, train=False, download=dl)

@@ -160,3 +160,14 @@ def test_errors_are_one_line(ckpts, data_dir, tmp_path):
         assert words in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
     p = run_script(["probe.py", junk])  # and through the real command line: no traceback
     assert_clean_error(p, "not a readable checkpoint")
+
+
+def test_selfmodel_checkpoint_names_its_cell_and_normalisation(ckpts, data_dir, tmp_path, capsys):
+    ck, _ = ckpts["selfmodel"]
+    cfg = common.load_checkpoint(str(ck))["config"]
+    (row,) = _probe(ck, "--data-dir", data_dir, "--out", tmp_path / "p.json")
+    assert row["cell"] == {"aw": cfg["model_aw"], "seed": cfg["model_seed"]}
+    assert f"probing AW {cfg['model_aw']:g}, seed {cfg['model_seed']}" in capsys.readouterr().out
+    S = importlib.import_module("selfmodel")  # probes normalise as the run trained: the authors' 0.5 / 0.5
+    assert S.input_stats({"normalize": "paper"}, "cifar10") == ((0.5,) * 3, (0.5,) * 3)
+    assert S.input_stats({"normalize": "dataset"}, "cifar10") == common.DATASET_STATS["cifar10"]
