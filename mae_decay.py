@@ -787,6 +787,7 @@ def main(argv=None):
     n_tok = (args.img_size // args.patch) ** 2
     dumps = {"loss": [], "grads": []}
     speeds, t_log, s_log, t_start = [], time.time(), step, time.time() - hist["seconds"]
+    t_proc, s_proc = time.time(), step  # this process's start, for the ETA (a resumed run counts from here)
 
     def global_mean(t):
         """Mean over ranks of a per-rank scalar (a plain .item() when single)."""
@@ -848,7 +849,8 @@ def main(argv=None):
                 ips = (step - s_log) * args.batch_size / dt
                 speeds.append(ips)
                 mfu = f"{flops * ips / (peak * d.world_size):.1%}" if peak else "n/a"
-                log(f"step {step}/{total} ep {epoch} loss {lv:.4f} lr {lr:.2e} {ips:.0f} img/s mfu {mfu}")
+                left = common.eta(step - s_proc, total - s_proc, time.time() - t_proc)
+                log(f"step {step}/{total} ep {epoch} loss {lv:.4f} lr {lr:.2e} {ips:.0f} img/s mfu {mfu} ETA {left}")
                 t_log, s_log = time.time(), step
         bar.close()
         hist["train_loss"].append(global_mean(loss_sum) / spe)

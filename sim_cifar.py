@@ -20,6 +20,7 @@ synchronised eager step time of off, full and rho on one real batch are measured
 compiled, so --compile costs no compilation of modes that are not trained; --bench-steps 0 keeps only the
 FLOPs) and the overheads relative to off printed. Each run also logs its own steady-state step time (after
 its first epoch, compiled with --compile), img/s and MFU; the summary gives those step times relative to off.
+Every log line carries the speed of its interval and the run's ETA, so a log file alone shows the progress.
 
 Recipe (one GPU, fast): CIFAR-10 resident on the device (common.GPUBatches: crop with 4 px padding and
 flip, done there), bf16 autocast, channels_last, optional torch.compile, SGD-Nesterov (momentum 0.9, lr 0.4
@@ -523,6 +524,7 @@ def train_run(args, cfg, d, data, run_dir, stop, ck, flops_per_step):
     peak = common.peak_flops(d.device)
     stop_every = 10 if (d.world_size > 1 and d.device.type == "cuda") else 1  # the stop vote is a collective
     start_step, t_run, t_log, t_paused, it, timing = step, time.perf_counter(), None, 0.0, None, []
+    t_run0 = t_run  # this process's start: ETA and the first interval's speed count from here
     bar = tqdm(total=total, initial=step, disable=not (d.is_main and sys.stderr.isatty()), leave=False)
     while step < total:
         epoch, i = divmod(step, spe)
@@ -561,11 +563,13 @@ def train_run(args, cfg, d, data, run_dir, stop, ck, flops_per_step):
             now = time.perf_counter()
             msg = (f"[{cfg['sim']} s{cfg['seed']}] step {step}/{total} ep {step / spe:.2f} | loss {lo:.4f} "
                    f"(ce {ce_v:.4f} sim {s_v:.4f}) | lr {opt.param_groups[0]['lr']:.3f}")
-            if t_log is not None and step - start_step > spe:  # skip the first epoch of this process (compile, warm-up)
-                dt = (now - t_log - t_paused) / n
+            dt = (now - (t_run0 if t_log is None else t_log) - t_paused) / n  # this interval, evals left out
+            mfu = ""
+            if t_log is not None and step - start_step > spe:  # steady state: not this process's first epoch (compile)
                 timing.append(1000 * dt)
                 mfu = f" | MFU {100 * flops_per_step / dt / (peak * d.world_size):.1f}%" if peak else ""
-                msg += f" | {cfg['batch_size'] / dt:,.0f} img/s | {1000 * dt:.1f} ms/step{mfu}"
+            msg += f" | {cfg['batch_size'] / dt:,.0f} img/s | {1000 * dt:.1f} ms/step{mfu}"
+            msg += f" | ETA {common.eta(step - start_step, total - start_step, now - t_run0)}"
             if norms is not None:
                 msg += " | grad " + " ".join(f"{v:.2g}" for v in norms)
             log(msg)
