@@ -31,7 +31,7 @@ Presets (`--preset`; any explicit flag wins over the preset, `--smoke` over both
   cifar_quick  CIFAR-10 32 px, ViT-S/4 encoder (27M params with the decoder), 6 x 256-d decoder,
                batch 1024, 150 epochs. Sized from the counted 4.6 GFLOP per image per training step:
                0.75 s per epoch at 30% MFU on an H100, so 2-6 minutes at 10-30% MFU plus ~1 minute of
-               evaluations; NOT measured in the session that wrote it (no GPU there).
+               evaluations; an estimate, not yet measured on a GPU.
   cifar        the same model, 400 epochs.
   in100        ImageNet-100 224 px, ViT-B/16, the MAE recipe (blr 1.5e-4, 40 warm-up epochs), 400 epochs
                (the epoch count is our choice; the reference does not state the paper's).
