@@ -166,7 +166,10 @@ def normalized_distance(pred, target, eps=1e-6):
     def standardise(z):
         z = z.float()
         var, mean = torch.var_mean(z, 1, keepdim=True)  # one pass for both statistics
-        return (z - mean) / (var.sqrt() + eps)
+        # a channel equal on all k tokens (var 0: more likely than it sounds with bf16 and k = 3) would give
+        # sqrt's infinite slope times a zero numerator, NaN; the floor keeps the gradient finite and leaves
+        # the value alone (z - mean is 0 there, and any var below 1e-12 is far under eps^2 anyway)
+        return (z - mean) / (var.clamp_min(1e-12).sqrt() + eps)
     return (standardise(pred) - standardise(target)).norm(dim=-1).mean()
 
 
