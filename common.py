@@ -804,6 +804,16 @@ def hms(seconds):
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def eta(done, total, elapsed_seconds):
+    """Time left, as hms() writes it, when `done` of `total` units took `elapsed_seconds` at a steady rate:
+    eta(25, 100, 60) == '3m00s'. '?' before the first unit is done; '0s' once done >= total. Every
+    script's periodic log line carries it, so a log file alone (nohup, tee, a cluster log) says how long
+    is left without the tqdm bar, which is shown only on a terminal."""
+    if done <= 0:
+        return "?"
+    return hms(max(total - done, 0) * elapsed_seconds / done)
+
+
 def write_results(out_dir, script, config, metrics, wall_seconds, device, train_seconds=None):
     """out_dir/results.json: config, metrics, device, timing, git commit; written atomically.
     Timing means the same in every script (README, Conventions): `wall_seconds`, the wall-clock time of

@@ -759,6 +759,7 @@ def run(args, d, t_start=None):
     pbar = tqdm(total=args.iters, initial=step, desc="train", disable=not (is_main and sys.stderr.isatty()))
     common.sync(dev)
     t_log = t_first = time.perf_counter()
+    s_first = step  # this process's first iteration, for the ETA
     train_model.train()
     while step < args.iters:
         epoch, i = divmod(step, len(batches))
@@ -795,7 +796,8 @@ def run(args, d, t_start=None):
             mfu = flops_img * img_s / (peak * world) if peak else None
             history.append([step, mean_loss])
             log(f"iter {step}/{args.iters} | loss {mean_loss:.5f} | lr {sched.get_last_lr()[0]:.2e} | "
-                f"{img_s:.0f} img/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else "") + f" | {train_seconds / 60:.1f} min")
+                f"{img_s:.0f} img/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else "") + f" | {train_seconds / 60:.1f} min"
+                f" | ETA {common.eta(step - s_first, args.iters - s_first, time.perf_counter() - t_first)} (training)")
             if rates:
                 speed = {"img_per_s": float(np.median(rates)), "flops_per_img": flops_img,
                          "mfu": flops_img * float(np.median(rates)) / (peak * world) if peak else None}

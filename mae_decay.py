@@ -31,7 +31,7 @@ Presets (`--preset`; any explicit flag wins over the preset, `--smoke` over both
   cifar_quick  CIFAR-10 32 px, ViT-S/4 encoder (27M params with the decoder), 6 x 256-d decoder,
                batch 1024, 150 epochs. Sized from the counted 4.6 GFLOP per image per training step:
                0.75 s per epoch at 30% MFU on an H100, so 2-6 minutes at 10-30% MFU plus ~1 minute of
-               evaluations; NOT measured in the session that wrote it (no GPU there).
+               evaluations; an estimate, not yet measured on a GPU.
   cifar        the same model, 400 epochs.
   in100        ImageNet-100 224 px, ViT-B/16, the MAE recipe (blr 1.5e-4, 40 warm-up epochs), 400 epochs
                (the epoch count is our choice; the reference does not state the paper's).
@@ -802,6 +802,7 @@ def _main(argv=None):
     n_tok = (args.img_size // args.patch) ** 2
     dumps = {"loss": [], "grads": []}
     speeds, t_log, s_log, t_start = [], time.time(), step, time.time() - hist["seconds"]
+    t_proc, s_proc = time.time(), step  # this process's start, for the ETA (a resumed run counts from here)
 
     def global_mean(t):
         """Mean over ranks of a per-rank scalar (a plain .item() when single)."""
@@ -863,7 +864,8 @@ def _main(argv=None):
                 ips = (step - s_log) * args.batch_size / dt
                 speeds.append(ips)
                 mfu = f"{flops * ips / (peak * d.world_size):.1%}" if peak else "n/a"
-                log(f"step {step}/{total} ep {epoch} loss {lv:.4f} lr {lr:.2e} {ips:.0f} img/s mfu {mfu}")
+                left = common.eta(step - s_proc, total - s_proc, time.time() - t_proc)
+                log(f"step {step}/{total} ep {epoch} loss {lv:.4f} lr {lr:.2e} {ips:.0f} img/s mfu {mfu} ETA {left}")
                 t_log, s_log = time.time(), step
         bar.close()
         hist["train_loss"].append(global_mean(loss_sum) / spe)

@@ -21,6 +21,7 @@ never compiled, so --compile costs no compilation of modes that are not trained;
 the FLOPs) and the overheads relative to off printed. On the CPU only the FLOPs are counted unless
 --bench-steps is given (timing full batches there takes many minutes) and the log says so. Each run also logs its own steady-state step time (after
 its first epoch, compiled with --compile), img/s and MFU; the summary gives those step times relative to off.
+Every log line carries the speed of its interval and the run's ETA, so a log file alone shows the progress.
 
 Recipe (one GPU, fast): CIFAR-10 resident on the device (common.GPUBatches: crop with 4 px padding and
 flip, done there), bf16 autocast, channels_last, optional torch.compile, SGD-Nesterov (momentum 0.9, lr 0.4
@@ -177,7 +178,10 @@ def normalized_distance(pred, target, eps=1e-6):
     def standardise(z):
         z = z.float()
         var, mean = torch.var_mean(z, 1, keepdim=True)  # one pass for both statistics
-        return (z - mean) / (var.sqrt() + eps)
+        # a channel equal on all k tokens (var 0: more likely than it sounds with bf16 and k = 3) would give
+        # sqrt's infinite slope times a zero numerator, NaN; the floor keeps the gradient finite and leaves
+        # the value alone (z - mean is 0 there, and any var below 1e-12 is far under eps^2 anyway)
+        return (z - mean) / (var.clamp_min(1e-12).sqrt() + eps)
     return (standardise(pred) - standardise(target)).norm(dim=-1).mean()
 
 
@@ -543,6 +547,7 @@ def train_run(args, cfg, d, data, run_dir, stop, ck, flops_per_step, log=None):
     stop_every = 10 if (d.world_size > 1 and d.device.type == "cuda") else 1  # the stop vote is a collective
     start_step, t_run, t_log, t_paused, it, timing = step, time.perf_counter(), None, 0.0, None, []
     t_said = time.perf_counter()  # last line printed: slow steps (a CPU) still show progress every 30 s
+    t_run0 = t_run  # this process's start: ETA and the first interval's speed count from here
     bar = tqdm(total=total, initial=step, disable=not (d.is_main and sys.stderr.isatty()), leave=False)
     while step < total:
         epoch, i = divmod(step, spe)
@@ -584,11 +589,13 @@ def train_run(args, cfg, d, data, run_dir, stop, ck, flops_per_step, log=None):
             now = time.perf_counter()
             msg = (f"[{cfg['sim']} s{cfg['seed']}] step {step}/{total} ep {step / spe:.2f} | loss {lo:.4f} "
                    f"(ce {ce_v:.4f} sim {s_v:.4f}) | lr {opt.param_groups[0]['lr']:.3f}")
-            if t_log is not None and step - start_step > spe:  # skip the first epoch of this process (compile, warm-up)
-                dt = (now - t_log - t_paused) / n
+            dt = (now - (t_run0 if t_log is None else t_log) - t_paused) / n  # this interval, evals left out
+            mfu = ""
+            if t_log is not None and step - start_step > spe:  # steady state: not this process's first epoch (compile)
                 timing.append(1000 * dt)
                 mfu = f" | MFU {100 * flops_per_step / dt / (peak * d.world_size):.1f}%" if peak else ""
-                msg += f" | {cfg['batch_size'] / dt:,.0f} img/s | {1000 * dt:.1f} ms/step{mfu}"
+            msg += f" | {cfg['batch_size'] / dt:,.0f} img/s | {1000 * dt:.1f} ms/step{mfu}"
+            msg += f" | ETA {common.eta(step - start_step, total - start_step, now - t_run0)}"
             if norms is not None:
                 msg += " | grad " + " ".join(f"{v:.2g}" for v in norms)
             log(msg)

@@ -422,3 +422,13 @@ def test_spearman_with_ties_and_its_permutation_p():
 
 def test_hms():
     assert [common.hms(s) for s in (0, 42.4, 185, 7620, -3)] == ["0s", "42s", "3m05s", "2h07m", "0s"]
+
+
+def test_eta_hand_computed():
+    # remaining = (total - done) * elapsed / done, written by hms
+    assert common.eta(25, 100, 60) == "3m00s"        # 75 units at 2.4 s each = 180 s
+    assert common.eta(1, 3, 10) == "20s"
+    assert common.eta(10, 1000, 36) == "59m24s"      # 990 * 3.6 s = 3564 s
+    assert common.eta(50, 6000, 150) == "4h57m"      # 5950 * 3 s = 17850 s = 4 h 57 m 30 s
+    assert common.eta(7, 7, 99) == "0s" and common.eta(9, 7, 99) == "0s"  # finished (or overshot)
+    assert common.eta(0, 100, 5) == "?" and common.eta(0, 100, 0) == "?"  # nothing done yet: no rate

@@ -68,6 +68,19 @@ def test_normalized_distance_matches_hand_computation():
     assert S.normalized_distance(a, a).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_normalized_distance_gradient_finite_on_constant_channel():
+    """A channel equal on every kept token (seen under bf16 autocast with k = 3 at the last stage) has
+    variance 0; the loss and its gradient must stay finite (the value is that channel's 0 contribution)."""
+    g = torch.Generator().manual_seed(2)
+    pred, target = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    pred[:, :, 1] = 0.5  # constant over the 3 tokens
+    pred.requires_grad_(True)
+    loss = S.normalized_distance(pred, target)
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(pred.grad).all()
+    assert loss.item() == pytest.approx(hand_distance(pred.detach(), target), rel=1e-5)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_rho_loss_matches_hand_computation(stride):
     """The whole rho-SIM loss of a (strided) block, rebuilt from its parts: tokens int(rho*N), one shared

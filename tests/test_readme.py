@@ -1,0 +1,60 @@
+"""The README's commands work as written: every documented `python SCRIPT.py ...` / `torchrun ... SCRIPT.py ...`
+command is accepted by that script's own flag parser (placeholders such as DATA stay as they are: parsing
+touches no file), and every documented `--smoke` command runs to the end and logs its ETA."""
+import os, re, shlex
+
+import pytest
+
+import diffusion_decay
+import mae_decay
+import selfmodel
+import sim_cifar
+from conftest import ROOT, need, run_script
+
+PARSERS = {  # script -> f(argv, world_size): the parse the script itself does first
+    "sim_cifar": lambda argv, world: sim_cifar.parse_args(argv),
+    "mae_decay": lambda argv, world: mae_decay.parse_args(argv),
+    "diffusion_decay": lambda argv, world: diffusion_decay.get_args(argv, world_size=world),
+    "selfmodel": lambda argv, world: selfmodel.get_args(argv),
+}
+COMMAND = re.compile(r"(?:python|torchrun --nproc_per_node (\d+)) ([a-z_]+)\.py((?: +[^\s`#|]+)*)")
+
+
+def readme_commands():
+    """[(script, argv, world size)] of every documented command of the four training scripts."""
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        text = fh.read()
+    out = []
+    for m in COMMAND.finditer(text):
+        if m.group(2) in PARSERS:
+            out.append((m.group(2), shlex.split(m.group(3)), int(m.group(1) or 1)))
+    return out
+
+
+def test_readme_documents_every_script_and_its_smoke_command():
+    found = readme_commands()
+    assert {s for s, _, _ in found} == set(PARSERS)
+    assert sorted(s for s, argv, _ in found if argv == ["--smoke"]) == sorted(PARSERS)
+
+
+@pytest.mark.parametrize("script,argv,world", readme_commands(),
+                         ids=[f"{s} {' '.join(a)}" for s, a, _ in readme_commands()])
+def test_readme_command_parses(script, argv, world, tmp_path):
+    PARSERS[script](argv + ["--out", str(tmp_path)], world)  # --out: parsing writes nothing, but be sure
+
+
+@pytest.fixture(scope="module")
+def smoke_data(data_dir):
+    need(data_dir, "cifar10", "cifar-10-batches-py")
+    need(data_dir, "mnist", "MNIST", "raw")
+    return data_dir
+
+
+@pytest.mark.parametrize("script", sorted(PARSERS))
+def test_readme_smoke_command_runs(script, smoke_data, tmp_path):
+    """`python SCRIPT.py --smoke` exactly as the README writes it; the data root comes from $DATA_DIR (as a
+    user's would), and only the output folder is moved out of the clone."""
+    argv = next(a for s, a, _ in readme_commands() if s == script and a == ["--smoke"])
+    p = run_script([f"{script}.py"] + argv + ["--out", tmp_path / "out"], env={"DATA_DIR": smoke_data})
+    assert p.returncode == 0, f"python {script}.py --smoke failed:\n{p.stderr[-3000:]}"
+    assert re.search(r"(?i)\beta\b", p.stdout), f"{script}: no ETA in its log lines:\n{p.stdout[-2000:]}"
