@@ -829,10 +829,10 @@ def write_results(out_dir, script, config, metrics, wall_seconds, device, train_
     return write_json(os.path.join(out_dir, "results.json"), res)
 
 
-def write_json(path, obj):
+def write_json(path, obj, indent=2):
     """JSON to a temp file, then rename: a reader never sees half a file."""
     with open(path + ".tmp", "w") as fh:
-        json.dump(obj, fh, indent=2, default=float)
+        json.dump(obj, fh, indent=indent, default=float)
     os.replace(path + ".tmp", path)
     return path
 

@@ -919,10 +919,26 @@ METRICS = ("test_acc", "width", "width_all", "llc")
 FLAT = {True: "trace flat", False: "trace still moving", None: "trace check needs 2 chains"}
 
 
+def collapsed(run, cfg):
+    """A run that ends at chance: test accuracy within 10 points of 100 / classes (a dead hidden layer: a large
+    AW can drive every ReLU to zero, where the self-model's target is 0 and predicting it is free)."""
+    return run["test_acc"] < 100 / common.NUM_CLASSES.get(cfg.get("dataset"), 10) + 10
+
+
+def trends(runs):
+    out = {}
+    if len({r["aw"] for r in runs}) > 1:
+        for k in METRICS:
+            rho, p = common.spearman([r["aw"] for r in runs], [r[k] for r in runs])
+            out[k] = {"spearman": rho, "p": p, "n": len(runs)}
+    return out
+
+
 def summarise(done, cfg):
-    """One row per AW: mean, std and 95% Student-t interval over the finished seeds, and the share of RLCT
-    traces that flattened; then the trend of every metric in AW (Spearman over the per-seed values with a
-    permutation p-value) and, for a calibration grid, the RLCT per AW and (eps, gamma)."""
+    """One row per AW: mean, std and 95% Student-t interval over the finished seeds, the share of RLCT traces
+    that flattened and the runs that collapsed to chance; then the trend of every metric in AW (Spearman over
+    the per-seed values with a permutation p-value), over all runs and over the runs that learned; and, for a
+    calibration grid, the RLCT per AW and (eps, gamma)."""
     rows = []
     for aw in parse_aws(cfg):
         runs = [r for r in done.values() if r["aw"] == aw]
@@ -933,22 +949,18 @@ def summarise(done, cfg):
             st = common.mean_ci([r[k] for r in runs])
             row.update({f"{k}_mean": st["mean"], f"{k}_std": st["std"], f"{k}_ci95": st["ci95"]})
         row["llc_flat"] = sum(bool(r.get("llc_check", {}).get("flat")) for r in runs)
+        row["collapsed"] = sum(collapsed(r, cfg) for r in runs)
         for key in runs[0].get("llc_grid", {}):
             st = common.mean_ci([r["llc_grid"][key]["llc"] for r in runs])
             row.setdefault("llc_grid", {})[key] = {**st, "flat": sum(r["llc_grid"][key]["flat"] for r in runs)}
         rows.append(row)
     runs = list(done.values())
-    trend = {}
-    if len({r["aw"] for r in runs}) > 1:
-        for k in METRICS:
-            rho, p = common.spearman([r["aw"] for r in runs], [r[k] for r in runs])
-            trend[k] = {"spearman": rho, "p": p, "n": len(runs)}
-    return {"rows": rows, "trend": trend}
+    return {"rows": rows, "trend": trends(runs), "trend_learned": trends([r for r in runs if not collapsed(r, cfg)])}
 
 
 def format_table(table, cfg):
     cols = (f"{'AW':>6} | {'n':>2} | {'test acc %':>15} | {'width (class rows)':>19} | {'width (all)':>19} | "
-            f"{'RLCT':>15} | flat")
+            f"{'RLCT':>15} | flat | collapsed")
     lines = [f"{cfg['task']} ({cfg['preset']}, hidden {cfg['hidden']}, {cfg['epochs']} epochs): mean +- half "
              "width of the 95% interval over seeds (Student t)", cols, "-" * len(cols)]
     for r in table["rows"]:
@@ -956,11 +968,13 @@ def format_table(table, cfg):
             ci = r[k + "_ci95"]
             return f"{r[k + '_mean']:.{p}f} +- {ci:.{p}f}" if ci is not None else f"{r[k + '_mean']:.{p}f}"
         lines.append(f"{fmt_aw(r['aw']):>6} | {r['n']:>2} | {f('test_acc', 2):>15} | {f('width', 4):>19} | "
-                     f"{f('width_all', 4):>19} | {f('llc', 2):>15} | {r['llc_flat']}/{r['n']}")
-    for k, t in table["trend"].items():
-        if t["spearman"] is not None:
-            lines.append(f"trend in AW of {k}: Spearman {t['spearman']:+.2f} (permutation p = {t['p']:.4f}, "
-                         f"{t['n']} runs)")
+                     f"{f('width_all', 4):>19} | {f('llc', 2):>15} | {r['llc_flat']}/{r['n']}  | "
+                     f"{r.get('collapsed', 0)}/{r['n']}")
+    for name, key in (("", "trend"), (" (runs that learned)", "trend_learned")):
+        for k, t in table.get(key, {}).items():
+            if t["spearman"] is not None:
+                lines.append(f"trend in AW of {k}{name}: Spearman {t['spearman']:+.2f} (permutation p = "
+                             f"{t['p']:.4f}, {t['n']} runs)")
     for r in table["rows"]:
         for key, g in r.get("llc_grid", {}).items():
             ci = f" +- {g['ci95']:.2f}" if g["ci95"] is not None else ""

@@ -133,14 +133,17 @@ def plot(summary, out_png):
         mean = [r[k + "_mean"] for r in rows]
         ci = [r[k + "_ci95"] or 0.0 for r in rows]
         ax.errorbar(aws, mean, yerr=ci, fmt="o-", capsize=4, color="C0")
-        for r in summary["runs"].values():  # the seeds themselves, faint
-            ax.plot(float(r["aw"]), r[k], ".", color="0.6", ms=4, zorder=0)
+        for r in summary["runs"].values():  # the seeds themselves, faint; those that collapsed to chance in red
+            dead = S.collapsed(r, summary["config"])
+            ax.plot(float(r["aw"]), r[k], "x" if dead else ".", color="C3" if dead else "0.6", ms=4, zorder=0)
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xlabel("auxiliary weight AW")
         ax.set_title(label, fontsize=10)
-        t = summary["table"]["trend"].get(k)
-        if t and t["spearman"] is not None:
-            ax.text(0.02, 0.03, f"Spearman {t['spearman']:+.2f}, p = {t['p']:.3g}", transform=ax.transAxes, fontsize=8)
+        t, tl = summary["table"]["trend"].get(k), summary["table"].get("trend_learned", {}).get(k)
+        text = [f"Spearman {t['spearman']:+.2f} ({fmt_p(t['p'])}), all runs"] if t and t["spearman"] is not None else []
+        if tl and tl["spearman"] is not None and tl["n"] < t["n"]:
+            text.append(f"Spearman {tl['spearman']:+.2f} ({fmt_p(tl['p'])}), runs that learned")
+        ax.text(0.02, 0.03, "\n".join(text), transform=ax.transAxes, fontsize=7.5)
         ax.grid(alpha=0.3)
     n = max(r["n"] for r in rows)
     fig.suptitle(f"self-modeling, {summary['name']}: mean and 95% interval over {n} seeds "
@@ -189,18 +192,27 @@ def plot_calibration(summary, out_png):
     return out_png
 
 
+def fmt_p(p):
+    """A permutation p-value at its resolution: 10,000 permutations cannot tell below 1e-4."""
+    return "p ≤ 1e-4" if p <= 1.5e-4 else f"p = {p:.2g}"
+
+
 def markdown(summary):
     """The README rows: AW | n | test acc | width | RLCT | flat traces."""
-    lines = ["| AW | seeds | test acc (%) | width (class rows) | RLCT | traces flat |", "|---|---|---|---|---|---|"]
+    lines = ["| AW | seeds | test acc (%) | width (class rows) | RLCT | traces flat | collapsed |",
+             "|---|---|---|---|---|---|---|"]
     for r in summary["table"]["rows"]:
         f = lambda k, p: f"{r[k + '_mean']:.{p}f} ± {r[k + '_ci95']:.{p}f}" if r[k + "_ci95"] is not None \
             else f"{r[k + '_mean']:.{p}f}"
         lines.append(f"| {S.fmt_aw(r['aw'])} | {r['n']} | {f('test_acc', 2)} | {f('width', 4)} | {f('llc', 1)} | "
-                     f"{r['llc_flat']}/{r['n']} |")
-    tr = summary["table"]["trend"]
+                     f"{r['llc_flat']}/{r['n']} | {r.get('collapsed', 0)}/{r['n']} |")
     lines.append("")
-    lines.append("Trend in AW (Spearman over all seeds, permutation p): " + "; ".join(
-        f"{k} {t['spearman']:+.2f} (p = {t['p']:.2g})" for k, t in tr.items() if t["spearman"] is not None))
+    for name, key in (("all runs", "trend"), ("runs that learned", "trend_learned")):
+        tr = summary["table"].get(key, {})
+        if tr:
+            lines.append(f"Trend in AW, {name} (Spearman over the seeds, permutation p): " + "; ".join(
+                f"{k} {t['spearman']:+.2f} ({fmt_p(t['p'])}, n = {t['n']})" for k, t in tr.items()
+                if t["spearman"] is not None) + ".")
     return "\n".join(lines)
 
 
@@ -219,7 +231,7 @@ def main(argv=None):
         common.check(args.name and args.runs, "give a NAME and at least one selfmodel output folder (see --help)")
         summary = merge(args.name, args.runs)
         os.makedirs(args.out_dir, exist_ok=True)
-        common.write_json(os.path.join(args.out_dir, f"selfmodel_{args.name}.json"), summary)
+        common.write_json(os.path.join(args.out_dir, f"selfmodel_{args.name}.json"), summary, indent=None)
     base = os.path.join(args.out_dir, f"selfmodel_{summary['name']}")
     print(S.format_table(summary["table"], {**summary["config"], "task": summary["task"]}))
     print(markdown(summary))

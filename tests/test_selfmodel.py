@@ -142,6 +142,13 @@ def test_summary_has_student_t_intervals_and_a_rank_trend():
     assert table["trend"]["width_all"]["spearman"] is None  # constant: no trend to rank
     text = S.format_table(table, {**cfg})
     assert "32.00 +- 4.97" in text and "Spearman" in text and "2/3" in text
+    # a run at chance (a dead hidden layer) is counted as collapsed and left out of the "learned" trend
+    done[S.cell_key(10.0, 3)] = {"aw": 10.0, "seed": 3, "test_acc": 11.35, "width": 0.1, "width_all": 0.05,
+                                 "llc": -5.0, "llc_check": {"flat": True}}
+    table = S.summarise(done, {**cfg, "dataset": "mnist"})
+    assert [r["collapsed"] for r in table["rows"]] == [0, 1]
+    assert table["trend"]["llc"]["n"] == 7 and table["trend_learned"]["llc"]["n"] == 6
+    assert S.collapsed({"test_acc": 19.9}, {"dataset": "mnist"}) and not S.collapsed({"test_acc": 61}, {"dataset": "imdb"})
 
 
 def test_llc_on_minibatches_leaves_model_and_rng_alone():
