@@ -216,6 +216,28 @@ def markdown(summary):
     return "\n".join(lines)
 
 
+def calibration_markdown(summary):
+    """RLCT per (eps, gamma) and AW (mean over seeds, traces flat, draws below L(w*)), and whether the AWs
+    keep the order they have at the paper's setting."""
+    rows = [r for r in summary["table"]["rows"] if r.get("llc_grid")]
+    if not rows:
+        return ""
+    cells = [c for c in summary["runs"].values() if "llc_grid" in c]
+    below = lambda aw, key: sum(c["llc_grid"][key]["frac_below_init"] for c in cells if c["aw"] == aw) / \
+        max(1, sum(c["aw"] == aw for c in cells))
+    head = "| eps | gamma | " + " | ".join(f"AW {S.fmt_aw(r['aw'])}" for r in rows) + " | order as at eps 1e-4, gamma 100 |"
+    lines = [head, "|---|---|" + "---|" * len(rows) + "---|"]
+    ref = "eps=0.0001,gamma=100"
+    order = lambda key: sorted(range(len(rows)), key=lambda i: -rows[i]["llc_grid"][key]["mean"])
+    for key in rows[0]["llc_grid"]:
+        e, g = (float(v.split("=")[1]) for v in key.split(","))
+        vals = [f"{r['llc_grid'][key]['mean']:.1f} (flat {r['llc_grid'][key]['flat']}/{r['llc_grid'][key]['n']}, "
+                f"{100 * below(r['aw'], key):.0f}% below)" for r in rows]
+        same = "yes" if ref in rows[0]["llc_grid"] and order(key) == order(ref) else "no"
+        lines.append(f"| {e:g} | {g:g} | " + " | ".join(vals) + f" | {same} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.one_line_errors(p)
@@ -235,6 +257,7 @@ def main(argv=None):
     base = os.path.join(args.out_dir, f"selfmodel_{summary['name']}")
     print(S.format_table(summary["table"], {**summary["config"], "task": summary["task"]}))
     print(markdown(summary))
+    print(calibration_markdown(summary))
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -63,6 +63,8 @@ def test_figures_and_redraw(split_sweep, tmp_path):
     s = json.load(open(tmp_path / "selfmodel_calib.json"))
     grid = s["table"]["rows"][0]["llc_grid"]
     assert sorted(grid) == ["eps=0.0001,gamma=100", "eps=0.001,gamma=100"] and all(g["n"] == 2 for g in grid.values())
+    cal = F.calibration_markdown(s).splitlines()
+    assert len(cal) == 4 and cal[2].startswith("| 0.0001 | 100 | ") and cal[2].endswith("| yes |")  # itself
     for f in made[1:]:  # the figures again from the committed JSON alone
         os.remove(tmp_path / f)
     F.main(["--redraw", str(tmp_path / "selfmodel_calib.json"), "--out-dir", str(tmp_path)])
