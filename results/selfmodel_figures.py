@@ -136,7 +136,11 @@ def plot(summary, out_png):
         for r in summary["runs"].values():  # the seeds themselves, faint; those that collapsed to chance in red
             dead = S.collapsed(r, summary["config"])
             ax.plot(float(r["aw"]), r[k], "x" if dead else ".", color="C3" if dead else "0.6", ms=4, zorder=0)
+        vals = [r[k] for r in summary["runs"].values()]  # the axis spans the seeds; wider intervals run off it
+        pad = 0.15 * (max(vals) - min(vals) or abs(max(vals)) or 1.0)
+        ax.set_ylim(min(vals) - pad, max(vals) + pad)
         ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(-0.5, max(aws) * 1.8)
         ax.set_xlabel("auxiliary weight AW")
         ax.set_title(label, fontsize=10)
         t, tl = summary["table"]["trend"].get(k), summary["table"].get("trend_learned", {}).get(k)
@@ -145,7 +149,8 @@ def plot(summary, out_png):
             text.append(f"Spearman {tl['spearman']:+.2f} ({fmt_p(tl['p'])}), runs that learned")
         ax.text(0.02, 0.03, "\n".join(text), transform=ax.transAxes, fontsize=7.5)
         ax.grid(alpha=0.3)
-    n = max(r["n"] for r in rows)
+    ns = sorted({r["n"] for r in rows})
+    n = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
     fig.suptitle(f"self-modeling, {summary['name']}: mean and 95% interval over {n} seeds "
                  f"({summary['device']}{', ' + summary['cpu_model'] if summary.get('cpu_model') else ''})", fontsize=10)
     fig.tight_layout()
