@@ -3,10 +3,13 @@ table with 95% intervals, the trend test, per-seed values, thinned RLCT traces) 
 
   python results/selfmodel_figures.py mnist_h64 out/selfmodel/mnist_h64_s0-4 out/selfmodel/mnist_h64_s5-9
   python results/selfmodel_figures.py --redraw results/selfmodel_mnist_h64.json   # figures from the JSON alone
+  python results/selfmodel_figures.py --widths mnist_widths results/selfmodel_mnist_h{64,128,256,512}.json
 
 Figures: NAME.png, three panels against AW (test accuracy, width of the final layer's class rows, RLCT), each
 point the mean over seeds with its 95% Student-t interval; for a run with --llc-grid-*, NAME_calibration.png,
 the chain-mean RLCT trace nbeta * (L(w) - L(w*)) of every (eps, gamma), AW 0 against the largest AW.
+`--widths NAME JSON...` takes published sweeps that differ only in the hidden width and draws the same three
+quantities against the width, one line per AW (the paper's Fig. 2 B-D), as NAME.png with its markdown table.
 
 The runs must share every setting but the AW list and the seeds (a sweep split over processes). The trace
 check ("flat") is recomputed here from the stored traces with the current selfmodel.llc_diagnostics, so runs
@@ -103,7 +106,10 @@ def merge(name, dirs):
         "commands": [command_of(r["config"]) for r in res],
         "device": res[0]["device"], "cpu_model": cpu_model() if res[0]["device"].startswith("cpu") else None,
         "torch": res[0]["torch"], "git_commits": sorted({str(r["git_commit"]) for r in res}),
+        # wall time of the last process of each run (a resumed run's earlier processes are not in it) ...
         "wall_minutes": round(sum(r.get("wall_seconds", r.get("seconds", 0)) for r in res) / 60, 1),
+        # ... and the cells' own training + RLCT time, every process included: the cost of the table
+        "cell_minutes": round(sum(c["train_seconds"] + c["llc_seconds"] for c in cells.values()) / 60, 1),
         "finished": all(r["metrics"]["finished"] for r in res),
         "config": {k: base[k] for k in sorted(base) if k not in ("smoke",)},
         "table": S.summarise(cells, cfg), "runs": rounded(cells)}
@@ -197,6 +203,76 @@ def plot_calibration(summary, out_png):
     return out_png
 
 
+def by_width(files):
+    """Published sweeps of one task at several hidden widths -> {width: summary}; they must agree in every
+    setting but the width, the AWs and the seeds."""
+    out = []
+    for f in files:
+        common.check(os.path.exists(f), f"{f} does not exist: pass results/selfmodel_NAME.json files")
+        s = json.load(open(f))
+        common.check("table" in s and "config" in s, f"{f} is not a published selfmodel sweep")
+        out.append((f, s))
+    first, ref = out[0]
+    for f, s in out:
+        diff = sorted(k for k in set(ref["config"]) | set(s["config"])
+                      if k != "hidden" and s["config"].get(k) != ref["config"].get(k))
+        common.check(not diff, f"{f} differs from {first} in {', '.join(diff)}: only the hidden width may differ")
+    widths = [s["config"]["hidden"] for _, s in out]
+    common.check(len(set(widths)) == len(widths), f"two files have the same hidden width: {sorted(widths)}")
+    return {s["config"]["hidden"]: s for _, s in sorted(out, key=lambda fs: fs[1]["config"]["hidden"])}
+
+
+def width_rows(sweeps):
+    """(hidden, row) for every AW measured at two or more widths, sorted by AW then width."""
+    count = {}
+    for s in sweeps.values():
+        for r in s["table"]["rows"]:
+            count[r["aw"]] = count.get(r["aw"], 0) + 1
+    return [(h, r) for aw in sorted(a for a, n in count.items() if n >= 2)
+            for h, s in sweeps.items() for r in s["table"]["rows"] if r["aw"] == aw]
+
+
+def plot_widths(name, sweeps, out_png):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = width_rows(sweeps)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = (("test_acc", "test accuracy (%)"), ("width", "width: std of the class rows"), ("llc", "RLCT (SGLD)"))
+    aws = sorted({r["aw"] for _, r in rows})
+    for ax, (k, label) in zip(axes, panels):
+        for i, aw in enumerate(aws):
+            pts = [(h, r) for h, r in rows if r["aw"] == aw]
+            ax.errorbar([h for h, _ in pts], [r[k + "_mean"] for _, r in pts],
+                        yerr=[r[k + "_ci95"] or 0.0 for _, r in pts], fmt="o-", capsize=3, color=f"C{i}",
+                        label=f"AW {S.fmt_aw(aw)}" + (" (baseline)" if aw == 0 else ""))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(sweeps), [str(h) for h in sweeps])
+        ax.set_xlabel("hidden width")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    ns = sorted({r["n"] for _, r in rows})
+    s0 = next(iter(sweeps.values()))
+    fig.suptitle(f"self-modeling, {name}: mean and 95% interval over {ns[0]}-{ns[-1]} seeds per point "
+                 f"({s0['device']}{', ' + s0['cpu_model'] if s0.get('cpu_model') else ''})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def widths_markdown(sweeps):
+    lines = ["| hidden | AW | seeds | test acc (%) | width (class rows) | RLCT | collapsed |",
+             "|---|---|---|---|---|---|---|"]
+    for h, r in width_rows(sweeps):
+        f = lambda k, p: f"{r[k + '_mean']:.{p}f} ± {r[k + '_ci95']:.{p}f}" if r[k + "_ci95"] is not None \
+            else f"{r[k + '_mean']:.{p}f}"
+        lines.append(f"| {h} | {S.fmt_aw(r['aw'])} | {r['n']} | {f('test_acc', 2)} | {f('width', 4)} | "
+                     f"{f('llc', 1)} | {r.get('collapsed', 0)}/{r['n']} |")
+    return "\n".join(lines)
+
+
 def fmt_p(p):
     """A permutation p-value at its resolution: 10,000 permutations cannot tell below 1e-4."""
     return "p ≤ 1e-4" if p <= 1.5e-4 else f"p = {p:.2g}"
@@ -249,8 +325,22 @@ def main(argv=None):
     p.add_argument("name", nargs="?", help="result name: writes results/selfmodel_NAME.json and .png")
     p.add_argument("runs", nargs="*", help="selfmodel output folders (or their results.json)")
     p.add_argument("--redraw", default=None, help="a results/selfmodel_*.json: draw its figures again")
+    p.add_argument("--widths", action="store_true",
+                   help="NAME then published results/selfmodel_*.json sweeps at several hidden widths: one figure "
+                        "against the width")
     p.add_argument("--out-dir", default=HERE, help="where the JSON and figures go")
     args = p.parse_args(argv)
+    if args.widths:
+        common.check(args.name and len(args.runs) >= 2, "--widths needs a NAME and two or more results JSON files")
+        sweeps = by_width(args.runs)
+        print(widths_markdown(sweeps))
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("matplotlib is not installed: figure skipped (pip install -r requirements-figures.txt)")
+            return
+        print("figure:", plot_widths(args.name, sweeps, os.path.join(args.out_dir, f"selfmodel_{args.name}.png")))
+        return
     if args.redraw:
         common.check(os.path.exists(args.redraw), f"--redraw {args.redraw} does not exist")
         summary = json.load(open(args.redraw))

@@ -1,6 +1,6 @@
 """results/: the self-modeling publisher merges split sweeps, recomputes the trace check, writes the JSON
 and (with matplotlib) the figures, and refuses runs that do not belong together."""
-import json, os, sys
+import importlib.util, json, os, sys
 
 import pytest
 
@@ -44,6 +44,7 @@ def test_merge_writes_the_table_commands_and_rechecked_traces(split_sweep):
     rows = s["table"]["rows"]
     assert [r["aw"] for r in rows] == [0.0, 5.0] and all(r["n"] == 2 for r in rows)
     assert rows[0]["test_acc_ci95"] > 0 and s["table"]["trend"]["llc"]["n"] == 4
+    assert s["cell_minutes"] == round(sum(c["train_seconds"] + c["llc_seconds"] for c in s["runs"].values()) / 60, 1)
     assert s["commands"][0].startswith("python selfmodel.py --task mnist --aw 0 --seed 0 --seeds 2")
     assert "--train-subset 1024" in s["commands"][0] and "--sgld-draws 20" in s["commands"][0]
     for cell in s["runs"].values():  # the trace check is recomputed with 2 chains: a verdict, not None
@@ -75,3 +76,36 @@ def test_figures_and_redraw(split_sweep, tmp_path):
 def test_bad_inputs_give_one_line(tmp_path):
     p = run_script([os.path.join("results", "selfmodel_figures.py"), "x", str(tmp_path / "missing")])
     assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_widths_figure_and_table(split_sweep, tmp_path):
+    """--widths lines up published sweeps by hidden width, one row per (AW, width) for AWs seen at two or more
+    widths, and refuses files that differ in anything else."""
+    _, outs = split_sweep
+    s = F.merge("h", [outs[0]])  # AW 0, 2 seeds
+    files = []
+    for h, shift in ((32, 0.0), (64, 1.0)):
+        t = json.loads(json.dumps(s))
+        t["config"]["hidden"] = h
+        t["table"]["rows"][0]["test_acc_mean"] += shift
+        files.append(str(tmp_path / f"h{h}.json"))
+        common.write_json(files[-1], t)
+    sweeps = F.by_width(files[::-1])
+    assert list(sweeps) == [32, 64]
+    table = F.widths_markdown(sweeps).splitlines()
+    acc = s["table"]["rows"][0]["test_acc_mean"]
+    assert len(table) == 4 and table[2].startswith(f"| 32 | 0 | 2 | {acc:.2f} ± ")
+    assert table[3].startswith(f"| 64 | 0 | 2 | {acc + 1:.2f} ± ")
+    with pytest.raises(common.UserError, match="same hidden width"):
+        F.by_width([files[0], files[0]])
+    t = json.load(open(files[1]))
+    t["config"]["lr"] = 1.0
+    common.write_json(files[1], t)
+    with pytest.raises(common.UserError, match="differs .* in lr"):
+        F.by_width(files)
+    if importlib.util.find_spec("matplotlib"):  # the figure itself needs the optional extra
+        t["config"]["lr"] = s["config"]["lr"]
+        common.write_json(files[1], t)
+        F.main(["--widths", "w", *files, "--out-dir", str(tmp_path)])
+        png = tmp_path / "selfmodel_w.png"
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000

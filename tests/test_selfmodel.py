@@ -346,6 +346,7 @@ def test_resume_is_bitwise_and_keeps_finished_cells(mnist, tmp_path):
     assert p.returncode == 0 and "stopped at step 150" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
     ck = torch.load(part / "ckpt.pt")
     assert ck["cell"] == [1.0, 0] and ck["step"] == 54 and list(ck["done"]) == ["aw=0,seed=0"]
+    assert ck["cell_seconds"] > 0  # the interrupted cell's training time so far, carried over
     p = run_script(SMOKE + ["--data-dir", mnist, "--out", part, "--resume"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed aw 1 seed 0 at step 54" in p.stdout and "aw 0 seed 0 |" not in p.stdout  # cell 0 kept
@@ -357,6 +358,7 @@ def test_resume_is_bitwise_and_keeps_finished_cells(mnist, tmp_path):
         for k in ("test_acc", "width", "width_all", "width_out", "llc", "loss_curve", "steps"):
             assert ra["runs"][key][k] == rb["runs"][key][k], (key, k)
     assert ra["table"] == rb["table"] and [r["aw"] for r in ra["table"]["rows"]] == [0.0, 1.0]
+    assert rb["runs"]["aw=1,seed=0"]["train_seconds"] >= round(ck["cell_seconds"], 2)  # both processes counted
     # the checkpoint rebuilds through the probe.py protocol
     net = S.build_model(b["config"])
     net.load_state_dict(b["model"])
