@@ -24,17 +24,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import common  # noqa: E402
 import selfmodel as S  # noqa: E402
+from publish import cpu_model, rounded  # noqa: E402
 
 VARY = {"aw", "seeds", "seed", "out", "resume", "model_aw", "model_seed", "stop_at_step", "data_dir", "log_every",
         "ckpt_interval", "no_download", "device", "compile", "eval_batch", "num_tokens"}
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), None)
-    except OSError:
-        return None
 
 
 def command_of(cfg):
@@ -48,16 +41,6 @@ def command_of(cfg):
         if k in cfg and cfg[k] != base.get(k):
             argv += [f"--{k.replace('_', '-')}", f"{cfg[k]:g}" if isinstance(cfg[k], float) else str(cfg[k])]
     return " ".join(argv)
-
-
-def rounded(x, digits=5):
-    if isinstance(x, float):
-        return float(f"{x:.{digits}g}")
-    if isinstance(x, list):
-        return [rounded(v, digits) for v in x]
-    if isinstance(x, dict):
-        return {k: rounded(v, digits) for k, v in x.items()}
-    return x
 
 
 def recheck(trace, nbeta):

@@ -1,0 +1,76 @@
+"""What every results/ publisher needs: read the results.json files a training script wrote, check that they
+belong together, name the device, round numbers for the committed JSON, and write "mean ± 95% interval".
+
+Not a training dependency: only the scripts under results/ import this (and matplotlib, lazily, for figures).
+"""
+import json, os, sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import common  # noqa: E402
+
+# keys that never change what a run computes (where it ran, where it wrote, how often it logged)
+RUN_ONLY = {"out", "resume", "stop_at_step", "data_dir", "log_every", "ckpt_interval", "ckpt_every", "no_download",
+            "device", "compile", "eval_batch"}
+
+
+def cpu_model():
+    """The CPU's model name (Linux), for results measured on a CPU."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), None)
+    except OSError:
+        return None
+
+
+def rounded(x, digits=5):
+    """Floats to `digits` significant digits, recursively: the committed JSON stays small and diffable."""
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}")
+    if isinstance(x, list):
+        return [rounded(v, digits) for v in x]
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    return x
+
+
+def load_runs(paths, script):
+    """[(path, results)] for output folders (or their results.json) written by `script`; one clear line if not."""
+    out = []
+    for p in paths:
+        f = os.path.join(p, "results.json") if os.path.isdir(p) else p
+        common.check(os.path.exists(f), f"{f} does not exist: pass a {script}.py output folder or its results.json")
+        try:
+            r = json.load(open(f))
+        except ValueError as e:
+            raise common.UserError(f"{f} is not valid JSON ({e}): rerun the script or pass another folder")
+        common.check(r.get("script") == script, f"{f} was not written by {script}.py")
+        out.append((f, r))
+    return out
+
+
+def same_config(runs, vary=()):
+    """The config the runs share (the keys in `vary` and RUN_ONLY left out): they may differ only in those;
+    refuses any other difference, naming the keys."""
+    skip = RUN_ONLY | set(vary)
+    (f0, r0), base = runs[0], {k: v for k, v in runs[0][1]["config"].items() if k not in skip}
+    for f, r in runs[1:]:
+        diff = sorted(k for k in set(base) | set(r["config"]) if k not in skip and r["config"].get(k) != base.get(k))
+        common.check(not diff, f"{f} differs from {f0} in {', '.join(diff)}: only {', '.join(sorted(vary)) or 'nothing'}"
+                     " may differ")
+    return base
+
+
+def device_of(results):
+    """'NVIDIA H100 80GB HBM3' or 'cpu (2 cores), AMD EPYC ...': the device line of a figure or table."""
+    dev = results.get("device", "?")
+    cpu = cpu_model() if str(dev).startswith("cpu") else None
+    return f"{dev}, {cpu}" if cpu else str(dev)
+
+
+def pm(values, digits=2, sign=""):
+    """'mean ± ci95' over the values (Student t), or just the mean for one value; '-' for none."""
+    s = common.mean_ci([v for v in values if v is not None])
+    if s["mean"] is None:
+        return "-"
+    return f"{s['mean']:{sign}.{digits}f}" + (f" ± {s['ci95']:.{digits}f}" if s["ci95"] is not None else "")
