@@ -30,6 +30,13 @@ def test_load_runs_and_same_config(tmp_path):
         P.load_runs([a], "mae_decay")
     with pytest.raises(common.UserError, match="does not exist"):
         P.load_runs([str(tmp_path / "missing")], "sim_cifar")
+    # a compiled run and an eager one (or a GPU run and a CPU one) time and round differently: never one table
+    d = write(tmp_path / "d", config={"seed": 1, "rho": 0.2, "compile": True})
+    e = write(tmp_path / "e", config={"seed": 2, "rho": 0.2, "compile": False, "device": "cuda"})
+    with pytest.raises(common.UserError, match="in compile"):
+        P.same_config(P.load_runs([a, d], "sim_cifar"), vary={"seed"})
+    with pytest.raises(common.UserError, match="in compile, device"):
+        P.same_config(P.load_runs([d, e], "sim_cifar"), vary={"seed"})
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "results.json").write_text("{")
     with pytest.raises(common.UserError, match="not valid JSON"):
