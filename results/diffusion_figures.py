@@ -180,7 +180,7 @@ def plot(s, png):
         ax.set_xticks(c["probe_layer"])
         ax.set_xlabel("block (1-based, forward order)")
         ax.set_title(title + " of noised test images", fontsize=10)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, handlelength=4)  # long enough to tell the t line styles apart
     axes[2].set_yscale("log")
     axes[2].set_xlabel("iteration")
     axes[2].set_title("training loss (mean over each log interval)", fontsize=10)

@@ -31,7 +31,7 @@ import common  # noqa: E402
 from publish import device_of, load_runs, pm, rounded, same_config  # noqa: E402
 
 SCRIPT = "mae_decay"
-VARY = {"alpha_min", "seed", "workers"}  # workers: ImageNet-100 loader processes, never a number
+VARY = {"alpha_min", "seed", "workers"}  # workers: ImageNet-100 loader processes; they change no number
 PAPER = ("ImageNet-100 ViT-B/16, alpha_min 1.0 -> 0.6: linear probe 76.5 -> 83.6; lower alpha_min gives lower "
          "effective rank and higher probe / kNN accuracy, and erank falls as probe accuracy rises (Fig. 5)")
 METRICS = ("linear_probe", "knn", "erank", "erank_exp", "feat_norm")
@@ -142,8 +142,9 @@ def cli(argv, doc, prefix, script, build, text, plot):
     p.add_argument("--redraw", default=None, help=f"a results/{prefix}_*.json: print its table, draw its figure")
     p.add_argument("--out-dir", default=HERE, help="where the JSON, the copied images and the figure go")
     args = p.parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
     if args.redraw:
-        common.check(not args.runs, "--redraw takes the published JSON only: drop NAME and the run folders")
+        common.check(not args.name and not args.runs, "--redraw takes the published JSON only: drop NAME and the run folders")
         common.check(os.path.isfile(args.redraw), f"--redraw {args.redraw} does not exist")
         try:
             s = json.load(open(args.redraw))
@@ -154,7 +155,6 @@ def cli(argv, doc, prefix, script, build, text, plot):
     else:
         common.check(args.name and args.runs, f"give a NAME and at least one {script}.py output folder (see --help)")
         common.check(re.fullmatch(r"[A-Za-z0-9_.-]+", args.name), f"NAME {args.name!r}: use letters, digits, _ . -")
-        os.makedirs(args.out_dir, exist_ok=True)
         s = build(args.name, load_runs(args.runs, script), args.out_dir)
         print("json:", common.write_json(os.path.join(args.out_dir, f"{prefix}_{s['name']}.json"), s, indent=None))
     print(text(s))
@@ -244,17 +244,22 @@ def plot(s, png):
            ("erank", "effective rank H (Eq. 6)"))
     styles = {"cls": ("-", "o"), "mean": ("--", "^")}
     handles = []
-    for i, r in enumerate(s["runs"]):
-        col, lab = f"C{i}", f"alpha_min {r['alpha_min']:g} (seed {r['seed']})"
-        handles.append(Line2D([], [], color=col, label=lab))
+    alphas = sorted({r["alpha_min"] for r in s["runs"]}, reverse=True)
+    for i, a in enumerate(alphas):  # one colour per alpha_min; its seeds are lines of that colour
+        col, group = f"C{i}", [r for r in s["runs"] if r["alpha_min"] == a]
+        seeds = ", ".join(str(r["seed"]) for r in group)
+        handles.append(Line2D([], [], color=col, label=f"alpha_min {a:g} (seed{'s' * (len(group) > 1)} {seeds})"))
         for kind, (ls, mk) in styles.items():
-            for ax, (k, _) in zip(axes[0], top):
-                ax.plot(r["epoch"], r[kind][k], ls=ls, marker=mk, ms=4, color=col)
-            rr = r["pearson"][kind]["probe"]
-            axes[1][2].scatter(r[kind]["erank"], r[kind]["linear_probe"], marker=mk, color=col,
-                               label=f"{lab}, {kind}: r = {fmt(rr, 2, '+')}")
-        axes[1][0].plot(r["epoch"], r["raw_norm"], "o-", ms=4, color=col)
-        axes[1][1].plot(range(1, len(r["train_loss"]) + 1), r["train_loss"], color=col)
+            for r in group:
+                for ax, (k, _) in zip(axes[0], top):
+                    ax.plot(r["epoch"], r[kind][k], ls=ls, marker=mk, ms=4, color=col)
+            rs = ", ".join(fmt(r["pearson"][kind]["probe"], 2, "+") for r in group)
+            axes[1][2].scatter([v for r in group for v in r[kind]["erank"]],
+                               [v for r in group for v in r[kind]["linear_probe"]], marker=mk, color=col,
+                               label=f"alpha_min {a:g}, {kind}: r = {rs}")
+        for r in group:
+            axes[1][0].plot(r["epoch"], r["raw_norm"], "o-", ms=4, color=col)
+            axes[1][1].plot(range(1, len(r["train_loss"]) + 1), r["train_loss"], color=col)
     handles += [Line2D([], [], color="0.3", ls=ls, marker=mk, label=KINDS[k]) for k, (ls, mk) in styles.items()]
     titles = [t for _, t in top] + ["raw last-block token norm (test images)", "training loss (epoch mean)",
                                     "effective rank against linear probe"]
@@ -268,7 +273,7 @@ def plot(s, png):
     axes[1][2].set_xlabel("effective rank H")
     axes[1][2].set_ylabel("linear probe (%)")
     axes[1][2].legend(fontsize=7)
-    axes[0][0].legend(handles=handles, fontsize=8)
+    axes[0][0].legend(handles=handles, fontsize=8, handlelength=4)
     c = s["config"]
     fig.suptitle(f"MAE with decayed shortcuts, {s['name']}: {c['dataset']} {c['model']} (dim {c['dim']}, depth "
                  f"{c['depth']}), {c['epochs']} epochs ({s['device']})", fontsize=11)
