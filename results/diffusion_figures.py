@@ -1,6 +1,8 @@
-"""Publish diffusion_decay.py runs (issue 19: alpha_min 1.0 against 0.7, same seed): results/diffusion_NAME.json,
-each run's sample grid as results/diffusion_NAME_samples_a{alpha_min}_s{seed}.png, the figure
-results/diffusion_NAME.png and the markdown table.
+"""Publish diffusion_decay.py runs (issue 19): the JSON, the sample grids, the figure and the table under results/.
+
+Issue 19 compares alpha_min 1.0 with 0.7 at the same seed. Writes results/diffusion_NAME.json, each run's sample
+grid as results/diffusion_NAME_samples_a{alpha_min}_s{seed}.png and the figure results/diffusion_NAME.png, and
+prints the markdown table.
 
   python diffusion_decay.py --preset cifar_quick --alpha-min 1.0 --compile   # -> out/diffusion_decay/cifar10_cifar_quick_a1_seed0
   python diffusion_decay.py --preset cifar_quick --alpha-min 0.7 --compile   # -> out/diffusion_decay/cifar10_cifar_quick_a0.7_seed0
@@ -16,8 +18,9 @@ its folder, passed beside the run itself; the two are merged (same alpha_min and
 The runs must agree in every setting but alpha_min, the seed and the FID / sample-grid flags (--fid-n,
 --fid-weights, --fid-cache, --sample-batch, --grid); --compile and --device included (one table is one
 setting). Anything else is refused, naming the file and the key; so is FID from two Inception networks.
-The probe grid is the run's --probe-layer x --probe-t (the preset's 'auto' is 3 blocks around the middle; a
-finished run re-probes every block with --resume --probe-layer all, which keeps its training).
+The probe grid is the run's --probe-layer x --probe-t, taken from the first folder of each (alpha_min, seed).
+The preset's 'auto' is only the 3 blocks around the middle: for a curve over the blocks train with
+--probe-layer all (or re-probe the finished run with --resume --probe-layer all, which redoes its FID too).
 
 The JSON keeps, per (alpha_min, seed), rounded to 5 digits: FID per sample count (None, with the reason, when
 the run had no FID: no Inception weights, or --fid-n 0), sampling images/s and NFE, the linear-probe / kNN /

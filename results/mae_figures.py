@@ -1,6 +1,8 @@
-"""Publish mae_decay.py runs (issue 18: alpha_min 1.0 against 0.6, same seed): results/mae_NAME.json, each
-run's reconstructions as results/mae_NAME_recon_a{alpha_min}_s{seed}.png, the figure results/mae_NAME.png and
-the markdown table.
+"""Publish mae_decay.py runs (issue 18): the JSON, the reconstructions, the figure and the table under results/.
+
+Issue 18 compares alpha_min 1.0 with 0.6 at the same seed. Writes results/mae_NAME.json, each run's
+reconstructions as results/mae_NAME_recon_a{alpha_min}_s{seed}.png and the figure results/mae_NAME.png, and
+prints the markdown table.
 
   python mae_decay.py --alpha-min 1.0 --compile      # cifar_quick (the default preset) -> out/mae_decay/cifar10_vit_small_p4_a1_seed0
   python mae_decay.py --alpha-min 0.6 --compile      #                                  -> out/mae_decay/cifar10_vit_small_p4_a0.6_seed0
