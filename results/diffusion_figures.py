@@ -4,20 +4,21 @@ Issue 19 compares alpha_min 1.0 with 0.7 at the same seed. Writes results/diffus
 grid as results/diffusion_NAME_samples_a{alpha_min}_s{seed}.png and the figure results/diffusion_NAME.png, and
 prints the markdown table.
 
-  python diffusion_decay.py --preset cifar_quick --alpha-min 1.0 --compile   # -> out/diffusion_decay/cifar10_cifar_quick_a1_seed0
-  python diffusion_decay.py --preset cifar_quick --alpha-min 0.7 --compile   # -> out/diffusion_decay/cifar10_cifar_quick_a0.7_seed0
-  python results/diffusion_figures.py cifar_quick out/diffusion_decay/cifar10_cifar_quick_a1_seed0 out/diffusion_decay/cifar10_cifar_quick_a0.7_seed0
-  python results/diffusion_figures.py --redraw results/diffusion_cifar_quick.json   # figure and table from the JSON alone
+  python diffusion_decay.py --preset cifar_quick --alpha-min 1.0 --compile  # out/diffusion_decay/cifar10_cifar_quick_a1_seed0
+  python diffusion_decay.py --preset cifar_quick --alpha-min 0.7 --compile  #                 ..._a0.7_seed0
+  python results/diffusion_figures.py cifar_quick out/diffusion_decay/cifar10_cifar_quick_a{1,0.7}_seed0
+  python results/diffusion_figures.py --redraw results/diffusion_cifar_quick.json   # figure, table from the JSON alone
 
 A second FID size (say FID-50k beside the run's FID-10k) is a re-evaluation of the finished run in a copy of
-its folder, passed beside the run itself; the two are merged (same alpha_min and seed, same loss history):
+its folder, passed after the run itself; the two are merged (same alpha_min and seed, same loss history):
 
-  mkdir out/diffusion_decay/a0.7_fid50k && cp out/diffusion_decay/cifar10_cifar_quick_a0.7_seed0/ckpt.pt out/diffusion_decay/a0.7_fid50k/
-  python diffusion_decay.py --preset cifar_quick --alpha-min 0.7 --compile --resume --fid-n 50000 --out out/diffusion_decay/a0.7_fid50k
+  R=out/diffusion_decay/cifar10_cifar_quick_a0.7_seed0; mkdir ${R}_fid50k && cp $R/ckpt.pt ${R}_fid50k/
+  python diffusion_decay.py --preset cifar_quick --alpha-min 0.7 --compile --resume --fid-n 50000 --out ${R}_fid50k
+  python results/diffusion_figures.py cifar_quick out/diffusion_decay/cifar10_cifar_quick_a{1,0.7}_seed0 ${R}_fid50k
 
 The runs must agree in every setting but alpha_min, the seed and the FID / sample-grid flags (--fid-n,
---fid-weights, --fid-cache, --sample-batch, --grid); --compile and --device included (one table is one
-setting). Anything else is refused, naming the file and the key; so is FID from two Inception networks.
+--fid-weights, --fid-cache, --sample-batch, --grid), --compile and --device too (one table is one setting).
+Anything else is refused, naming the file and the key; so is FID from two Inception networks.
 The probe grid is the run's --probe-layer x --probe-t, taken from the first folder of each (alpha_min, seed).
 The preset's 'auto' is only the 3 blocks around the middle: for a curve over the blocks train with
 --probe-layer all (or re-probe the finished run with --resume --probe-layer all, which redoes its FID too).

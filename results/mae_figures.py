@@ -4,14 +4,14 @@ Issue 18 compares alpha_min 1.0 with 0.6 at the same seed. Writes results/mae_NA
 reconstructions as results/mae_NAME_recon_a{alpha_min}_s{seed}.png and the figure results/mae_NAME.png, and
 prints the markdown table.
 
-  python mae_decay.py --alpha-min 1.0 --compile      # cifar_quick (the default preset) -> out/mae_decay/cifar10_vit_small_p4_a1_seed0
-  python mae_decay.py --alpha-min 0.6 --compile      #                                  -> out/mae_decay/cifar10_vit_small_p4_a0.6_seed0
-  python results/mae_figures.py cifar_quick out/mae_decay/cifar10_vit_small_p4_a1_seed0 out/mae_decay/cifar10_vit_small_p4_a0.6_seed0
+  python mae_decay.py --alpha-min 1.0 --compile   # cifar_quick, the default: out/mae_decay/cifar10_vit_small_p4_a1_seed0
+  python mae_decay.py --alpha-min 0.6 --compile   #                                      ..._a0.6_seed0
+  python results/mae_figures.py cifar_quick out/mae_decay/cifar10_vit_small_p4_a{1,0.6}_seed0
   python results/mae_figures.py --redraw results/mae_cifar_quick.json   # figure and table from the JSON alone
 
 More seeds (--seed 1, ...) go in the same call; then the table adds, per alpha_min, the mean ± 95% Student-t
-interval over the seeds. The runs must agree in every setting but alpha_min and the seed (--compile and
---device included: one table is one setting); anything else is refused, naming the file and the key.
+interval over the seeds. The runs must agree in every setting but alpha_min and the seed, --compile and --device
+too (one table is one setting); anything else is refused, naming the file and the key.
 
 The JSON keeps, per run, what mae_decay.py's results.json holds (rounded to 5 digits): the trajectory of
 every evaluation for both feature kinds (cls = the cls token after the final LayerNorm, the official MAE
@@ -19,8 +19,9 @@ probe; mean = the mean of the raw last-block tokens, the decayed-shortcut author
 effective rank (H of Eq. 6 and exp H) and feature norm, the raw last-block token norm, the per-epoch training
 loss, the final values, the Pearson r of erank against probe and kNN accuracy over the evaluations (the
 paper's Fig. 5; computed by mae_decay.py), img/s, MFU, wall and training minutes, device, torch, commit and
-the command (the flags that differ from the run's preset). Figure: probe, kNN and erank against the epoch
-(one colour per run, solid cls, dashed mean), the raw norm, the training loss, and erank against probe with r.
+the command (the flags that differ from the run's preset). Figure: probe, kNN and erank against the epoch (one
+colour per alpha_min, a line per seed; solid cls, dashed mean), the raw norm, the training loss, and erank
+against probe with each seed's r.
 matplotlib is an optional extra, imported only for the figure (the JSON is written without it).
 
 diffusion_figures.py reuses this file's table, command and CLI helpers (command_of, markdown, summarise, cli).
@@ -146,7 +147,8 @@ def cli(argv, doc, prefix, script, build, text, plot):
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     if args.redraw:
-        common.check(not args.name and not args.runs, "--redraw takes the published JSON only: drop NAME and the run folders")
+        common.check(not args.name and not args.runs,
+                     "--redraw takes the published JSON only: drop NAME and the run folders")
         common.check(os.path.isfile(args.redraw), f"--redraw {args.redraw} does not exist")
         try:
             s = json.load(open(args.redraw))

@@ -169,8 +169,9 @@ def test_table_shows_fid_or_why_not(runs, published, tmp_path):
 
 
 def test_seeds_get_mean_and_student_t_interval(runs, tmp_path):
-    extra = [variant(d, tmp_path / f"s1_{i}", {"seed": 1}, {"best_linear_probe": results(d)["metrics"]
-                                                             ["best_linear_probe"] + 2}) for i, d in enumerate(runs[:2])]
+    best = lambda d: results(d)["metrics"]["best_linear_probe"]
+    extra = [variant(d, tmp_path / f"s1_{i}", {"seed": 1}, {"best_linear_probe": best(d) + 2})
+             for i, d in enumerate(runs[:2])]
     s = F.build("seeds", P.load_runs(runs[:2] + extra, "diffusion_decay"), str(tmp_path))
     cell, p0 = s["summary"]["0.7"]["probe"], s["runs"][2]["best_probe"]["acc"]
     assert cell["mean"] == pytest.approx(p0 + 1, abs=1e-3) and cell["ci95"] == pytest.approx(12.706, abs=1e-3)
@@ -212,7 +213,8 @@ def test_runs_that_differ_are_refused_naming_the_key(runs, tmp_path):
 def test_figure_and_redraw_from_the_json_alone(published, tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is the optional figure extra (requirements-figures.txt)")
     out, s = published
-    assert (out / "diffusion_smoke.png").read_bytes()[:8] == PNG and os.path.getsize(out / "diffusion_smoke.png") > 20_000
+    png = out / "diffusion_smoke.png"
+    assert png.read_bytes()[:8] == PNG and os.path.getsize(png) > 20_000
     shutil.copy(out / "diffusion_smoke.json", tmp_path)
     again = F.main(["--redraw", str(tmp_path / "diffusion_smoke.json"), "--out-dir", str(tmp_path)])
     assert again == s and sorted(os.listdir(tmp_path)) == ["diffusion_smoke.json", "diffusion_smoke.png"]
