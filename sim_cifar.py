@@ -62,8 +62,9 @@ probe.py features: layer l = 1..8 is the average-pooled output of BasicBlock l; 
 Outputs, under --out (default out/sim_cifar/<run-name>): one folder per trained run, <variant>_seed<s>/,
 holding ckpt.pt (probe.py reads it) and run.json; cost.json (the cost measurement); results.json (all
 runs, mean, std and 95% interval per variant, the paired gain, overheads); log.txt (every log line).
-`--resume` continues every unfinished run exactly and skips finished ones. On the CPU with a fixed seed a run is bitwise repeatable; on GPUs cuDNN algorithm choice
-and atomics make runs repeatable only to float tolerance.
+`--resume` continues every unfinished run exactly and skips finished ones. On the CPU with a fixed seed a
+run is bitwise repeatable; on GPUs cuDNN algorithm choice and atomics make runs repeatable only to float
+tolerance.
 """
 import argparse, json, math, os, statistics, sys, time
 

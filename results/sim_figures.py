@@ -35,14 +35,16 @@ def command_of(cfg):
     base = vars(S.parse_args(["--smoke"] if cfg.get("smoke") else []))
     sim = cfg["sim"]
     argv = (["--smoke"] if cfg.get("smoke") else []) + (["--sim", sim] if sim != "rho" else [])
-    argv += (["--rho", f"{cfg['rho']:g}"] if sim == "rho" else []) + (["--lam", f"{cfg['lam']:g}"] if sim != "off" else [])
+    argv += ["--rho", f"{cfg['rho']:g}"] if sim == "rho" else []
+    argv += ["--lam", f"{cfg['lam']:g}"] if sim != "off" else []
     argv += ["--seed", str(cfg["seed"]), "--seeds", str(cfg["seeds"])]
     # flags the mode refuses (parse_args) are never written; bench_steps whenever given (on a CPU that matters)
     skip = RUN_ONLY | {"sim", "rho", "lam", "seed", "seeds", "smoke", "help"} | (
         {"latent_dim"} if sim != "rho" else set()) | ({"sim_blocks", "baseline"} if sim == "off" else set())
     for a in S.build_parser()._actions:
         k = a.dest
-        if k in skip or k not in cfg or (cfg[k] == base.get(k) and not (k == "bench_steps" and cfg.get("bench_steps_given"))):
+        given = k == "bench_steps" and cfg.get("bench_steps_given")
+        if k in skip or k not in cfg or (cfg[k] == base.get(k) and not given):
             continue
         if isinstance(a, argparse.BooleanOptionalAction):
             argv.append(("--" if cfg[k] else "--no-") + k.replace("_", "-"))
@@ -99,11 +101,12 @@ def merge(name, paths):
         cost["bench_step_ratio_mean"] = {k: statistics.mean(v) for k, v in cost["bench_step_ratio"].items()}
         cost["bench_steps"], cost["bench_batch"] = timed[0]["bench_steps"], timed[0]["batch"]
     torches = sorted({r["torch"] for _, r in files})
+    off_ms = table["off"]["train_step_ms_mean"] if "off" in table else None
     return {
         "name": name, "script": "sim_cifar", "headline": m["headline"],
         "paper": dict(S.PAPER, flops_cut_rho_vs_full_pct=16.5),
         # the paper's numbers are for the real model (width 64) on all of CIFAR-10; smaller runs are no match
-        "paper_comparable": base["width"] == S.DEFAULTS["width"] and not base["train_subset"] and not base["test_subset"],
+        "paper_comparable": base["width"] == S.DEFAULTS["width"] and not (base["train_subset"] or base["test_subset"]),
         "device": device_of(r0), "processes": procs.pop(), "compile": bool(base.get("compile")),
         "torch": ", ".join(torches), "git_commits": sorted({str(r.get("git_commit")) for _, r in files}),
         "commands": [command_of(r["config"]) for _, r in files],
@@ -115,8 +118,8 @@ def merge(name, paths):
         "config": {k: base[k] for k in sorted(base) if k != "bench_steps_given"},
         "variants": table, **{k: dict(m[k], variant=base["sim"]) if k in m else None
                               for k in ("paired_gain", "paired_gain_tta")},
-        "train_step_ratio": {v: table[v]["train_step_ms_mean"] / table["off"]["train_step_ms_mean"] for v in variants
-                             if "off" in table and table[v]["train_step_ms_mean"] and table["off"]["train_step_ms_mean"]},
+        "train_step_ratio": {v: table[v]["train_step_ms_mean"] / off_ms for v in variants
+                             if off_ms and table[v]["train_step_ms_mean"]},
         "cost": cost}
 
 # ----------------------------------------------------------------------------------------------------
@@ -153,22 +156,25 @@ def markdown(s):
         cold = sum(bool(c) and x is not None for c, x in zip(r["time_to_target_cold"], r["time_to_target_s"]))
         tt.append(f"{v} {pm([x / 60 for x in done])} min ({len(done)}/{len(r['seeds'])} seeds, {cold} cold)"
                   if done else f"{v} not reached or not timed")
-    lines.append(f"Time to {s['target_acc']:g}% single-view from launch (data load, cost measurement, compile "
-                 f"included; cold: the first run of its process, else that set-up plus its own run): " + "; ".join(tt) + ".")
+    if s["target_acc"] is not None:  # runs made before --target-acc existed have no times
+        lines.append(f"Time to {s['target_acc']:g}% single-view from launch (data load, cost measurement, compile "
+                     "included; cold: the first run of its process, else that set-up plus its own run): "
+                     + "; ".join(tt) + ".")
     sp = [f"{v} {pm(r['img_per_s'], 0)} img/s" + (f", MFU {pm(r['mfu_pct'], 1)}%" if r["mfu_pct_mean"] else "")
           for v, r in s["variants"].items() if r["img_per_s_mean"]]
     if sp:
         lines.append("Training throughput (steady state, synchronised): " + "; ".join(sp) + ".")
     c = s["cost"]
-    line = (f"FLOPs per training step vs off: full x{c['flops_ratio']['full']:.3f}, rho x{c['flops_ratio']['rho']:.3f}; "
-            f"rho-SIM {c['flops_cut_rho_vs_full_pct']:.1f}% fewer than full SIM")
+    line = (f"FLOPs per training step vs off: full x{c['flops_ratio']['full']:.3f}, "
+            f"rho x{c['flops_ratio']['rho']:.3f}; rho-SIM {c['flops_cut_rho_vs_full_pct']:.1f}% fewer than full SIM")
     line += (f" (paper: {p['flops_cut_rho_vs_full_pct']}%)" if s["config"]["width"] == S.DEFAULTS["width"] else
              f" (width {s['config']['width']}: not comparable with the paper's {p['flops_cut_rho_vs_full_pct']}%)")
     if "bench_step_ratio" in c:
         line += (f"; eager step time vs off ({len(c['bench_step_ratio']['rho'])} processes, batch {c['bench_batch']}): "
                  f"full x{pm(c['bench_step_ratio']['full'], 3)}, rho x{pm(c['bench_step_ratio']['rho'], 3)}")
     lines.append(line + ".")
-    lines.append(f"Device: {s['device']} ({s['processes']} process{'es' if s['processes'] != 1 else ''}), torch "
+    procs = {None: "", 1: " (1 process)"}.get(s["processes"], f" ({s['processes']} processes)")
+    lines.append(f"Device: {s['device']}{procs}, torch "
                  f"{s['torch']}, {'compiled' if s['compile'] else 'eager'}; commits {', '.join(s['git_commits'])}; "
                  f"{s['train_minutes_total']:.1f} training minutes in all.")
     lines += ["", "```"] + s["commands"] + ["```"]
@@ -199,7 +205,8 @@ def plot(s, out_png):
             bx.plot([x + 0.06] * len(r[key]), r[key], ".", color="0.45", ms=4, zorder=3)  # the seeds, beside
             finals += r[key]
         if v in s["paper"] and s["paper_comparable"]:
-            bx.plot([i - 0.15], [s["paper"][v]], "*", color="k", ms=10, label="paper (single-view)" if v == "off" else None)
+            bx.plot([i - 0.15], [s["paper"][v]], "*", color="k", ms=10,
+                    label="paper (single-view)" if v == "off" else None)
             finals.append(s["paper"][v])
     if s["target_acc"] is not None and s["target_acc"] <= 100:
         ax.axhline(s["target_acc"], ls=":", color="0.4", lw=1)
