@@ -134,8 +134,8 @@ def build_parser():
                    + "; on the CPU 0 unless given)")
     p.add_argument("--log-grad-norms", action="store_true", help="log the gradient norm of every block")
     p.add_argument("--target-acc", type=float, default=TARGET_ACC,
-                   help="single-view test accuracy (%%) whose first evaluation at or above it is timed from launch "
-                        "(time_to_target in run.json)")
+                   help="time from launch to the first evaluation with single-view test accuracy (%%) >= this "
+                        "(run.json: time_to_target)")
     common.add_common_args(p, SCRIPT)
     return p
 

@@ -1,8 +1,9 @@
-"""Publish sim_cifar.py runs: merge output folders (one per seed, or several seeds each), write results/sim_NAME.json
-(per-seed values; means with 95% Student-t intervals; the gain paired by seed; minutes per run; step-time and
-FLOPs ratios; time to --target-acc; img/s and MFU; device, torch, commits and the commands) and results/sim_NAME.png
-(single-view test accuracy against epoch per variant, each seed thin and their mean bold; the final accuracies
-with their intervals), and print the README table.
+"""Publish sim_cifar.py runs (one output folder per seed, or several seeds each) as one table and figure.
+
+Merges the folders, writes results/sim_NAME.json (per-seed values; means with 95% Student-t intervals; the gain
+paired by seed; minutes per run; step-time and FLOPs ratios; time to --target-acc; img/s and MFU; device, torch,
+commits and the commands) and results/sim_NAME.png (single-view test accuracy against epoch per variant, each
+seed thin and their mean bold; the final accuracies with their intervals), and prints the README table.
 
   python results/sim_figures.py h100 out/sim_cifar/h100_s0 out/sim_cifar/h100_s1 out/sim_cifar/h100_s2
   python results/sim_figures.py --redraw results/sim_h100.json      # the figure again, from the JSON alone
@@ -154,7 +155,7 @@ def markdown(s):
     for v, r in s["variants"].items():
         done = [x for x in r["time_to_target_s"] if x is not None]
         cold = sum(bool(c) and x is not None for c, x in zip(r["time_to_target_cold"], r["time_to_target_s"]))
-        tt.append(f"{v} {pm([x / 60 for x in done])} min ({len(done)}/{len(r['seeds'])} seeds, {cold} cold)"
+        tt.append(f"{v} {pm([x / 60 for x in done])} min ({len(done)}/{len(r['seeds'])} seeds reached, {cold} cold)"
                   if done else f"{v} not reached or not timed")
     if s["target_acc"] is not None:  # runs made before --target-acc existed have no times
         lines.append(f"Time to {s['target_acc']:g}% single-view from launch (data load, cost measurement, compile "
@@ -205,7 +206,7 @@ def plot(s, out_png):
             bx.plot([x + 0.06] * len(r[key]), r[key], ".", color="0.45", ms=4, zorder=3)  # the seeds, beside
             finals += r[key]
         if v in s["paper"] and s["paper_comparable"]:
-            bx.plot([i - 0.15], [s["paper"][v]], "*", color="k", ms=10,
+            bx.plot([i - 0.23], [s["paper"][v]], "*", color="k", ms=10,
                     label="paper (single-view)" if v == "off" else None)
             finals.append(s["paper"][v])
     if s["target_acc"] is not None and s["target_acc"] <= 100:

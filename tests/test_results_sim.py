@@ -184,7 +184,7 @@ def test_json_and_table_without_matplotlib(folders, tmp_path, monkeypatch, capsy
     assert lines[head + 3].startswith(f"| rho-SIM | 3 | {P.pm(rho['test_acc'])} | ")
     assert lines[head + 3].endswith(f" | x{s['train_step_ratio']['rho']:.3f} |")
     assert "(paper, rho-SIM: 94.65 -> 94.94, +0.29)" in text and "Time to 0% single-view from launch" in text
-    assert "off " in text.split("Time to")[1] and "(3/3 seeds, 2 cold)" in text and "img/s" in text
+    assert "off " in text.split("Time to")[1] and "(3/3 seeds reached, 2 cold)" in text and "img/s" in text
     assert "not comparable with the paper's 16.5%" in text and s["commands"][0] in text
 
 
