@@ -1,6 +1,6 @@
 """sim_cifar.py: the SIM / rho-SIM objective by hand, its plumbing, and the script's behaviour as a user
 sees it (learning on real CIFAR-10, exact resume, torchrun, NaN stop, bad flags)."""
-import json, math, os, shutil, signal, textwrap
+import json, math, os, shutil, signal, statistics, textwrap, time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -299,14 +299,79 @@ def test_evaluate_counts_flip_tta_and_plain():
     assert net.training  # handed back in training mode
 
 
-def _train_in_process(args, cfg, data, out):
+def _train_in_process(args, cfg, data, out, ck=None, stop_at=None, **kw):
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         os.makedirs(out, exist_ok=True)
-        return S.train_run(args, cfg, CPU, data, out, common.StopSignal(None), None, 1)
+        return S.train_run(args, cfg, CPU, data, out, common.StopSignal(stop_at), ck, 1, **kw)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+T_975_DF2 = 4.302652729911275  # Student t, 0.975 quantile, 2 degrees of freedom (tables)
+
+
+def test_summary_intervals_and_paired_gain():
+    """Per variant: the seeds' values, mean, sample std and the 95% Student-t half width; the gain is paired by
+    seed (not by position), over the seeds that have both runs."""
+    off = {2: (92.5, 93.0), 0: (90.0, 90.5), 1: (91.0, 92.0)}  # seed: (single-view, TTA), out of order
+    rho = {1: (91.0, 92.5), 3: (99.0, 99.0), 0: (90.5, 91.0), 2: (93.5, 93.5)}  # seed 3 has no baseline
+    results = [{"variant": v, "seed": s, "test_acc": a, "test_acc_tta": t, "train_step_ms": 10.0 if v == "off" else 11.0}
+               for v, runs in (("rho", rho), ("off", off)) for s, (a, t) in runs.items()]
+    m = S.summarise(results, ["off", "rho"], "rho")
+    assert m["seeds"] == {"off": [0, 1, 2], "rho": [0, 1, 2, 3]}
+    assert m["test_acc"]["off"] == [90.0, 91.0, 92.5] and m["test_acc_tta"]["rho"] == [91.0, 92.5, 93.5, 99.0]
+    v = [90.0, 91.0, 92.5]
+    assert m["test_acc_mean"]["off"] == pytest.approx(sum(v) / 3)
+    assert m["test_acc_std"]["off"] == pytest.approx(statistics.stdev(v))
+    assert m["test_acc_ci95"]["off"] == pytest.approx(T_975_DF2 * statistics.stdev(v) / math.sqrt(3), rel=1e-6)
+    g = m["paired_gain"]
+    assert g["seeds"] == [0, 1, 2] and g["per_seed"] == pytest.approx([0.5, 0.0, 1.0]) and g["n"] == 3
+    assert g["mean"] == pytest.approx(0.5) and g["ci95"] == pytest.approx(T_975_DF2 * 0.5 / math.sqrt(3), rel=1e-6)
+    assert m["paired_gain_tta"]["per_seed"] == pytest.approx([0.5, 0.5, 0.5]) and m["paired_gain_tta"]["ci95"] == 0
+    assert m["train_step_ratio"] == pytest.approx(1.1) and m["paper"] == {"off": 94.65, "rho": 94.94, "gain": 0.29}
+    one = S.summarise([r for r in results if r["seed"] == 0], ["off", "rho"], "rho")
+    assert one["test_acc_ci95"] == {"off": None, "rho": None} and one["paired_gain"]["ci95"] is None
+    assert S.pm(one["paired_gain"], "+") == "+0.50 (1 seed)" and S.pm(g, "+") == "+0.50 +- 1.24"
+    alone = S.summarise([r for r in results if r["variant"] == "rho"], ["rho"], "rho")
+    assert "paired_gain" not in alone and alone["test_acc_mean"]["rho"] == pytest.approx(93.5)
+
+
+def test_target_acc_time_null_and_resume(cifar, tmp_path):
+    """--target-acc: the seconds from the clock to the first evaluation at or above it (0: the first one), null if
+    never reached (101); kept across a --resume when measured before the interruption, null (epoch kept) when
+    the target is reached only after one. Throughput: the steady-state mean step time over both processes."""
+    argv = TINY + ["--data-dir", cifar, "--train-subset", "128", "--log-every", "1"]  # 2 steps per epoch, 2 epochs
+    args = S.parse_args(argv + ["--target-acc", "0"])
+    data = S.load_data(args, CPU)
+    cfg = dict(vars(args), dataset="cifar10")
+    hit = _train_in_process(args, cfg, data, str(tmp_path / "hit"), clock=time.perf_counter() - 100.0, cold=True)
+    assert hit["target_acc"] == 0 and hit["time_to_target_epoch"] == 1 and hit["time_to_target_cold"] is True
+    assert 100.0 < hit["time_to_target"] < 100.0 + hit["train_seconds"] + 30 and hit["resumed"] is False
+    assert hit["train_img_per_s"] == pytest.approx(64 * 1000 / hit["train_step_ms_mean"]) and hit["train_mfu_pct"] is None
+    assert hit["device"].startswith("cpu") and hit["torch"] == torch.__version__ and hit["world_size"] == 1
+    never = _train_in_process(args, dict(cfg, target_acc=101.0), data, str(tmp_path / "never"), cold=True)
+    assert never["time_to_target"] is None and never["time_to_target_epoch"] is None
+
+    # stopped at step 3 (after the epoch-1 evaluation): reached before the stop, so the time is end-to-end
+    out = str(tmp_path / "cut")
+    assert _train_in_process(args, cfg, data, out, stop_at=3, cold=True) is None
+    ck = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ck["to_target"]["epoch"] == 1 and ck["to_target"]["seconds"] > 0 and ck["to_target"]["cold"]
+    res = _train_in_process(args, cfg, data, out, ck=ck)
+    assert res["time_to_target"] == ck["to_target"]["seconds"] and res["time_to_target_cold"] and res["resumed"]
+    # the resumed process times no step (its first epoch is warm-up): the interrupted one's timing carries over
+    assert ck["timing"] and res["train_step_ms_mean"] == pytest.approx(
+        sum(t * n for t, n in ck["timing"]) / sum(n for _, n in ck["timing"]))
+
+    # the same cut run, but the target is only asked for on --resume: the epoch is known, no end-to-end time
+    out = str(tmp_path / "late")
+    assert _train_in_process(args, dict(cfg, target_acc=101.0), data, out, stop_at=3, cold=True) is None
+    ck = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ck["to_target"] is None
+    res = _train_in_process(args, cfg, data, out, ck=ck)
+    assert res["time_to_target"] is None and res["time_to_target_epoch"] == 1 and res["time_to_target_cold"] is False
 
 
 def test_lam0_gives_the_baseline_trajectory(cifar, tmp_path):
@@ -344,13 +409,26 @@ def test_smoke_run_learns(cifar, tmp_path):
 
 
 def test_resume_is_bitwise(cifar, stopped, tmp_path):
-    """Baseline + rho, one seed: stopped inside the first run and resumed = run straight through."""
+    """Baseline + rho, one seed: stopped inside the first run and resumed = run straight through. --target-acc
+    (asked for only on --resume here, which it may be) never changes the training."""
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(stopped, b)
-    p = run_script(["sim_cifar.py"] + TINY + ["--data-dir", cifar, "--out", a])
+    p = run_script(["sim_cifar.py"] + TINY + ["--data-dir", cifar, "--out", a, "--target-acc", "0"])
     assert p.returncode == 0, p.stderr[-3000:]
-    p = run_script(["sim_cifar.py"] + TINY + ["--data-dir", cifar, "--out", b, "--resume"])
+    # time to target: the first run of a process is a cold start from launch; the second is charged the same
+    # set-up plus its own time; the stopped run, resumed, reaches it with no end-to-end clock
+    ra = {v: json.load(open(a / f"{v}_seed0" / "run.json")) for v in ("off", "rho")}
+    assert ra["off"]["time_to_target_cold"] is True and ra["rho"]["time_to_target_cold"] is False
+    for r in ra.values():
+        assert r["time_to_target_epoch"] == 1 and 0 < r["time_to_target"] < 120 and r["resumed"] is False
+    assert ra["off"]["time_to_target"] > ra["off"]["train_seconds"] / 2  # from launch: set-up included
+    assert "cold start" in p.stdout and "after another run of this process" in p.stdout
+    p = run_script(["sim_cifar.py"] + TINY + ["--data-dir", cifar, "--out", b, "--resume", "--target-acc", "0"])
     assert p.returncode == 0 and "resumed at step 3" in p.stdout, p.stderr[-3000:]
+    rb = {v: json.load(open(b / f"{v}_seed0" / "run.json")) for v in ("off", "rho")}
+    assert rb["off"]["resumed"] and rb["off"]["time_to_target"] is None and rb["off"]["time_to_target_epoch"] == 1
+    assert rb["off"]["time_to_target_cold"] is False and "after --resume: no end-to-end time" in p.stdout
+    assert rb["rho"]["resumed"] is False and rb["rho"]["time_to_target"] > 0  # started fresh in this process
     for run in ("off_seed0", "rho_seed0"):
         ca, cb = torch.load(a / run / "ckpt.pt"), torch.load(b / run / "ckpt.pt")
         assert ca["step"] == cb["step"] == 8 and ca["history"] == cb["history"]
@@ -360,6 +438,7 @@ def test_resume_is_bitwise(cifar, stopped, tmp_path):
             assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     ma, mb = (json.load(open(d / "results.json"))["metrics"] for d in (a, b))
     assert ma["test_acc"] == mb["test_acc"] and ma["flops_per_step"] == mb["flops_per_step"]
+    assert ma["test_acc_ci95"] == {"off": None, "rho": None} and ma["paired_gain"]["n"] == 1  # one seed: no interval
     # the headline is single-view: results.json, the paired gain and the summary table say so
     for v in ("off", "rho"):
         run = json.load(open(a / f"{v}_seed0" / "run.json"))
@@ -460,6 +539,7 @@ def test_two_processes_match_one(cifar, tmp_path):
     (["--warmup-epochs", "50"], ["--warmup-epochs"]), (["--test-subset", "-5"], ["--test-subset"]),
     (["--batch-size", "4096"], ["--train-subset", "--batch-size"]),
     (["--sim", "off", "--sim-blocks", "stride1"], ["--sim-blocks"]),
+    (["--target-acc", "-1"], ["--target-acc"]), (["--target-acc", "nan"], ["--target-acc"]),
 ])
 def test_flag_validation(argv, words):
     with pytest.raises(common.UserError) as e:

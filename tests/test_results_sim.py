@@ -1,0 +1,205 @@
+"""results/sim_figures.py publishes real (tiny) sim_cifar runs: one folder with one seed and one with two, each
+baseline + rho-SIM. Means, intervals and the paired gain are checked against the runs' own run.json by hand;
+runs that do not belong together are refused in one line; the figure comes back from the JSON alone."""
+import json, math, os, pickle, shlex, shutil, signal, statistics, sys
+
+import pytest
+
+import common
+import sim_cifar as S
+from conftest import ROOT, assert_clean_error, need, run_script
+
+sys.path.insert(0, os.path.join(ROOT, "results"))
+import publish as P  # noqa: E402
+import sim_figures as F  # noqa: E402
+
+# 128 training images, batch 64: 2 steps per epoch, 2 epochs (steps 3 and 4 timed, with a log line every step);
+# every run reaches the (trivial) target at its first evaluation
+TINY = ["--smoke", "--train-subset", "128", "--test-subset", "200", "--epochs", "2", "--bench-steps", "0",
+        "--log-every", "1", "--target-acc", "0"]
+T_975 = {1: 12.706204736174696, 2: 4.302652729911275}  # Student t, 0.975 quantile, by degrees of freedom (tables)
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def small_cifar(data_dir, dst, n_train=160, n_test=200):
+    """The first real CIFAR-10 images in the data set's own format (data_batch_1 split over the five train
+    files, the start of test_batch): what the runs read is the start of the real data, loaded in milliseconds."""
+    src, root = os.path.join(data_dir, "cifar10", "cifar-10-batches-py"), os.path.join(dst, "cifar10",
+                                                                                      "cifar-10-batches-py")
+    os.makedirs(root)
+    for name, n, parts in (("data_batch_1", n_train, [f"data_batch_{i}" for i in range(1, 6)]),
+                           ("test_batch", n_test, ["test_batch"])):
+        with open(os.path.join(src, name), "rb") as fh:
+            d = pickle.load(fh, encoding="bytes")
+        k = n // len(parts)
+        for i, part in enumerate(parts):
+            with open(os.path.join(root, part), "wb") as fh:
+                pickle.dump({b"data": d[b"data"][i * k:(i + 1) * k], b"labels": d[b"labels"][i * k:(i + 1) * k]}, fh)
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def folders(data_dir, tmp_path_factory):
+    """Seed 0 alone (the GPU plan: one seed per process) and seeds 1, 2 in one folder."""
+    need(data_dir, "cifar10", "cifar-10-batches-py", "test_batch")
+    tmp = tmp_path_factory.mktemp("sim")
+    data_dir = small_cifar(data_dir, tmp / "data")
+    outs = [str(tmp / "s0"), str(tmp / "s1-2")]
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:  # in this process (torch imported once): the command line itself is tested in test_sim_cifar.py
+        for out, seeds in zip(outs, (["--seed", "0", "--seeds", "1"], ["--seed", "1", "--seeds", "2"])):
+            S.main(TINY + seeds + ["--data-dir", data_dir, "--out", out])
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return tmp, outs
+
+
+def run_json(outs, variant, seed):
+    folder = outs[0] if seed == 0 else outs[1]
+    return json.load(open(os.path.join(folder, f"{variant}_seed{seed}", "run.json")))
+
+
+def edited(src, dst, fn):
+    """A copy of the output folder src whose results.json went through fn(results)."""
+    shutil.copytree(src, dst)
+    r = json.load(open(os.path.join(dst, "results.json")))
+    fn(r)
+    common.write_json(os.path.join(dst, "results.json"), r)
+    return str(dst)
+
+
+def test_merge_means_intervals_and_paired_gain(folders):
+    tmp, outs = folders
+    s = F.merge("tiny", outs[::-1])  # the order of the folders does not matter
+    assert list(s["variants"]) == ["off", "rho"]
+    for v, row in s["variants"].items():
+        assert row["seeds"] == [0, 1, 2]
+        for key, src in F.PER_SEED.items():
+            vals = [run_json(outs, v, seed).get(src) for seed in (0, 1, 2)]
+            assert row[key] == vals, (v, key)  # per seed, from the run itself
+            if None in vals:
+                assert key == "mfu_pct" and row[key + "_mean"] is None  # no peak FLOPs known for a CPU
+                continue
+            assert row[key + "_mean"] == pytest.approx(statistics.mean(vals))
+            assert row[key + "_ci95"] == pytest.approx(T_975[2] * statistics.stdev(vals) / math.sqrt(3), rel=1e-6)
+        assert row["time_to_target_epoch"] == [1, 1, 1] and all(t > 0 for t in row["time_to_target_s"])
+        assert [len(h) for h in row["history"]] == [2, 2, 2] and row["history"][1][-1][2] == row["test_acc"][1]
+    # cold start: only the first run each process trained (off, seed 0 and seed 1)
+    assert s["variants"]["off"]["time_to_target_cold"] == [True, True, False]
+    assert s["variants"]["rho"]["time_to_target_cold"] == [False, False, False]
+    for key in ("test_acc", "test_acc_tta"):
+        diff = [run_json(outs, "rho", k)[key] - run_json(outs, "off", k)[key] for k in (0, 1, 2)]
+        g = s["paired_gain" if key == "test_acc" else "paired_gain_tta"]
+        assert g["seeds"] == [0, 1, 2] and g["per_seed"] == pytest.approx(diff) and g["variant"] == "rho"
+        assert g["mean"] == pytest.approx(statistics.mean(diff))
+        assert g["ci95"] == pytest.approx(T_975[2] * statistics.stdev(diff) / math.sqrt(3), rel=1e-6, abs=1e-12)
+    ms = {v: statistics.mean(run_json(outs, v, k)["train_step_ms"] for k in (0, 1, 2)) for v in ("off", "rho")}
+    assert s["train_step_ratio"] == pytest.approx({"off": 1.0, "rho": ms["rho"] / ms["off"]})
+    flops = json.load(open(os.path.join(outs[0], "cost.json")))["flops_per_step"]
+    assert s["cost"]["flops_ratio"]["rho"] == pytest.approx(flops["rho"] / flops["off"])
+    assert "bench_step_ratio" not in s["cost"]  # --bench-steps 0: no eager timing to report
+    assert s["train_minutes_total"] == pytest.approx(sum(run_json(outs, v, k)["minutes"] for v in ("off", "rho")
+                                                         for k in (0, 1, 2)))
+    assert s["device"].startswith("cpu") and s["processes"] == 1 and s["compile"] is False
+    assert s["torch"] == run_json(outs, "off", 0)["torch"] and s["paper_comparable"] is False
+    # the commands: parsed again, they give back every setting that is not run-only
+    assert s["commands"][1].startswith("python sim_cifar.py --smoke --rho 0.2 --lam 0.005 --seed 0 --seeds 1 ")
+    for cmd, out in zip(s["commands"], outs[::-1]):
+        cfg = json.load(open(os.path.join(out, "results.json")))["config"]
+        again = dict(vars(S.parse_args(shlex.split(cmd)[2:])), dataset="cifar10")
+        assert {k: v for k, v in again.items() if k not in P.RUN_ONLY} == \
+            {k: v for k, v in cfg.items() if k not in P.RUN_ONLY}, cmd
+        assert again["out"] == out
+
+
+def test_paired_by_seed_not_by_position(folders, tmp_path):
+    """A folder whose runs are listed in another order, with made-up accuracies: each gain is rho - off of
+    one seed. Seed 0 has only a baseline here (rho-SIM of seed 0 left out): it is in no pair."""
+    _, outs = folders
+    acc = {("off", 1): 50.0, ("rho", 1): 53.0, ("off", 2): 60.0, ("rho", 2): 60.5}
+
+    def shuffle(r):
+        for run in r["metrics"]["runs"]:
+            run["test_acc"] = acc[(run["variant"], run["seed"])]
+        r["metrics"]["runs"].reverse()
+    b = edited(outs[1], tmp_path / "b", shuffle)
+    a = edited(outs[0], tmp_path / "a",
+               lambda r: r["metrics"].update(runs=[x for x in r["metrics"]["runs"] if x["variant"] == "off"]))
+    s = F.merge("pairs", [b, a])
+    assert s["variants"]["off"]["seeds"] == [0, 1, 2] and s["variants"]["rho"]["seeds"] == [1, 2]
+    g = s["paired_gain"]
+    assert g["seeds"] == [1, 2] and g["per_seed"] == pytest.approx([3.0, 0.5]) and g["mean"] == pytest.approx(1.75)
+    assert g["ci95"] == pytest.approx(T_975[1] * statistics.stdev([3.0, 0.5]) / math.sqrt(2), rel=1e-6)
+    assert "Paired gain rho - off (same seed, n = 2): +1.75 ± 15.88 points" in F.markdown(s)
+
+
+def test_refusals_name_the_flag(folders, tmp_path):
+    _, outs = folders
+    cases = [
+        (lambda r: r["config"].update(lr=0.5), "in lr"),
+        (lambda r: r["config"].update(compile=True), "in compile"),
+        (lambda r: r["config"].update(device="cuda"), "in device"),
+        (lambda r: r["config"].update(target_acc=95.0), "in target_acc"),
+        (lambda r: r.update(device="NVIDIA H100 80GB HBM3"), "--device"),
+    ]
+    for i, (fn, words) in enumerate(cases):
+        with pytest.raises(common.UserError, match=words):
+            F.merge("x", [outs[0], edited(outs[1], tmp_path / f"c{i}", fn)])
+    # seed and where it wrote may differ: a second copy of seed 0 under another name is a duplicate run
+    dup = edited(outs[0], tmp_path / "dup", lambda r: r["config"].update(out="elsewhere", log_every=7))
+    with pytest.raises(common.UserError, match=r"off --seed 0 is in both .* pass each seed once"):
+        F.merge("x", [outs[0], dup])
+
+    def two_procs(r):
+        r["metrics"]["runs"][0]["world_size"] = 2
+    with pytest.raises(common.UserError, match="nproc_per_node"):
+        F.merge("x", [edited(outs[1], tmp_path / "ws", two_procs)])
+    # from the command line: one line, exit 2, the flag named
+    p = run_script([os.path.join("results", "sim_figures.py"), "x", outs[0], dup, "--out-dir", tmp_path / "o"])
+    assert_clean_error(p, "--seed 0", "pass each seed once")
+    assert not (tmp_path / "o").exists()  # nothing written
+    for argv, words in ((["x", str(tmp_path / "missing")], ["does not exist"]), (["x"], ["NAME", "folder"]),
+                        (["a/b", outs[0]], ["NAME"]), (["--redraw", os.path.join(outs[0], "results.json")],
+                                                       ["not a table written by results/sim_figures.py"])):
+        with pytest.raises(common.UserError) as e:
+            F.main(argv + ["--out-dir", str(tmp_path / "o")])
+        assert all(w in str(e.value) for w in words), (argv, str(e.value))
+
+
+def test_json_and_table_without_matplotlib(folders, tmp_path, monkeypatch, capsys):
+    _, outs = folders
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    F.main(["tiny", *outs, "--out-dir", str(tmp_path)])
+    assert sorted(os.listdir(tmp_path)) == ["sim_tiny.json"]
+    text = capsys.readouterr().out
+    assert "matplotlib is not installed: figure skipped" in text
+    s = json.load(open(tmp_path / "sim_tiny.json"))
+    assert s == json.loads(json.dumps(P.rounded(F.merge("tiny", outs))))  # rounded, and nothing else lost
+    lines = text.splitlines()
+    head = lines.index("| variant | seeds | single-view top-1 (%) | flip TTA (%) | minutes/run | step time vs off |")
+    off, rho = s["variants"]["off"], s["variants"]["rho"]
+    assert lines[head + 2] == (f"| off (baseline) | 3 | {P.pm(off['test_acc'])} | {P.pm(off['test_acc_tta'])} | "
+                               f"{P.pm(off['minutes'])} | x1.000 |")
+    assert lines[head + 3].startswith(f"| rho-SIM | 3 | {P.pm(rho['test_acc'])} | ")
+    assert lines[head + 3].endswith(f" | x{s['train_step_ratio']['rho']:.3f} |")
+    assert "(paper, rho-SIM: 94.65 -> 94.94, +0.29)" in text and "Time to 0% single-view from launch" in text
+    assert "off " in text.split("Time to")[1] and "(3/3 seeds reached, 2 cold)" in text and "img/s" in text
+    assert "not comparable with the paper's 16.5%" in text and s["commands"][0] in text
+
+
+def test_figure_and_redraw_from_the_json_alone(folders, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib is the optional figure extra (requirements-figures.txt)")
+    _, outs = folders
+    F.main(["tiny", *outs, "--out-dir", str(tmp_path)])
+    png = tmp_path / "sim_tiny.png"
+    assert open(png, "rb").read(8) == PNG and os.path.getsize(png) > 10_000
+    table = capsys.readouterr().out.split("| variant")[1].split("figure:")[0]
+    elsewhere = tmp_path / "redraw"
+    elsewhere.mkdir()
+    shutil.copy(tmp_path / "sim_tiny.json", elsewhere / "sim_tiny.json")
+    monkeypatch.setattr(F, "load_runs", lambda *a: pytest.fail("--redraw read the runs"))
+    F.main(["--redraw", str(elsewhere / "sim_tiny.json"), "--out-dir", str(elsewhere)])
+    again = elsewhere / "sim_tiny.png"
+    assert open(again, "rb").read(8) == PNG and os.path.getsize(again) > 10_000
+    assert capsys.readouterr().out.split("| variant")[1].split("figure:")[0] == table  # the same table again
