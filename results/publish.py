@@ -54,7 +54,7 @@ def same_config(runs, vary=()):
     """The config the runs share (the keys in `vary` and RUN_ONLY left out): they may differ only in those;
     refuses any other difference, naming the keys."""
     skip = RUN_ONLY | set(vary)
-    (f0, r0), base = runs[0], {k: v for k, v in runs[0][1]["config"].items() if k not in skip}
+    (f0, _), base = runs[0], {k: v for k, v in runs[0][1]["config"].items() if k not in skip}
     for f, r in runs[1:]:
         diff = sorted(k for k in set(base) | set(r["config"]) if k not in skip and r["config"].get(k) != base.get(k))
         common.check(not diff, f"{f} differs from {f0} in {', '.join(diff)}: only {', '.join(sorted(vary)) or 'nothing'}"

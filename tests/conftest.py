@@ -62,6 +62,30 @@ def run_script(args, *, env=None, timeout=300, torchrun=0):
     return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 
+def save_fid_standin(path, channels=16, kernel=13, seed=5):
+    """A TorchScript file with the FID network's interface, (N, 3, 299, 299) uint8-range floats -> (N, channels),
+    at a fraction of Inception's cost: one strided conv, ReLU, mean. Traced, not scripted: scripting compiles
+    nn.Conv2d's Python source, which newer torch releases have refused mid-suite; tracing records only the ops.
+    TorchScript is deprecated, but it is the format the FID weights ship in. The global RNG is left alone."""
+    import warnings
+    import torch
+    import torch.nn as nn
+
+    class StandIn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, channels, kernel, stride=kernel)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x)).mean((2, 3))
+
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        torch.jit.trace(StandIn().eval(), torch.zeros(2, 3, 299, 299)).save(path)
+    return path
+
+
 def assert_clean_error(proc, *words):
     """Exit non-zero, one-line message on stderr, no traceback; the message names each of `words`."""
     err = proc.stderr.strip()

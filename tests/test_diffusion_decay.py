@@ -5,12 +5,11 @@ import json, math, os, shutil, signal
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import common
 import diffusion_decay as dd
-from conftest import assert_clean_error, need, randomize, run_script
+from conftest import assert_clean_error, need, randomize, run_script, save_fid_standin
 
 
 TINY = dict(patch=4, dim=32, depth=5, heads=2, mlp_ratio=2.0, dataset="cifar10", cond=False, alpha_min=0.7)
@@ -309,19 +308,6 @@ def test_short_training_lowers_denoising_loss(data_dir):
 # ---------------------------------------------------------------------------------------------- FID pipeline
 
 
-class StandIn(nn.Module):
-    """A small feature network with the FID net's interface: (N, 3, 299, 299) -> (N, 16)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(5)
-        self.conv = nn.Conv2d(3, 16, 13, stride=13)
-
-    def forward(self, x):
-        return F.relu(self.conv(x)).mean((2, 3))
-
-
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_fid_pipeline_end_to_end(data_dir, tmp_path):
     need(data_dir, "cifar10", "cifar-10-batches-py")
     x = torch.tensor([[[[0, 255]]]], dtype=torch.uint8).expand(1, 3, 2, 2)
@@ -330,7 +316,7 @@ def test_fid_pipeline_end_to_end(data_dir, tmp_path):
     assert pre.min().item() == pytest.approx(-1.0, abs=1e-5) and pre.max().item() == pytest.approx(127 / 128, abs=1e-5)
 
     path = str(tmp_path / "standin.pt")
-    torch.jit.script(StandIn()).save(path)
+    save_fid_standin(path)
     assert dd.find_fid_weights(path) == path
     net = dd.load_fid_net(path, "cpu")
     imgs, _ = common.load_cifar10(data_dir, train=True)
@@ -517,11 +503,10 @@ def test_unwritable_out_and_resume_mismatch(full_run, data_dir, tmp_path):
         dd.main([*SMOKE, "--data-dir", data_dir, "--out", str(tmp_path), "--resume", "--alpha-min", "0.7"])
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_main_reports_fid_with_weights_file(data_dir, tmp_path):
     need(data_dir, "cifar10", "cifar-10-batches-py")
     path = str(tmp_path / "standin.pt")
-    torch.jit.script(StandIn()).save(path)
+    save_fid_standin(path)
     args = ["--smoke", "--data-dir", data_dir, "--no-download", "--out", str(tmp_path / "run"), "--iters", "2",
             "--n-train", "32", "--n-test", "32", "--grid", "0", "--probe-epochs", "1", "--fid-n", "6",
             "--fid-weights", path, "--fid-cache", str(tmp_path / "cache"), "--sample-batch", "4"]

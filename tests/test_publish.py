@@ -1,5 +1,5 @@
 """results/publish.py: the helpers every results publisher shares."""
-import json, os, sys
+import os, sys
 
 import pytest
 

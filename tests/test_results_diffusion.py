@@ -3,18 +3,15 @@ a generated tiny CIFAR-10 folder (a 3-block x 2-t probe grid), plus an FID re-ev
 --fid-n 8, a stand-in Inception): the JSON holds each run's own numbers, the re-evaluation's FID is merged into
 its run, a run without FID shows '-' and why, the commands parse back to the runs' configs, the sample grids are
 copied, runs that differ are refused naming the key, and --redraw needs only the JSON."""
-import json, os, pickle, shlex, shutil, sys, warnings
+import json, os, pickle, shlex, shutil, sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
-import torch.nn as nn
-import torch.nn.functional as nnf
 
 import common
 import diffusion_decay as D
-from conftest import ROOT, assert_clean_error, run_script
+from conftest import ROOT, assert_clean_error, run_script, save_fid_standin
 
 sys.path.insert(0, os.path.join(ROOT, "results"))
 import diffusion_figures as F  # noqa: E402
@@ -44,18 +41,6 @@ def tiny_cifar10(root, n_train=320, n_test=128):
     return str(root)
 
 
-class StandIn(nn.Module):
-    """The FID network's interface, (N, 3, 299, 299) -> (N, 8), at a fraction of Inception's cost."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(5)
-        self.conv = nn.Conv2d(3, 8, 23, stride=23)
-
-    def forward(self, x):
-        return nnf.relu(self.conv(x)).mean((2, 3))
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """[run a1.0, run a0.7, FID-8 re-evaluation of the a0.7 run in a copy of its folder]."""
@@ -64,10 +49,7 @@ def runs(tmp_path_factory):
     argv = lambda a, out, *extra: ["diffusion_decay.py", *SMOKE, "--data-dir", data_dir, "--alpha-min", a,
                                    "--out", out, *extra]
     weights = str(tmp / "standin.pt")
-    # TorchScript is deprecated, but it is the format the FID weights ship in; the global RNG is left as it was
-    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
-        warnings.simplefilter("ignore")
-        torch.jit.script(StandIn()).save(weights)
+    save_fid_standin(weights, channels=8, kernel=23)
 
     def decayed_then_fid():  # the re-evaluation continues from a copy of the finished run's checkpoint
         p = run_script(argv("0.7", tmp / "a0.7"))
