@@ -62,6 +62,30 @@ def run_script(args, *, env=None, timeout=300, torchrun=0):
     return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 
+PNG = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
+
+
+def tiny_cifar10(root, n_train=320, n_test=128):
+    """A CIFAR-10 folder in the original pickle format, of n_train + n_test generated images (a colour per class
+    plus noise): what the smoke runs read, without the real data set and its seconds of loading."""
+    import pickle
+    import numpy as np
+    rng = np.random.default_rng(0)
+    folder = root / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    colours = rng.integers(0, 256, (10, 3, 1, 1))
+
+    def batch(name, n):
+        y = rng.integers(0, 10, n)
+        x = np.clip(colours[y] + rng.normal(0, 60, (n, 3, 32, 32)), 0, 255).astype(np.uint8)
+        with open(folder / name, "wb") as fh:
+            pickle.dump({b"data": x.reshape(n, -1), b"labels": y.tolist()}, fh)
+    for i in range(1, 6):
+        batch(f"data_batch_{i}", n_train // 5)
+    batch("test_batch", n_test)
+    return str(root)
+
+
 def save_fid_standin(path, channels=16, kernel=13, seed=5):
     """A TorchScript file with the FID network's interface, (N, 3, 299, 299) uint8-range floats -> (N, channels),
     at a fraction of Inception's cost: one strided conv, ReLU, mean. Traced, not scripted: scripting compiles

@@ -3,42 +3,21 @@ a generated tiny CIFAR-10 folder (a 3-block x 2-t probe grid), plus an FID re-ev
 --fid-n 8, a stand-in Inception): the JSON holds each run's own numbers, the re-evaluation's FID is merged into
 its run, a run without FID shows '-' and why, the commands parse back to the runs' configs, the sample grids are
 copied, runs that differ are refused naming the key, and --redraw needs only the JSON."""
-import json, os, pickle, shlex, shutil, sys
+import json, os, shlex, shutil, sys
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 
 import common
 import diffusion_decay as D
-from conftest import ROOT, assert_clean_error, run_script, save_fid_standin
+from conftest import PNG, ROOT, assert_clean_error, run_script, tiny_cifar10, save_fid_standin
 
 sys.path.insert(0, os.path.join(ROOT, "results"))
 import diffusion_figures as F  # noqa: E402
 import publish as P  # noqa: E402
 
-PNG = b"\x89PNG\r\n\x1a\n"
 SMOKE = ["--smoke", "--iters", "6", "--log-every", "2", "--probe-t", "0.1,0.5", "--n-train", "64", "--n-test", "64",
          "--no-download"]
-
-
-def tiny_cifar10(root, n_train=320, n_test=128):
-    """A CIFAR-10 folder in the original pickle format, of n_train + n_test generated images (a colour per class
-    plus noise): what the smoke runs read, without the real data set and its seconds of loading."""
-    rng = np.random.default_rng(0)
-    folder = root / "cifar10" / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    colours = rng.integers(0, 256, (10, 3, 1, 1))
-
-    def batch(name, n):
-        y = rng.integers(0, 10, n)
-        x = np.clip(colours[y] + rng.normal(0, 60, (n, 3, 32, 32)), 0, 255).astype(np.uint8)
-        with open(folder / name, "wb") as fh:
-            pickle.dump({b"data": x.reshape(n, -1), b"labels": y.tolist()}, fh)
-    for i in range(1, 6):
-        batch(f"data_batch_{i}", n_train // 5)
-    batch("test_batch", n_test)
-    return str(root)
 
 
 @pytest.fixture(scope="module")
