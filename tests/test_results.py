@@ -109,3 +109,29 @@ def test_widths_figure_and_table(split_sweep, tmp_path):
         F.main(["--widths", "w", *files, "--out-dir", str(tmp_path)])
         png = tmp_path / "selfmodel_w.png"
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
+
+
+def published_sweeps():
+    return sorted(f for f in os.listdir(os.path.join(ROOT, "results"))
+                  if f.startswith("selfmodel_") and f.endswith(".json"))
+
+
+@pytest.mark.parametrize("name", published_sweeps())
+def test_readme_tables_are_the_committed_json(name):
+    """Every README table row of a published sweep is what the publisher prints from the committed JSON today:
+    a number edited by hand in the README, or a JSON republished without updating the README, fails here."""
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        readme = fh.read()
+    with open(os.path.join(ROOT, "results", name)) as fh:
+        s = json.load(fh)
+    assert f"results/{name.removesuffix('.json')}" in readme or name in readme, f"{name} is not cited in README"
+    table = F.calibration_markdown(s) if s["config"].get("llc_grid_eps") else F.markdown(s)
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert rows and [r for r in rows if r not in readme] == []
+
+
+def test_readme_cites_only_files_that_exist():
+    import re
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        cited = set(re.findall(r"\bresults/[a-z0-9_.-]+\.(?:png|json)\b", fh.read()))  # NAME: a placeholder
+    assert cited and sorted(f for f in cited if not os.path.exists(os.path.join(ROOT, f))) == []
