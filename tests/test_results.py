@@ -135,3 +135,14 @@ def test_readme_cites_only_files_that_exist():
     with open(os.path.join(ROOT, "README.md")) as fh:
         cited = set(re.findall(r"\bresults/[a-z0-9_.-]+\.(?:png|json)\b", fh.read()))  # NAME: a placeholder
     assert cited and sorted(f for f in cited if not os.path.exists(os.path.join(ROOT, f))) == []
+
+
+def test_readme_widths_table_is_the_committed_json():
+    """The hidden-width table of the README is what `--widths` prints from the committed per-width JSON files."""
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        readme = fh.read()
+    files = [os.path.join(ROOT, "results", f"selfmodel_mnist_h{h}.json") for h in (64, 128, 256, 512)]
+    if "results/selfmodel_mnist_widths.png" not in readme:
+        pytest.skip("no hidden-width section in README")
+    rows = [r for r in F.widths_markdown(F.by_width(files)).splitlines() if r.startswith("| ")]
+    assert len(rows) == 1 + 4 * 4 and [r for r in rows if r not in readme] == []
