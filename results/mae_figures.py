@@ -31,7 +31,7 @@ import argparse, json, os, re, shutil, sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import common  # noqa: E402
-from publish import device_of, load_runs, pm, rounded, same_config  # noqa: E402
+from publish import device_of, flag_text, load_runs, pm, rounded, same_config  # noqa: E402
 
 SCRIPT = "mae_decay"
 VARY = {"alpha_min", "seed", "workers"}  # workers: ImageNet-100 loader processes; they change no number
@@ -45,21 +45,6 @@ KINDS = {"cls": "cls after final norm", "mean": "mean of raw last-block tokens"}
 
 # where a run read its data and wrote its output: no part of the command that says what it computes
 NOT_IN_COMMAND = {"out", "data_dir", "no_download", "stop_at_step", "smoke", "preset"}
-
-
-def flag_text(action, value):
-    """The argv words that set `action` to `value`."""
-    opt = next(o for o in action.option_strings if o.startswith("--"))
-    if isinstance(action, argparse.BooleanOptionalAction):
-        return [opt if value else "--no-" + opt[2:]]
-    if isinstance(action, argparse._StoreTrueAction):
-        return [opt] if value else []
-    if isinstance(action, argparse._StoreFalseAction):
-        return [] if value else [opt]
-    if value is None:
-        return []
-    num = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
-    return [opt, ",".join(num(v) for v in value) if isinstance(value, (list, tuple)) else num(value)]
 
 
 def command_of(script, parser, cfg, base, lead=("alpha_min", "seed")):

@@ -3,7 +3,7 @@ belong together, name the device, round numbers for the committed JSON, and writ
 
 Not a training dependency: only the scripts under results/ import this (and matplotlib, lazily, for figures).
 """
-import json, os, sys
+import argparse, json, os, sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -75,3 +75,19 @@ def pm(values, digits=2, sign=""):
     if s["mean"] is None:
         return "-"
     return f"{s['mean']:{sign}.{digits}f}" + (f" ± {s['ci95']:.{digits}f}" if s["ci95"] is not None else "")
+
+
+def flag_text(action, value):
+    """The argv words that set the argparse `action` to `value`: how a publisher writes a run's config back as
+    the command that made it."""
+    opt = next(o for o in action.option_strings if o.startswith("--"))
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return [opt if value else "--no-" + opt[2:]]
+    if isinstance(action, argparse._StoreTrueAction):
+        return [opt] if value else []
+    if isinstance(action, argparse._StoreFalseAction):
+        return [] if value else [opt]
+    if value is None:
+        return []
+    num = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
+    return [opt, ",".join(num(v) for v in value) if isinstance(value, (list, tuple)) else num(value)]

@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import common  # noqa: E402
 import sim_cifar as S  # noqa: E402
-from publish import RUN_ONLY, device_of, load_runs, pm, rounded, same_config  # noqa: E402
+from publish import RUN_ONLY, device_of, flag_text, load_runs, pm, rounded, same_config  # noqa: E402
 
 VARY = {"seed", "seeds"}  # besides RUN_ONLY: one process per seed (or per few) is the point of merging
 PER_SEED = {"test_acc": "test_acc", "test_acc_tta": "test_acc_tta", "minutes": "minutes",
@@ -47,12 +47,7 @@ def command_of(cfg):
         given = k == "bench_steps" and cfg.get("bench_steps_given")
         if k in skip or k not in cfg or (cfg[k] == base.get(k) and not given):
             continue
-        if isinstance(a, argparse.BooleanOptionalAction):
-            argv.append(("--" if cfg[k] else "--no-") + k.replace("_", "-"))
-        elif a.nargs == 0:
-            argv += [a.option_strings[0]] if cfg[k] else []
-        else:
-            argv += [a.option_strings[0], f"{cfg[k]:g}" if isinstance(cfg[k], float) else str(cfg[k])]
+        argv += flag_text(a, cfg[k])
     return "python sim_cifar.py " + shlex.join(argv + ["--out", str(cfg["out"])])
 
 

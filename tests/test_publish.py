@@ -50,3 +50,19 @@ def test_pm_rounded_and_device():
     assert P.rounded({"a": [1.23456789, 2], "b": 0.000123456789}) == {"a": [1.2346, 2], "b": 0.00012346}
     assert P.device_of({"device": "NVIDIA H100 80GB HBM3"}) == "NVIDIA H100 80GB HBM3"
     assert P.device_of({"device": "cpu (2 cores)"}).startswith("cpu (2 cores)")
+
+
+def test_flag_text_writes_what_parses_back():
+    import argparse
+    p = argparse.ArgumentParser()
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--no-download", dest="download", action="store_false")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--aw", type=str)
+    acts = {a.dest: a for a in p._actions if a.option_strings and a.dest != "help"}
+    cfg = {"compile": False, "smoke": True, "download": False, "lr": 4e-4, "aw": "0,10"}
+    argv = [w for k, v in cfg.items() for w in P.flag_text(acts[k], v)]
+    assert argv == ["--no-compile", "--smoke", "--no-download", "--lr", "0.0004", "--aw", "0,10"]
+    assert vars(p.parse_args(argv)) == cfg
+    assert P.flag_text(acts["lr"], None) == [] and P.flag_text(acts["smoke"], False) == []
