@@ -3,6 +3,7 @@ table with 95% intervals, the trend test, per-seed values, thinned RLCT traces) 
 
   python results/selfmodel_figures.py mnist_h64 out/selfmodel/mnist_h64_s0-4 out/selfmodel/mnist_h64_s5-9
   python results/selfmodel_figures.py --redraw results/selfmodel_mnist_h64.json   # figures from the JSON alone
+  python results/selfmodel_figures.py imdb_quick results/selfmodel_imdb_quick.json out/selfmodel/imdb_quick_s5  # more seeds
   python results/selfmodel_figures.py --widths mnist_widths results/selfmodel_mnist_h{64,128,256,512}.json
 
 Figures: NAME.png, three panels against AW (test accuracy, width of the final layer's class rows, RLCT), each
@@ -11,7 +12,8 @@ the chain-mean RLCT trace nbeta * (L(w) - L(w*)) of every (eps, gamma), AW 0 aga
 `--widths NAME JSON...` takes published sweeps that differ only in the hidden width and draws the same three
 quantities against the width, one line per AW (the paper's Fig. 2 B-D), as NAME.png with its markdown table.
 
-The runs must share every setting but the AW list and the seeds (a sweep split over processes). The trace
+The runs must share every setting but the AW list and the seeds (a sweep split over processes), and the device. A
+published JSON counts as one more run: seeds measured later join it without its first output folders. The trace
 check ("flat") is recomputed here from the stored traces with the current selfmodel.llc_diagnostics, so runs
 made by older code are judged by the same rule. matplotlib is an optional extra: the training scripts never
 import it; this script needs it only for the figures (the JSON is written without it).
@@ -26,8 +28,9 @@ import common  # noqa: E402
 import selfmodel as S  # noqa: E402
 from publish import cpu_model, rounded  # noqa: E402
 
-VARY = {"aw", "seeds", "seed", "out", "resume", "model_aw", "model_seed", "stop_at_step", "data_dir", "log_every",
-        "ckpt_interval", "no_download", "device", "compile", "eval_batch", "num_tokens"}
+# --smoke only sets other flags' defaults, which the config holds: it is not a setting of its own
+VARY = {"aw", "seeds", "seed", "smoke", "out", "resume", "model_aw", "model_seed", "stop_at_step", "data_dir",
+        "log_every", "ckpt_interval", "no_download", "device", "compile", "eval_batch", "num_tokens"}
 
 
 def command_of(cfg):
@@ -52,13 +55,26 @@ def recheck(trace, nbeta):
     return {k: d[k] for k in ("drift", "noise", "flat")}
 
 
+def from_published(pub):
+    """A published results/selfmodel_NAME.json read back as one more input of `merge`, so that a sweep grows by
+    seeds run later without its first output folders: its cells, shared config, commands and provenance."""
+    return {"script": "selfmodel", "config": pub["config"],
+            "metrics": {"runs": pub["runs"], "finished": pub["finished"]}, "device": pub["device"],
+            "torch": pub["torch"], "git_commit": pub["git_commits"], "wall_seconds": pub["wall_minutes"] * 60,
+            "commands": pub["commands"], "cpu_model": pub.get("cpu_model")}
+
+
 def merge(name, dirs):
     files = [os.path.join(d, "results.json") if os.path.isdir(d) else d for d in dirs]
     for f in files:
-        common.check(os.path.exists(f), f"{f} does not exist: pass a selfmodel output folder or its results.json")
+        common.check(os.path.exists(f), f"{f} does not exist: pass a selfmodel output folder, its results.json or "
+                                        "a published results/selfmodel_*.json")
     res = [json.load(open(f)) for f in files]
+    res = [from_published(r) if "table" in r and "runs" in r and "script" not in r else r for r in res]
     for f, r in zip(files, res):
         common.check(r.get("script") == "selfmodel", f"{f} was not written by selfmodel.py")
+        common.check(r["device"] == res[0]["device"], f"{f} ran on {r['device']}, {files[0]} on {res[0]['device']}: "
+                                                      "one table is one device")
     base = {k: v for k, v in res[0]["config"].items() if k not in VARY}
     for f, r in zip(files, res):
         diff = sorted(k for k in set(base) | set(r["config"]) if k not in VARY and r["config"].get(k) != base.get(k))
@@ -86,15 +102,19 @@ def merge(name, dirs):
         cells[key] = cell
     return {
         "name": name, "task": base["task"], "paper": PAPER.get(base["task"]),
-        "commands": [command_of(r["config"]) for r in res],
-        "device": res[0]["device"], "cpu_model": cpu_model() if res[0]["device"].startswith("cpu") else None,
-        "torch": res[0]["torch"], "git_commits": sorted({str(r["git_commit"]) for r in res}),
+        "commands": [c for r in res for c in (r["commands"] if "commands" in r else [command_of(r["config"])])],
+        "device": res[0]["device"],
+        "cpu_model": res[0].get("cpu_model") or cpu_model() if res[0]["device"].startswith("cpu") else None,
+        # a sweep grown later may span versions: each named once, in order
+        "torch": ", ".join(sorted({v for r in res for v in str(r["torch"]).split(", ")})),
+        "git_commits": sorted({str(c) for r in res for c in (r["git_commit"] if isinstance(r["git_commit"], list)
+                                                             else [r["git_commit"]])}),
         # wall time of the last process of each run (a resumed run's earlier processes are not in it) ...
         "wall_minutes": round(sum(r.get("wall_seconds", r.get("seconds", 0)) for r in res) / 60, 1),
         # ... and the cells' own training + RLCT time, every process included: the cost of the table
         "cell_minutes": round(sum(c["train_seconds"] + c["llc_seconds"] for c in cells.values()) / 60, 1),
         "finished": all(r["metrics"]["finished"] for r in res),
-        "config": {k: base[k] for k in sorted(base) if k not in ("smoke",)},
+        "config": {k: base[k] for k in sorted(base)},
         "table": S.summarise(cells, cfg), "runs": rounded(cells)}
 
 
@@ -306,7 +326,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.one_line_errors(p)
     p.add_argument("name", nargs="?", help="result name: writes results/selfmodel_NAME.json and .png")
-    p.add_argument("runs", nargs="*", help="selfmodel output folders (or their results.json)")
+    p.add_argument("runs", nargs="*", help="selfmodel output folders (or their results.json); a published "
+                                           "results/selfmodel_*.json joins them as one more run")
     p.add_argument("--redraw", default=None, help="a results/selfmodel_*.json: draw its figures again")
     p.add_argument("--widths", action="store_true",
                    help="NAME then published results/selfmodel_*.json sweeps at several hidden widths: one figure "

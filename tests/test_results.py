@@ -55,6 +55,35 @@ def test_merge_writes_the_table_commands_and_rechecked_traces(split_sweep):
         F.merge("twice", [outs[0], outs[0]])
 
 
+def test_a_published_json_grows_by_later_seeds(split_sweep, tmp_path):
+    """Seeds run later join a published sweep through its JSON alone (the first output folders long gone): the
+    table is the one of merging the folders, up to the published rounding; provenance of both is kept."""
+    _, outs = split_sweep
+    pub = tmp_path / "selfmodel_first.json"
+    common.write_json(str(pub), F.merge("first", [outs[0]]))
+    later = json.load(open(os.path.join(outs[1], "results.json")))
+    later["config"].update(llc_grid=[], llc_grid_eps="", llc_grid_gamma="")
+    for cell in later["metrics"]["runs"].values():
+        cell.pop("llc_grid")
+    later.update(torch="9.9.9", git_commit="abc1234")
+    (tmp_path / "later").mkdir()
+    common.write_json(str(tmp_path / "later" / "results.json"), later)
+    grown = F.merge("grown", [str(pub), str(tmp_path / "later")])
+    direct = F.merge("direct", [outs[0], str(tmp_path / "later")])
+    assert [(r["aw"], r["n"]) for r in grown["table"]["rows"]] == [(0.0, 2), (5.0, 2)]
+    for a, b in zip(grown["table"]["rows"], direct["table"]["rows"]):
+        for k in ("test_acc_mean", "width_mean", "llc_mean"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4)
+    assert grown["commands"] == direct["commands"] and "abc1234" in grown["git_commits"]
+    assert grown["torch"].endswith(", 9.9.9") and grown["torch"].count(",") == 1
+    with pytest.raises(common.UserError, match="two runs"):  # the published cells are not counted twice
+        F.merge("twice", [str(pub), outs[0]])
+    later["device"] = "cuda (NVIDIA H200)"
+    common.write_json(str(tmp_path / "later" / "results.json"), later)
+    with pytest.raises(common.UserError, match="one table is one device"):
+        F.merge("mixed", [str(pub), str(tmp_path / "later")])
+
+
 def test_figures_and_redraw(split_sweep, tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is the optional figure extra (requirements-figures.txt)")
     _, outs = split_sweep
