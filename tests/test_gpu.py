@@ -1,9 +1,12 @@
 """GPU checks. On a new GPU machine run these first, before any long run:
 
     python -m pytest -q tests/test_gpu.py        # a few minutes on an H100
+    python -m pytest -q -n 5 tests/test_gpu.py   # independent tests: pytest-xdist runs them side by side
 
-Without CUDA every test here is skipped (the CPU suite covers the rest). For each script (sim_cifar,
-mae_decay, diffusion_decay, selfmodel), at its real default model size on a small real CIFAR-10 subset:
+Without CUDA every test here is skipped (the CPU suite covers the rest). They read the real CIFAR-10 where it
+is found (DATA_DIR or ../shared/data), else a generated folder of the same format, so a new machine runs them
+before its data has arrived. For each script (sim_cifar, mae_decay, diffusion_decay, selfmodel), at its real
+default model size on a small CIFAR-10 subset:
   - its own command line runs a few steps on the GPU (bf16 autocast, TF32, channels_last for the
     convolutional models, fused optimizer; sim_cifar also under torch.compile), stops with a checkpoint
     (--stop-at-step, as on SIGTERM), resumes on the GPU and finishes with its evaluation and results.json;
@@ -25,7 +28,7 @@ import diffusion_decay as DD
 import mae_decay as MAE
 import selfmodel as SM
 import sim_cifar as SIM
-from conftest import need
+from conftest import _find_data_dir, tiny_cifar10
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device: tests/test_gpu.py runs only on a GPU machine")
@@ -34,11 +37,22 @@ N_TRAIN = 4096
 
 
 @pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The real CIFAR-10 where it is found, else a generated one of the same format: these tests check code paths
+    (precision, layout, checkpoints), not accuracy, so a GPU machine runs them before its data has arrived."""
+    real = _find_data_dir()
+    files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    if real and all(os.path.isfile(os.path.join(real, "cifar10", "cifar-10-batches-py", f)) for f in files):
+        return real
+    return tiny_cifar10(tmp_path_factory.mktemp("gpu_data"), n_train=N_TRAIN + 4, n_test=1000)
+
+
+@pytest.fixture(scope="module")
 def cifar(data_dir):
     """The first N_TRAIN training images and 1000 test images of CIFAR-10 (uint8 on the CPU)."""
-    need(data_dir, "cifar10", "cifar-10-batches-py", "data_batch_1")
     tx, ty = common.load_cifar10(data_dir, train=True)
     vx, vy = common.load_cifar10(data_dir, train=False)
+    assert len(tx) >= N_TRAIN and len(vx) >= 1000
     return tx[:N_TRAIN], ty[:N_TRAIN], vx[:1000], vy[:1000]
 
 
