@@ -60,7 +60,7 @@ def from_published(pub):
     seeds run later without its first output folders: its cells, shared config, commands and provenance."""
     return {"script": "selfmodel", "config": pub["config"],
             "metrics": {"runs": pub["runs"], "finished": pub["finished"]}, "device": pub["device"],
-            "torch": pub["torch"], "git_commit": pub["git_commits"], "wall_seconds": pub["wall_minutes"] * 60,
+            "torch": pub["torch"], "git_commits": pub["git_commits"], "wall_seconds": pub["wall_minutes"] * 60,
             "commands": pub["commands"], "cpu_model": pub.get("cpu_model")}
 
 
@@ -107,8 +107,7 @@ def merge(name, dirs):
         "cpu_model": res[0].get("cpu_model") or cpu_model() if res[0]["device"].startswith("cpu") else None,
         # a sweep grown later may span versions: each named once, in order
         "torch": ", ".join(sorted({v for r in res for v in str(r["torch"]).split(", ")})),
-        "git_commits": sorted({str(c) for r in res for c in (r["git_commit"] if isinstance(r["git_commit"], list)
-                                                             else [r["git_commit"]])}),
+        "git_commits": sorted({str(c) for r in res for c in r.get("git_commits", [r.get("git_commit")])}),
         # wall time of the last process of each run (a resumed run's earlier processes are not in it) ...
         "wall_minutes": round(sum(r.get("wall_seconds", r.get("seconds", 0)) for r in res) / 60, 1),
         # ... and the cells' own training + RLCT time, every process included: the cost of the table
