@@ -215,9 +215,9 @@ def test_aw0_with_the_widened_layer_trains_exactly_like_the_plain_network(mnist,
     sw = sweep(["--smoke", "--data-dir", mnist, "--epochs", "1", "--log-every", "1"], tmp_path)
     ckpt = tmp_path / "ckpt.pt"
     plain = sw.run_cell(0, 0.0, 0, NoStop())
-    plain_w = torch.load(ckpt)["model"]
+    plain_w = torch.load(ckpt, weights_only=False)["model"]
     widened = sw.run_cell(0, 0.0, 0, NoStop(), self_model=True)
-    widened_w = torch.load(ckpt)["model"]
+    widened_w = torch.load(ckpt, weights_only=False)["model"]
     assert "self_head.weight" in widened_w and "self_head.weight" not in plain_w
     assert all(torch.equal(v, widened_w[k]) for k, v in plain_w.items())
     for k in ("loss_curve", "test_acc", "width", "width_all", "llc"):
@@ -344,13 +344,13 @@ def test_resume_is_bitwise_and_keeps_finished_cells(mnist, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     p = run_script(SMOKE + ["--data-dir", mnist, "--out", part, "--stop-at-step", "150"])
     assert p.returncode == 0 and "stopped at step 150" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
-    ck = torch.load(part / "ckpt.pt")
+    ck = torch.load(part / "ckpt.pt", weights_only=False)
     assert ck["cell"] == [1.0, 0] and ck["step"] == 54 and list(ck["done"]) == ["aw=0,seed=0"]
     assert ck["cell_seconds"] > 0  # the interrupted cell's training time so far, carried over
     p = run_script(SMOKE + ["--data-dir", mnist, "--out", part, "--resume"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed aw 1 seed 0 at step 54" in p.stdout and "aw 0 seed 0 |" not in p.stdout  # cell 0 kept
-    a, b = torch.load(full / "ckpt.pt"), torch.load(part / "ckpt.pt")
+    a, b = torch.load(full / "ckpt.pt", weights_only=False), torch.load(part / "ckpt.pt", weights_only=False)
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
     ra, rb = (json.load(open(o / "results.json"))["metrics"] for o in (full, part))
@@ -383,7 +383,7 @@ def test_torchrun_two_processes_match_one(mnist, tmp_path):
     c1, c2 = torch.tensor(r1["loss_curve"]), torch.tensor(r2["loss_curve"])
     assert c1[0, 1].item() == pytest.approx(c2[0, 1].item(), rel=1e-6)  # first step: mean of the half-batch losses
     assert torch.allclose(c1, c2, rtol=1e-5)  # every later step follows from equal gradients
-    w1, w2 = torch.load(one / "ckpt.pt")["model"], torch.load(two / "ckpt.pt")["model"]
+    w1, w2 = (torch.load(d / "ckpt.pt", weights_only=False)["model"] for d in (one, two))
     assert all(torch.allclose(v, w2[k], atol=1e-6) for k, v in w1.items())
     assert r1["test_acc"] == r2["test_acc"] and r1["llc"] == pytest.approx(r2["llc"], rel=1e-3, abs=1e-3)
 

@@ -29,7 +29,8 @@ def stopped(cifar, tmp_path_factory):
     out = tmp_path_factory.mktemp("stopped") / "run"
     p = run_script(["sim_cifar.py"] + TINY + ["--data-dir", cifar, "--out", out, "--stop-at-step", "3"])
     assert p.returncode == 0 and "stopped at step 3" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
-    assert not (out / "results.json").exists() and torch.load(out / "off_seed0" / "ckpt.pt")["step"] == 3
+    assert not (out / "results.json").exists()
+    assert torch.load(out / "off_seed0" / "ckpt.pt", weights_only=False)["step"] == 3
     return out
 
 
@@ -387,8 +388,8 @@ def test_lam0_gives_the_baseline_trajectory(cifar, tmp_path):
     assert [h[3] for h in res["rho"]["history"]["loss"]][0] > 0  # the SIM loss was computed, just weighted 0
     assert ce["lam"][0] == ce["off"][0] and ce["lam"][1:] != ce["off"][1:]  # lam > 0 does change training
     assert [h[1] for h in res["rho"]["history"]["loss"]] == [h[1] for h in res["off"]["history"]["loss"]]
-    off = backbone(torch.load(tmp_path / "off" / "ckpt.pt")["model"])
-    rho = backbone(torch.load(tmp_path / "rho" / "ckpt.pt")["model"])
+    off = backbone(torch.load(tmp_path / "off" / "ckpt.pt", weights_only=False)["model"])
+    rho = backbone(torch.load(tmp_path / "rho" / "ckpt.pt", weights_only=False)["model"])
     assert off.keys() == rho.keys() and all(torch.equal(off[k], rho[k]) for k in off)
 
 
@@ -430,7 +431,7 @@ def test_resume_is_bitwise(cifar, stopped, tmp_path):
     assert rb["off"]["time_to_target_cold"] is False and "after --resume: no end-to-end time" in p.stdout
     assert rb["rho"]["resumed"] is False and rb["rho"]["time_to_target"] > 0  # started fresh in this process
     for run in ("off_seed0", "rho_seed0"):
-        ca, cb = torch.load(a / run / "ckpt.pt"), torch.load(b / run / "ckpt.pt")
+        ca, cb = (torch.load(d / run / "ckpt.pt", weights_only=False) for d in (a, b))
         assert ca["step"] == cb["step"] == 8 and ca["history"] == cb["history"]
         for k in ca["model"]:
             assert torch.equal(ca["model"][k], cb["model"][k]), (run, k)
@@ -511,7 +512,7 @@ def test_two_processes_match_one(cifar, tmp_path):
     helper.write_text(textwrap.dedent(DDP_HELPER.format(root=ROOT, argv=argv, out=str(out))))
     p = run_script([helper], torchrun=2)
     assert p.returncode == 0, p.stderr[-3000:]
-    got = torch.load(out)
+    got = torch.load(out, weights_only=False)
     assert got["rows"] == 16
 
     args = S.parse_args(argv)
