@@ -256,7 +256,8 @@ def plot_widths(name, sweeps, out_png):
     axes[0].legend(fontsize=8)
     ns = sorted({r["n"] for _, r in rows})
     s0 = next(iter(sweeps.values()))
-    fig.suptitle(f"self-modeling, {name}: mean and 95% interval over {ns[0]}-{ns[-1]} seeds per point "
+    seeds = str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+    fig.suptitle(f"self-modeling, {name}: mean and 95% interval over {seeds} seeds per point "
                  f"({s0['device']}{', ' + s0['cpu_model'] if s0.get('cpu_model') else ''})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
