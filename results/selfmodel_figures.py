@@ -129,6 +129,16 @@ def _x(aws):
     return [float(a) for a in aws]
 
 
+def seed_counts(rows):
+    """'10' when every table row has 10 seeds, else '5-10': the seed count a figure's title names."""
+    ns = sorted({r["n"] for r in rows})
+    return f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+
+
+def device_text(summary):
+    return summary["device"] + (", " + summary["cpu_model"] if summary.get("cpu_model") else "")
+
+
 def plot(summary, out_png):
     import matplotlib
     matplotlib.use("Agg")
@@ -157,10 +167,8 @@ def plot(summary, out_png):
             text.append(f"Spearman {tl['spearman']:+.2f} ({fmt_p(tl['p'])}), runs that learned")
         ax.text(0.02, 0.03, "\n".join(text), transform=ax.transAxes, fontsize=7.5)
         ax.grid(alpha=0.3)
-    ns = sorted({r["n"] for r in rows})
-    n = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
-    fig.suptitle(f"self-modeling, {summary['name']}: mean and 95% interval over {n} seeds "
-                 f"({summary['device']}{', ' + summary['cpu_model'] if summary.get('cpu_model') else ''})", fontsize=10)
+    fig.suptitle(f"self-modeling, {summary['name']}: mean and 95% interval over {seed_counts(rows)} seeds "
+                 f"({device_text(summary)})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
@@ -254,11 +262,8 @@ def plot_widths(name, sweeps, out_png):
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    ns = sorted({r["n"] for _, r in rows})
-    s0 = next(iter(sweeps.values()))
-    seeds = str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
-    fig.suptitle(f"self-modeling, {name}: mean and 95% interval over {seeds} seeds per point "
-                 f"({s0['device']}{', ' + s0['cpu_model'] if s0.get('cpu_model') else ''})", fontsize=10)
+    fig.suptitle(f"self-modeling, {name}: mean and 95% interval over {seed_counts([r for _, r in rows])} seeds "
+                 f"per point ({device_text(next(iter(sweeps.values())))})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
