@@ -8,8 +8,9 @@ is found (DATA_DIR or ../shared/data), else a generated folder of the same forma
 before its data has arrived. For each script (sim_cifar, mae_decay, diffusion_decay, selfmodel), at its real
 default model size on a small CIFAR-10 subset:
   - its own command line runs a few steps on the GPU (bf16 autocast, TF32, channels_last for the
-    convolutional models, fused optimizer; sim_cifar also under torch.compile), stops with a checkpoint
-    (--stop-at-step, as on SIGTERM), resumes on the GPU and finishes with its evaluation and results.json;
+    convolutional models, fused optimizer), stops with a checkpoint (--stop-at-step, as on SIGTERM),
+    resumes on the GPU under torch.compile (the reproductions' setting) and finishes with its evaluation
+    and results.json;
   - the checkpoint written on the GPU loads on the CPU (map_location), holds the fused optimizer's state,
     and a CPU model rebuilt from it takes a finite training step;
   - the bf16 forward of those weights on the GPU is close to the fp32 forward (GPU without TF32, CPU).
@@ -254,7 +255,8 @@ def test_mae_decay_gpu(cifar, data_dir, tmp_path):
     argv = ["--device", "cuda", "--data-dir", data_dir, "--out", out, "--n-train", 2048, "--epochs", 2,
             "--warmup-epochs", 1, "--eval-n-train", 1000, "--eval-n-test", 500, "--probe-epochs", 2,
             "--log-every", 1, "--ckpt-every", 1]
-    kept = run_gpu_then_resume(MAE.main, argv, out / "ckpt.pt", 2)  # batch 1024: 2 steps per epoch
+    # batch 1024: 2 steps per epoch; eager to the stop, resumed compiled (the reproduction runs with --compile)
+    kept = run_gpu_then_resume(MAE.main, argv, out / "ckpt.pt", 2, ["--compile"])
     r = results(out)
     final = r["metrics"]["final"]
     assert r["config"]["dim"] == 384 and finite(final["linear_probe"], final["knn"], final["erank"])
@@ -275,7 +277,7 @@ def test_diffusion_decay_gpu(cifar, data_dir, tmp_path):
     argv = ["--device", "cuda", "--data-dir", data_dir, "--out", out, "--iters", 4, "--warmup", 2,
             "--n-train", 2048, "--n-test", 500, "--fid-n", 0, "--grid", 16, "--probe-t", "0.05",
             "--probe-epochs", 2, "--log-every", 1, "--ckpt-every", 0]
-    kept = run_gpu_then_resume(DD.main, argv, out / "ckpt.pt", 2)
+    kept = run_gpu_then_resume(DD.main, argv, out / "ckpt.pt", 2, ["--compile"])  # resumed compiled
     r = results(out)
     assert r["config"]["dim"] == 512 and finite(r["metrics"]["best_linear_probe"], r["metrics"]["train_loss"])
     assert os.path.isfile(out / "samples.png")
@@ -297,7 +299,7 @@ def test_selfmodel_gpu(cifar, data_dir, tmp_path):
             "--aw", "0,1", "--seeds", 1, "--epochs", 1, "--train-subset", 1024, "--test-subset", 500,
             "--sgld-chains", 2, "--sgld-draws", 4, "--log-every", 1]
     # batch 256: 4 steps per cell; step 5 of the sweep lies inside the AW 1 cell (the widened network)
-    kept = run_gpu_then_resume(SM.main, argv, out / "ckpt.pt", 5)
+    kept = run_gpu_then_resume(SM.main, argv, out / "ckpt.pt", 5, ["--compile"])  # resumed compiled
     r = results(out)
     runs = r["metrics"]["runs"]
     assert len(runs) == 2 and all(finite(v["test_acc"], v["llc"]) for v in runs.values())
