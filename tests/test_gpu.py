@@ -153,15 +153,16 @@ def check_checkpoint(path, build, forward, make_opt, loss_fn, inputs, *, channel
     return ck
 
 
-def run_gpu_then_resume(main, argv, ckpt, stop_at, resume_extra=()):
-    """`main(argv)` on the GPU until --stop-at-step (checkpoint written, as on SIGTERM); keep a copy of that
-    checkpoint; then the same command plus --resume to the end. Returns the copy's path."""
+def run_gpu_then_resume(main, argv, ckpt, stop_at):
+    """`main(argv)` on the GPU, eager, until --stop-at-step (checkpoint written, as on SIGTERM); keep a copy of
+    that checkpoint; then the same command plus --resume --compile (the reproductions' setting) to the end.
+    Returns the copy's path."""
     argv = [str(a) for a in argv]
     main(argv + ["--stop-at-step", str(stop_at)])
     assert os.path.isfile(ckpt), f"no checkpoint at {ckpt} after --stop-at-step {stop_at}"
     kept = f"{ckpt}.mid"
     shutil.copyfile(ckpt, kept)
-    main(argv + ["--resume"] + [str(a) for a in resume_extra])
+    main(argv + ["--resume", "--compile"])
     return kept
 
 
@@ -240,8 +241,7 @@ def test_sim_cifar_gpu(cifar, data_dir, tmp_path):
     out = tmp_path / "sim"
     argv = ["--device", "cuda", "--data-dir", data_dir, "--out", out, "--sim", "rho", "--no-baseline",
             "--train-subset", 2048, "--test-subset", 1000, "--epochs", 2, "--bench-steps", 2, "--log-every", 1]
-    # eager until the stop at step 3, then resumed compiled (bf16, channels_last and fused SGD throughout)
-    kept = run_gpu_then_resume(SIM.main, argv, out / "rho_seed0" / "ckpt.pt", 3, ["--compile"])
+    kept = run_gpu_then_resume(SIM.main, argv, out / "rho_seed0" / "ckpt.pt", 3)
     r = results(out)
     assert finite(*r["metrics"]["test_acc"]["rho"]) and r["metrics"]["runs"][0]["history"]["loss"]
 
@@ -255,8 +255,7 @@ def test_mae_decay_gpu(cifar, data_dir, tmp_path):
     argv = ["--device", "cuda", "--data-dir", data_dir, "--out", out, "--n-train", 2048, "--epochs", 2,
             "--warmup-epochs", 1, "--eval-n-train", 1000, "--eval-n-test", 500, "--probe-epochs", 2,
             "--log-every", 1, "--ckpt-every", 1]
-    # batch 1024: 2 steps per epoch; eager to the stop, resumed compiled (the reproduction runs with --compile)
-    kept = run_gpu_then_resume(MAE.main, argv, out / "ckpt.pt", 2, ["--compile"])
+    kept = run_gpu_then_resume(MAE.main, argv, out / "ckpt.pt", 2)  # batch 1024: 2 steps per epoch
     r = results(out)
     final = r["metrics"]["final"]
     assert r["config"]["dim"] == 384 and finite(final["linear_probe"], final["knn"], final["erank"])
@@ -277,7 +276,7 @@ def test_diffusion_decay_gpu(cifar, data_dir, tmp_path):
     argv = ["--device", "cuda", "--data-dir", data_dir, "--out", out, "--iters", 4, "--warmup", 2,
             "--n-train", 2048, "--n-test", 500, "--fid-n", 0, "--grid", 16, "--probe-t", "0.05",
             "--probe-epochs", 2, "--log-every", 1, "--ckpt-every", 0]
-    kept = run_gpu_then_resume(DD.main, argv, out / "ckpt.pt", 2, ["--compile"])  # resumed compiled
+    kept = run_gpu_then_resume(DD.main, argv, out / "ckpt.pt", 2)
     r = results(out)
     assert r["config"]["dim"] == 512 and finite(r["metrics"]["best_linear_probe"], r["metrics"]["train_loss"])
     assert os.path.isfile(out / "samples.png")
@@ -299,7 +298,7 @@ def test_selfmodel_gpu(cifar, data_dir, tmp_path):
             "--aw", "0,1", "--seeds", 1, "--epochs", 1, "--train-subset", 1024, "--test-subset", 500,
             "--sgld-chains", 2, "--sgld-draws", 4, "--log-every", 1]
     # batch 256: 4 steps per cell; step 5 of the sweep lies inside the AW 1 cell (the widened network)
-    kept = run_gpu_then_resume(SM.main, argv, out / "ckpt.pt", 5, ["--compile"])  # resumed compiled
+    kept = run_gpu_then_resume(SM.main, argv, out / "ckpt.pt", 5)
     r = results(out)
     runs = r["metrics"]["runs"]
     assert len(runs) == 2 and all(finite(v["test_acc"], v["llc"]) for v in runs.values())
