@@ -644,6 +644,18 @@ def warn_if_cpu(d, smoke):
               file=sys.stderr)
 
 
+def check_cpu_compile_width(d, compiled, width):
+    """Refuse a compiled ResNet on the CPU narrower than 8 channels, before it hangs.
+
+    torch.compile lays convolutions out channels_last on the CPU, and there oneDNN's 1x1 stride-2
+    weight-gradient kernel hangs or crashes (segfault, abort) when the input has fewer than 8 channels:
+    seen with torch 2.11 and 2.14 on an AVX2 CPU, in eager mode too once the tensors are channels_last.
+    The scripts keep CPU tensors contiguous otherwise, and CUDA is unaffected."""
+    check(not (d.device.type == "cpu" and compiled and width < 8),
+          f"--width {width} with --compile on the CPU hangs in oneDNN (1x1 stride-2 convolution backward, "
+          f"< 8 channels): use --width 8 or more, or drop --compile")
+
+
 def cleanup_distributed():
     if dist.is_initialized():
         dist.barrier()  # a rank tearing down while rank 0 still writes can abort gloo

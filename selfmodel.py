@@ -82,7 +82,7 @@ PRESETS = {  # "paper" = TASKS as they are; "quick" finishes a 4 AW x 3 seed swe
 SMOKE = {  # CPU-sized: a small real subset, a narrow model, a short chain
     "mnist": dict(hidden=32, epochs=3, batch_size=128, train_subset=4096, test_subset=1000, aw="0,1", seeds=1,
                   sgld_chains=2, sgld_draws=40, sgld_batch=128, log_every=16),
-    "cifar10": dict(hidden=32, width=4, epochs=1, batch_size=32, train_subset=256, test_subset=128, aw="0,1",
+    "cifar10": dict(hidden=32, width=8, epochs=1, batch_size=32, train_subset=256, test_subset=128, aw="0,1",
                     seeds=1, sgld_chains=2, sgld_draws=6, sgld_batch=32, log_every=4),
     "imdb": dict(epochs=2, train_subset=2000, test_subset=1000, vocab_size=5000, aw="0,1", seeds=1,
                  sgld_chains=2, sgld_draws=40, log_every=8),
@@ -1011,6 +1011,8 @@ def main(argv=None):
 def sweep_main(args, d, t_main):
     common.rank0_first(common.claim_out_dir, args.out, args.resume)  # lock; refuse to overwrite a finished run
     common.warn_if_cpu(d, args.smoke)
+    if args.task == "cifar10":
+        common.check_cpu_compile_width(d, args.compile, args.width)
     ck = load_resume(os.path.join(args.out, "ckpt.pt"), args) if args.resume else None
     data = Data(args, d)
     sweep = Sweep(args, d, data, ck)

@@ -357,6 +357,16 @@ def test_setup_distributed_single():
         common.setup_distributed("tpu")
 
 
+def test_compiled_resnets_narrower_than_8_channels_are_refused_on_the_cpu_only():
+    cpu = common.setup_distributed("cpu")
+    cuda = cpu._replace(device=torch.device("cuda"))  # only the device type is read: no GPU needed
+    for width in (1, 4, 7):
+        with pytest.raises(common.UserError, match=rf"--width {width} .*--width 8 or more, or drop --compile"):
+            common.check_cpu_compile_width(cpu, True, width)
+    for d, compiled, width in [(cpu, True, 8), (cpu, True, 64), (cpu, False, 4), (cuda, True, 4)]:
+        common.check_cpu_compile_width(d, compiled, width)  # passes: wide enough, eager, or CUDA
+
+
 DIST_SCRIPT = r"""
 import json, os, sys, torch
 sys.path.insert(0, os.getcwd())

@@ -304,8 +304,8 @@ def test_cifar_augmentation_model_and_llc_with_batchnorm(data_dir, tmp_path):
     torch.manual_seed(0)
     net = S.build_model({**sw.cfg, "model_aw": 1.0})
     out, target = net(x[:8])
-    assert S.target_dim(sw.cfg) == 8 * 4 * 16 + 32 and out.shape == (8, 10 + 8 * 4 * 16 + 32)
-    assert target.shape == (8, 8 * 4 * 16 + 32)
+    dim = 8 * sw.cfg["width"] * 4 * 4 + sw.cfg["hidden"]
+    assert S.target_dim(sw.cfg) == dim and out.shape == (8, 10 + dim) and target.shape == (8, dim)
     # SGLD through BatchNorm, both protocols: "ours" in eval mode on clean batches, "authors" in train mode
     # (batch statistics) on the augmented loader; either leaves weights, running stats and modes as they were
     net.train()
@@ -420,6 +420,7 @@ def run_in_process(argv, capsys):
     (["--sgld-batch", "100000"], ["--sgld-batch", "training examples"]),
     (["--preset", "quick"], ["--preset quick", "mnist", "drop it"]),  # contradictions: refused, not ignored
     (["--width", "8"], ["--width", "cifar10"]),
+    (["--task", "cifar10", "--width", "4", "--compile", "--device", "cpu"], ["--width 4", "--compile", "--width 8"]),
     (["--vocab-size", "100"], ["--vocab-size", "imdb"]),
     (["--test-subset", "20000"], ["--test-subset", "10000"]),
     (["--train-subset", "70000"], ["--train-subset", "60000"]),

@@ -557,6 +557,7 @@ def test_bad_invocations(cifar, tmp_path):
         (["--sim", "half"], ["--sim"]),
         (["--epochs", "zero"], ["--epochs"]),
         (["--rho", "2"], ["--rho"]),
+        (["--width", "4", "--compile", "--device", "cpu"], ["--width 4", "--compile"]),
         (["--out", "/proc/no/such/dir"], ["--out"]),
         (["--data-dir", str(tmp_path / "nowhere"), "--no-download"], ["--data-dir"]),
         (["--resume", "--out", str(tmp_path / "empty")], ["no checkpoint", "--resume"]),
