@@ -1010,10 +1010,10 @@ def main(argv=None):
 
 
 def sweep_main(args, d, t_main):
+    if args.task == "cifar10":  # before the output folder is claimed: a refused run leaves nothing behind
+        common.check_cpu_compile_width(d, args.compile, args.width)
     common.rank0_first(common.claim_out_dir, args.out, args.resume)  # lock; refuse to overwrite a finished run
     common.warn_if_cpu(d, args.smoke)
-    if args.task == "cifar10":
-        common.check_cpu_compile_width(d, args.compile, args.width)
     ck = load_resume(os.path.join(args.out, "ckpt.pt"), args) if args.resume else None
     data = Data(args, d)
     sweep = Sweep(args, d, data, ck)
