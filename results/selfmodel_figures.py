@@ -7,8 +7,10 @@ table with 95% intervals, the trend test, per-seed values, thinned RLCT traces) 
   python results/selfmodel_figures.py --widths mnist_widths results/selfmodel_mnist_h{64,128,256,512}.json
 
 Figures: NAME.png, three panels against AW (test accuracy, width of the final layer's class rows, RLCT), each
-point the mean over seeds with its 95% Student-t interval; for a run with --llc-grid-*, NAME_calibration.png,
-the chain-mean RLCT trace nbeta * (L(w) - L(w*)) of every (eps, gamma), AW 0 against the largest AW.
+point the mean over seeds with its 95% Student-t interval, and the paper's own numbers beside them where the
+sweep is the paper's protocol and the paper gives them (IMDB, 500 epochs); for a run with --llc-grid-*,
+NAME_calibration.png, the chain-mean RLCT trace nbeta * (L(w) - L(w*)) of every (eps, gamma), AW 0 against the
+largest AW.
 `--widths NAME JSON...` takes published sweeps that differ only in the hidden width and draws the same three
 quantities against the width, one line per AW (the paper's Fig. 2 B-D), as NAME.png with its markdown table.
 
@@ -102,6 +104,7 @@ def merge(name, dirs):
         cells[key] = cell
     return {
         "name": name, "task": base["task"], "paper": PAPER.get(base["task"]),
+        "paper_levels": PAPER_LEVELS.get((base["task"], base.get("preset"))),  # per metric, per AW; None: none apply
         "commands": [c for r in res for c in (r["commands"] if "commands" in r else [command_of(r["config"])])],
         "device": res[0]["device"],
         "cpu_model": res[0].get("cpu_model") or cpu_model() if res[0]["device"].startswith("cpu") else None,
@@ -123,6 +126,21 @@ PAPER = {
     "cifar10": "weight width and RLCT fall as AW grows; test accuracy flat",
 }
 
+# The paper's own levels, drawn beside ours, only where our run is the paper's protocol (task, preset) and the
+# paper states the number: IMDB with 500 epochs of plain SGD, test accuracy (%) and RLCT per AW, from its
+# IMDB figure. The other presets train otherwise, so their levels are not comparable (only the ordering is).
+PAPER_LEVELS = {
+    ("imdb", "paper"): {"test_acc": {0: 82.0, 100: 82.0, 500: 83.6}, "llc": {0: 13.7, 100: 11.2, 500: 5.2}},
+}
+
+
+def paper_levels(summary):
+    """{metric: [(aw, value), ...]} of the paper's numbers at the AWs this sweep measured; {} where none apply."""
+    levels = PAPER_LEVELS.get((summary["task"], summary["config"].get("preset")), {})
+    aws = {float(r["aw"]) for r in summary["table"]["rows"]}
+    out = {k: sorted((float(a), v) for a, v in by_aw.items() if float(a) in aws) for k, by_aw in levels.items()}
+    return {k: v for k, v in out.items() if v}
+
 
 def _x(aws):
     """AW on a symlog axis, so 0 and 100 both show."""
@@ -140,21 +158,35 @@ def device_text(summary):
 
 
 def plot(summary, out_png):
+    import matplotlib.pyplot as plt
+    fig = figure(summary)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def figure(summary):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = summary["table"]["rows"]
+    paper = paper_levels(summary)
     aws = _x([r["aw"] for r in rows])
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     panels = (("test_acc", "test accuracy (%)"), ("width", "width: std of the class rows"), ("llc", "RLCT (SGLD)"))
     for ax, (k, label) in zip(axes, panels):
         mean = [r[k + "_mean"] for r in rows]
         ci = [r[k + "_ci95"] or 0.0 for r in rows]
-        ax.errorbar(aws, mean, yerr=ci, fmt="o-", capsize=4, color="C0")
+        ax.errorbar(aws, mean, yerr=ci, fmt="o-", capsize=4, color="C0", label="ours: mean, 95% interval")
         for r in summary["runs"].values():  # the seeds themselves, faint; those that collapsed to chance in red
             dead = S.collapsed(r, summary["config"])
             ax.plot(float(r["aw"]), r[k], "x" if dead else ".", color="C3" if dead else "0.6", ms=4, zorder=0)
         vals = [r[k] for r in summary["runs"].values()]  # the axis spans the seeds; wider intervals run off it
+        if k in paper:
+            x, y = zip(*paper[k])
+            ax.plot(x, y, "D--", color="k", mfc="none", ms=6, lw=0.8, label="paper (its figure)")
+            ax.legend(loc="best", fontsize=7.5, frameon=False)
+            vals += list(y)
         pad = 0.15 * (max(vals) - min(vals) or abs(max(vals)) or 1.0)
         ax.set_ylim(min(vals) - pad, max(vals) + pad)
         ax.set_xscale("symlog", linthresh=1)
@@ -170,9 +202,7 @@ def plot(summary, out_png):
     fig.suptitle(f"self-modeling, {summary['name']}: mean and 95% interval over {seed_counts(rows)} seeds "
                  f"({device_text(summary)})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return fig
 
 
 def plot_calibration(summary, out_png):
@@ -348,6 +378,7 @@ def main(argv=None):
         except ImportError:
             print("matplotlib is not installed: figure skipped (pip install -r requirements-figures.txt)")
             return
+        os.makedirs(args.out_dir, exist_ok=True)
         print("figure:", plot_widths(args.name, sweeps, os.path.join(args.out_dir, f"selfmodel_{args.name}.png")))
         return
     if args.redraw:
@@ -367,6 +398,7 @@ def main(argv=None):
     except ImportError:
         print("matplotlib is not installed: JSON written, figures skipped (pip install -r requirements-figures.txt)")
         return
+    os.makedirs(args.out_dir, exist_ok=True)  # --redraw into a new folder
     made = [plot(summary, base + ".png"), plot_calibration(summary, base + "_calibration.png")]
     print("figures:", ", ".join(f for f in made if f))
 

@@ -258,6 +258,7 @@ def main(argv=None):
     except ImportError:
         print("matplotlib is not installed: figure skipped (pip install -r requirements-figures.txt)")
         return
+    os.makedirs(args.out_dir, exist_ok=True)  # --redraw into a new folder
     print("figure:", plot(summary, os.path.join(args.out_dir, f"sim_{summary['name']}.png")))
 
 

@@ -95,11 +95,43 @@ def test_figures_and_redraw(split_sweep, tmp_path):
     assert sorted(grid) == ["eps=0.0001,gamma=100", "eps=0.001,gamma=100"] and all(g["n"] == 2 for g in grid.values())
     cal = F.calibration_markdown(s).splitlines()
     assert len(cal) == 4 and cal[2].startswith("| 0.0001 | 100 | ") and cal[2].endswith("| yes |")  # itself
-    for f in made[1:]:  # the figures again from the committed JSON alone
-        os.remove(tmp_path / f)
-    F.main(["--redraw", str(tmp_path / "selfmodel_calib.json"), "--out-dir", str(tmp_path)])
+    redrawn = tmp_path / "redrawn" / "here"  # the figures again from the JSON alone, into a folder not yet made
+    F.main(["--redraw", str(tmp_path / "selfmodel_calib.json"), "--out-dir", str(redrawn)])
     for f in made[1:]:
-        assert open(tmp_path / f, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(tmp_path / f) > 10_000
+        assert open(redrawn / f, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(redrawn / f) > 10_000
+
+
+def test_paper_levels_only_for_the_papers_protocol_and_measured_aws():
+    """The paper's numbers are drawn only where our run is its protocol, and only at the AWs we measured."""
+    def summary(task, preset, aws):
+        return {"task": task, "config": {"preset": preset}, "table": {"rows": [{"aw": a} for a in aws]}}
+    assert F.paper_levels(summary("imdb", "paper", [0, 1, 500])) == {
+        "test_acc": [(0.0, 82.0), (500.0, 83.6)], "llc": [(0.0, 13.7), (500.0, 5.2)]}  # AW 1: no number
+    assert F.paper_levels(summary("imdb", "paper", [0.5, 2])) == {}
+    assert F.paper_levels(summary("imdb", "quick", [0, 100, 500])) == {}  # 50 epochs: other levels
+    assert F.paper_levels(summary("mnist", "paper", [0, 100, 500])) == {}
+
+
+def test_figure_draws_the_papers_levels_beside_ours():
+    pytest.importorskip("matplotlib", reason="matplotlib is the optional figure extra (requirements-figures.txt)")
+    import matplotlib.pyplot as plt
+    with open(os.path.join(ROOT, "results", "selfmodel_imdb_paper.json")) as fh:
+        s = json.load(fh)
+    paper = F.paper_levels(s)
+    for preset, panels in (("paper", {0: "test_acc", 2: "llc"}), ("quick", {})):
+        s["config"]["preset"] = preset
+        fig = F.figure(s)
+        try:
+            for i, ax in enumerate(fig.axes[:3]):
+                drawn = [ln for ln in ax.get_lines() if ln.get_label() == "paper (its figure)"]
+                if i in panels:
+                    assert len(drawn) == 1 and list(zip(*drawn[0].get_data())) == paper[panels[i]]
+                    lo, hi = ax.get_ylim()
+                    assert all(lo < v < hi for _, v in paper[panels[i]])  # on the axis, not clipped
+                else:
+                    assert drawn == []
+        finally:
+            plt.close(fig)
 
 
 def test_bad_inputs_give_one_line(tmp_path):

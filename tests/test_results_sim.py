@@ -199,7 +199,7 @@ def test_figure_and_redraw_from_the_json_alone(folders, tmp_path, monkeypatch, c
     elsewhere.mkdir()
     shutil.copy(tmp_path / "sim_tiny.json", elsewhere / "sim_tiny.json")
     monkeypatch.setattr(F, "load_runs", lambda *a: pytest.fail("--redraw read the runs"))
-    F.main(["--redraw", str(elsewhere / "sim_tiny.json"), "--out-dir", str(elsewhere)])
-    again = elsewhere / "sim_tiny.png"
+    F.main(["--redraw", str(elsewhere / "sim_tiny.json"), "--out-dir", str(elsewhere / "new")])  # made here
+    again = elsewhere / "new" / "sim_tiny.png"
     assert open(again, "rb").read(8) == PNG and os.path.getsize(again) > 10_000
     assert capsys.readouterr().out.split("| variant")[1].split("figure:")[0] == table  # the same table again
