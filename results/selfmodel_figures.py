@@ -369,6 +369,7 @@ def main(argv=None):
                         "against the width")
     p.add_argument("--out-dir", default=HERE, help="where the JSON and figures go")
     args = p.parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
     if args.widths:
         common.check(args.name and len(args.runs) >= 2, "--widths needs a NAME and two or more results JSON files")
         sweeps = by_width(args.runs)
@@ -378,7 +379,6 @@ def main(argv=None):
         except ImportError:
             print("matplotlib is not installed: figure skipped (pip install -r requirements-figures.txt)")
             return
-        os.makedirs(args.out_dir, exist_ok=True)
         print("figure:", plot_widths(args.name, sweeps, os.path.join(args.out_dir, f"selfmodel_{args.name}.png")))
         return
     if args.redraw:
@@ -387,7 +387,6 @@ def main(argv=None):
     else:
         common.check(args.name and args.runs, "give a NAME and at least one selfmodel output folder (see --help)")
         summary = merge(args.name, args.runs)
-        os.makedirs(args.out_dir, exist_ok=True)
         common.write_json(os.path.join(args.out_dir, f"selfmodel_{args.name}.json"), summary, indent=None)
     base = os.path.join(args.out_dir, f"selfmodel_{summary['name']}")
     print(S.format_table(summary["table"], {**summary["config"], "task": summary["task"]}))
@@ -398,7 +397,6 @@ def main(argv=None):
     except ImportError:
         print("matplotlib is not installed: JSON written, figures skipped (pip install -r requirements-figures.txt)")
         return
-    os.makedirs(args.out_dir, exist_ok=True)  # --redraw into a new folder
     made = [plot(summary, base + ".png"), plot_calibration(summary, base + "_calibration.png")]
     print("figures:", ", ".join(f for f in made if f))
 

@@ -245,6 +245,7 @@ def main(argv=None):
         summary = json.load(open(args.redraw))
         common.check(summary.get("script") == "sim_cifar" and "variants" in summary,
                      f"--redraw {args.redraw} is not a table written by results/sim_figures.py")
+        os.makedirs(args.out_dir, exist_ok=True)
     else:
         common.check(args.name and args.runs, "give a NAME and at least one sim_cifar output folder (see --help)")
         common.check(re.fullmatch(r"[\w.-]+", args.name), f"NAME {args.name!r}: letters, digits, '.', '-' and '_' "
@@ -258,7 +259,6 @@ def main(argv=None):
     except ImportError:
         print("matplotlib is not installed: figure skipped (pip install -r requirements-figures.txt)")
         return
-    os.makedirs(args.out_dir, exist_ok=True)  # --redraw into a new folder
     print("figure:", plot(summary, os.path.join(args.out_dir, f"sim_{summary['name']}.png")))
 
 
