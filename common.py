@@ -4,7 +4,7 @@ checkpoints, results and command-line plumbing. Importing this module has no sid
 Conventions: accuracies are percentages (0-100); images are uint8 tensors (N, C, H, W); labels int64.
 Data live under one root (`--data-dir`, default $DATA_DIR or ./data), one folder per data set.
 """
-import argparse, atexit, copy, gzip, hashlib, json, math, os, pickle, re, signal, subprocess, sys, tarfile, time
+import argparse, atexit, copy, gzip, hashlib, json, math, os, pickle, re, shutil, signal, subprocess, sys, tarfile, time
 from collections import Counter, namedtuple
 from contextlib import nullcontext
 
@@ -418,8 +418,12 @@ def load_imdb(data_dir, vocab_size=20000, download=False):
             members = [m for m in tf.getmembers() if re.match(r"aclImdb/(train|test)/(pos|neg)/[^/]+\.txt$", m.name)]
             tf.extractall(tmp, members=members, filter="data")
         src = os.path.join(dest, "aclImdb")
-        os.replace(os.path.join(tmp, "aclImdb"), src)
-        os.rmdir(tmp)
+        try:
+            os.replace(os.path.join(tmp, "aclImdb"), src)
+        except OSError:  # a run started beside this one renamed its copy first: the same files, use them
+            if not os.path.isdir(os.path.join(src, "test", "neg")):
+                raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
     def read(split):
         texts, labels = [], []

@@ -123,6 +123,33 @@ def test_imdb_from_generated_archive_readonly(tmp_path, monkeypatch):
     assert neg0 == ["a", "awful", "movie", ".", "truly", "awful", "0", "!"]
 
 
+def test_imdb_two_runs_unpacking_at_once(tmp_path, monkeypatch):
+    """Two runs started together both find no cache and both unpack; the one that renames second must use the
+    first one's copy (it once died with 'Directory not empty') and leave no partial folder behind."""
+    src = tmp_path / "src"
+    _review_tree(src)
+    (tmp_path / "data" / "imdb").mkdir(parents=True)
+    with tarfile.open(tmp_path / "data" / "imdb" / "aclImdb.tar.xz", "w:xz") as tf:
+        tf.add(src / "aclImdb", arcname="aclImdb")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    extract, raced = tarfile.TarFile.extractall, []
+
+    def extract_then_other_run_finishes(self, path, *a, **kw):
+        extract(self, path, *a, **kw)
+        if not raced:  # the other run: unpacks and renames into place while ours is still unpacking
+            raced.append(1)
+            other = os.path.join(os.path.dirname(path), ".partial-other")
+            extract(self, other, *a, **kw)
+            os.rename(os.path.join(other, "aclImdb"), os.path.join(os.path.dirname(path), "aclImdb"))
+            os.rmdir(other)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", extract_then_other_run_finishes)
+    d = common.load_imdb(str(tmp_path / "data"), vocab_size=100)
+    assert raced and len(d.train_x) == 6 and d.train_y.tolist() == [0, 0, 0, 1, 1, 1]
+    (cache,) = (tmp_path / "cache" / "decay-sim-selfmodel" / "imdb").iterdir()
+    assert sorted(p.name for p in cache.iterdir()) == ["aclImdb"]  # ours dropped, theirs kept
+
+
 def test_imdb_missing_one_line(tmp_path):
     with pytest.raises(common.UserError, match="aclImdb_v1.tar.gz"):
         common.load_imdb(str(tmp_path), download=False)
