@@ -11,6 +11,7 @@ Paper: ResNet-18 on CIFAR-10 94.65 -> 94.94 top-1 with rho-SIM; rho-SIM costs 16
     python sim_cifar.py --sim full --seeds 3            # full SIM (per-block decoder) vs baseline
     python sim_cifar.py --sim off --seeds 3             # baseline only
     python sim_cifar.py --smoke                         # CPU, small subset, seconds
+    python sim_cifar.py --cost-only --sim-blocks stride1 # FLOPs of one step of off, full and rho; no training
     torchrun --nproc_per_node 2 sim_cifar.py --smoke    # DDP (gloo on CPU, nccl on GPUs)
 
 `--sim` defaults to rho. Unless `--no-baseline` is given, every seed also trains the plain ResNet-18
@@ -19,7 +20,8 @@ seed..seed+N-1. Before training, the FLOPs of one training step (torch.utils.flo
 synchronised eager step time of off, full and rho on one real batch are measured (a few seconds on a GPU;
 never compiled, so --compile costs no compilation of modes that are not trained; --bench-steps 0 keeps only
 the FLOPs) and the overheads relative to off printed. On the CPU only the FLOPs are counted unless
---bench-steps is given (timing full batches there takes many minutes) and the log says so. Each run also logs its own steady-state step time (after
+--bench-steps is given (timing full batches there takes many minutes) and the log says so. `--cost-only`
+stops there: results.json holds the cost and nothing is trained (results/sim_figures.py tabulates such runs). Each run also logs its own steady-state step time (after
 its first epoch, compiled with --compile), img/s and MFU; the summary gives those step times relative to off.
 Every log line carries the speed of its interval and the run's ETA, so a log file alone shows the progress.
 
@@ -95,9 +97,10 @@ PAPER = {"off": 94.65, "rho": 94.94, "gain": 0.29}  # ResNet-18 CIFAR-10 top-1, 
 SIM_BLOCKS = ("all", "stride1")
 # flags that may differ between a run and its --resume (they change no number the run computes); any
 # other flag that differs from the checkpoint's is refused, new flags included
-# (--target-acc changes only a reported time; a time measured for another target is not reused on resume)
+# (--target-acc changes only a reported time; a time measured for another target is not reused on resume;
+# --cost-only is never resumed, parse_args refuses it with --resume, so checkpoints made before it existed resume)
 SAFE_ON_RESUME = common.SAFE_ON_RESUME | {"log_every", "ckpt_every", "bench_steps", "bench_steps_given",
-                                          "log_grad_norms", "target_acc"}
+                                          "log_grad_norms", "target_acc", "cost_only"}
 
 
 def _preset(k, text=""):
@@ -132,6 +135,9 @@ def build_parser():
     p.add_argument("--bench-steps", type=int, default=None,
                    help=_preset("bench_steps", "timed steps per mode in the cost measurement (0: FLOPs only)")[:-1]
                    + "; on the CPU 0 unless given)")
+    p.add_argument("--cost-only", action="store_true",
+                   help="only measure the cost of one training step of off, full and rho (FLOPs; step times as "
+                        "--bench-steps says), write it to results.json and stop: nothing is trained")
     p.add_argument("--log-grad-norms", action="store_true", help="log the gradient norm of every block")
     p.add_argument("--target-acc", type=float, default=TARGET_ACC,
                    help="time from launch to the first evaluation with single-view test accuracy (%%) >= this "
@@ -182,10 +188,15 @@ def parse_args(argv=None):
     common.check(args.train_subset == 0 or args.train_subset >= args.batch_size,
                  f"--train-subset {args.train_subset} is smaller than --batch-size {args.batch_size}: no full batch")
     common.check(args.stop_at_step is None or args.stop_at_step >= 0, "--stop-at-step must be >= 0")
+    common.check(not (args.cost_only and args.compile),
+                 "--compile has no effect with --cost-only (the cost is measured eager): drop one of them")
+    common.check(not (args.cost_only and args.resume),
+                 "--cost-only takes seconds and leaves nothing to resume: drop --resume (and pick a new --out)")
     if args.out is None:
         name = {"off": "off", "full": f"full_lam{args.lam:g}", "rho": f"rho{args.rho:g}_lam{args.lam:g}"}[args.sim]
         name += "_stride1" if args.sim_blocks == "stride1" else ""
         name += f"_seed{args.seed}" + (f"x{args.seeds}" if args.seeds > 1 else "") + ("_smoke" if args.smoke else "")
+        name = f"cost_{args.sim_blocks}_latent{args.latent_dim}_w{args.width}" if args.cost_only else name
         args.out = os.path.join("out", SCRIPT, name)
     return args
 
@@ -840,6 +851,12 @@ def run(args, d, t0=None, t_launch=None):
         log(f"  {m:4s}  {cost['flops_per_step'][m] / 1e9:9.1f} GFLOP  x{cost['flops_ratio'][m]:.3f}" +
             (f"   {ms:8.2f} ms  x{cost['step_ratio'][m]:.3f}" if ms is not None else ""))
     log(flops_cut_line(args, cost))
+    if args.cost_only:  # the cost is the result: nothing is trained
+        if d.is_main:
+            path = common.write_results(args.out, SCRIPT, dict(vars(args), dataset="cifar10"), {"cost": cost},
+                                        time.perf_counter() - t0, d.device)
+            log(f"results: {path}")
+        return
 
     stop = common.StopSignal(args.stop_at_step)
     results, setup = [], None

@@ -7,6 +7,12 @@ seed thin and their mean bold; the final accuracies with their intervals), and p
 
   python results/sim_figures.py h100 out/sim_cifar/h100_s0 out/sim_cifar/h100_s1 out/sim_cifar/h100_s2
   python results/sim_figures.py --redraw results/sim_h100.json      # the figure again, from the JSON alone
+  python results/sim_figures.py cost_cpu out/sim_cifar/cost_all_latent128_w64 out/sim_cifar/cost_stride1_latent128_w64
+
+Folders of `sim_cifar.py --cost-only` runs make a cost table instead (results/sim_NAME.json, no figure): one row
+per setting of the SIM loss (--sim-blocks, --rho, --latent-dim) with the FLOPs of one training step of off, full
+SIM and rho-SIM, their ratios and rho-SIM's cut against full SIM beside the paper's 16.5% (at width 64); the
+folders must agree in width and batch, and cost-only folders never mix with training ones.
 
 The folders must agree in every setting but the seeds (and the run-only ones of publish.RUN_ONLY: where they
 wrote, how often they logged or saved, --resume); --compile, --device, the device model and the process count
@@ -38,7 +44,7 @@ def command_of(cfg):
     argv = (["--smoke"] if cfg.get("smoke") else []) + (["--sim", sim] if sim != "rho" else [])
     argv += ["--rho", f"{cfg['rho']:g}"] if sim == "rho" else []
     argv += ["--lam", f"{cfg['lam']:g}"] if sim != "off" else []
-    argv += ["--seed", str(cfg["seed"]), "--seeds", str(cfg["seeds"])]
+    argv += [] if cfg.get("cost_only") else ["--seed", str(cfg["seed"]), "--seeds", str(cfg["seeds"])]  # no draws
     # flags the mode refuses (parse_args) are never written; bench_steps whenever given (on a CPU that matters)
     skip = RUN_ONLY | {"sim", "rho", "lam", "seed", "seeds", "smoke", "help"} | (
         {"latent_dim"} if sim != "rho" else set()) | ({"sim_blocks", "baseline"} if sim == "off" else set())
@@ -53,6 +59,10 @@ def command_of(cfg):
 
 def merge(name, paths):
     files = load_runs(paths, "sim_cifar")
+    kinds = {bool(r["config"].get("cost_only")) for _, r in files}
+    common.check(len(kinds) == 1, "some folders are --cost-only runs and some trained: publish them as two tables")
+    if kinds.pop():
+        return merge_cost(name, files)
     base = same_config(files, vary=VARY)
     (f0, r0) = files[0]
     for f, r in files[1:]:
@@ -117,6 +127,57 @@ def merge(name, paths):
         "train_step_ratio": {v: table[v]["train_step_ms_mean"] / off_ms for v in variants
                              if off_ms and table[v]["train_step_ms_mean"]},
         "cost": cost}
+
+COST_KEYS = ("sim_blocks", "rho", "latent_dim")  # what sets the SIM loss's FLOPs; one row each
+
+
+def merge_cost(name, files):
+    """The cost table of --cost-only folders: FLOPs (and, where timed, eager step times) per SIM setting."""
+    (f0, r0), rows, where = files[0], {}, {}
+    for f, r in files:
+        c = r["config"]
+        for k in ("width", "batch_size"):
+            common.check(c[k] == r0["config"][k], f"{f} has --{k.replace('_', '-')} {c[k]}, {f0} "
+                         f"{r0['config'][k]}: one cost table is one model and batch")
+        common.check(r["device"] == r0["device"], f"{f} ran on {r['device']}, {f0} on {r0['device']}: one table "
+                     "is one device model")
+        key = tuple(c[k] for k in COST_KEYS)
+        common.check(key not in rows, f"{f} and {where.get(key)} measured the same setting: pass it once")
+        fl, cost = r["metrics"]["cost"]["flops_per_step"], r["metrics"]["cost"]
+        rows[key], where[key] = {
+            **dict(zip(COST_KEYS, key)), "gflop_per_image": {m: fl[m] / c["batch_size"] / 1e9 for m in S.MODES},
+            "flops_ratio": {m: fl[m] / fl["off"] for m in S.MODES},
+            "flops_cut_rho_vs_full_pct": 100 * (1 - fl["rho"] / fl["full"]),
+            "step_ratio": cost.get("step_ratio"), "bench_steps": cost.get("bench_steps")}, f
+    width = r0["config"]["width"]
+    return {"name": name, "script": "sim_cifar", "kind": "cost",
+            "paper": {"flops_cut_rho_vs_full_pct": 16.5}, "paper_comparable": width == S.DEFAULTS["width"],
+            "width": width, "batch_size": r0["config"]["batch_size"], "device": device_of(r0),
+            "torch": ", ".join(sorted({r["torch"] for _, r in files})),
+            "git_commits": sorted({str(r.get("git_commit")) for _, r in files}),
+            "commands": [command_of(r["config"]) for _, r in files],
+            "rows": [rows[k] for k in sorted(rows, key=lambda k: (S.SIM_BLOCKS.index(k[0]), k[1], k[2]))]}
+
+
+def markdown_cost(s):
+    timed = any(r["step_ratio"] for r in s["rows"])  # GPU runs time eager steps too: one more column
+    lines = ["| SIM blocks | rho | latent | GFLOP/image, off | full SIM / off | rho-SIM / off | rho-SIM vs full SIM |"
+             + (" eager step time, full / rho vs off |" if timed else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if timed else "")]
+    for r in s["rows"]:
+        st = r["step_ratio"]
+        step = (f" x{st['full']:.3f} / x{st['rho']:.3f} |" if st else " - |") if timed else ""
+        lines.append(f"| {r['sim_blocks']} | {r['rho']:g} | {r['latent_dim']} | {r['gflop_per_image']['off']:.3f} | "
+                     f"x{r['flops_ratio']['full']:.3f} | x{r['flops_ratio']['rho']:.3f} | "
+                     f"{r['flops_cut_rho_vs_full_pct']:.1f}% fewer |" + step)
+    paper = s["paper"]["flops_cut_rho_vs_full_pct"]
+    lines += ["", f"FLOPs of one training step (forward and backward, torch.utils.flop_counter), batch "
+                  f"{s['batch_size']}, ResNet-18 width {s['width']}; "
+              + (f"the paper's cut: {paper}%." if s["paper_comparable"]
+                 else f"width {s['width']}: not comparable with the paper's {paper}%."),
+              f"Device: {s['device']}, torch {s['torch']}; commits {', '.join(s['git_commits'])}.",
+              "", "```"] + s["commands"] + ["```"]
+    return "\n".join(lines)
 
 # ----------------------------------------------------------------------------------------------------
 # the README table and lines
@@ -243,7 +304,7 @@ def main(argv=None):
     if args.redraw:
         common.check(os.path.exists(args.redraw), f"--redraw {args.redraw} does not exist")
         summary = json.load(open(args.redraw))
-        common.check(summary.get("script") == "sim_cifar" and "variants" in summary,
+        common.check(summary.get("script") == "sim_cifar" and ("variants" in summary or "rows" in summary),
                      f"--redraw {args.redraw} is not a table written by results/sim_figures.py")
         os.makedirs(args.out_dir, exist_ok=True)
     else:
@@ -253,6 +314,9 @@ def main(argv=None):
         summary = rounded(merge(args.name, args.runs))
         os.makedirs(args.out_dir, exist_ok=True)
         print("table:", common.write_json(os.path.join(args.out_dir, f"sim_{args.name}.json"), summary, indent=1))
+    if summary.get("kind") == "cost":  # a table says it all: no figure
+        print(markdown_cost(summary))
+        return
     print(markdown(summary))
     try:
         import matplotlib  # noqa: F401

@@ -4,6 +4,7 @@ runs that do not belong together are refused in one line; the figure comes back 
 import json, math, os, pickle, shlex, shutil, signal, statistics, sys
 
 import pytest
+import torch
 
 import common
 import sim_cifar as S
@@ -203,3 +204,99 @@ def test_figure_and_redraw_from_the_json_alone(folders, tmp_path, monkeypatch, c
     again = elsewhere / "new" / "sim_tiny.png"
     assert open(again, "rb").read(8) == PNG and os.path.getsize(again) > 10_000
     assert capsys.readouterr().out.split("| variant")[1].split("figure:")[0] == table  # the same table again
+
+# ------------------------------------------------------------------------------------------------
+# --cost-only runs: the cost table (FLOPs of off, full SIM and rho-SIM per SIM setting), no training
+
+
+@pytest.fixture(scope="module")
+def cost_folders(data_dir, tmp_path_factory):
+    need(data_dir, "cifar10", "cifar-10-batches-py", "test_batch")
+    tmp = tmp_path_factory.mktemp("cost")
+    data_dir = small_cifar(data_dir, tmp / "data")
+    outs = {b: str(tmp / b) for b in ("stride1", "all")}  # given out of order: the table sorts them
+    for blocks, out in outs.items():
+        S.main(["--smoke", "--cost-only", "--sim-blocks", blocks, "--bench-steps", "0", "--train-subset", "128",
+                "--test-subset", "200", "--data-dir", data_dir, "--out", out])
+    return tmp, outs
+
+
+def test_cost_only_measures_and_trains_nothing(cost_folders):
+    _, outs = cost_folders
+    for out in outs.values():
+        assert sorted(os.listdir(out)) == ["cost.json", "log.txt", "results.json"]  # no run folder, no checkpoint
+        r, cost = (json.load(open(os.path.join(out, f))) for f in ("results.json", "cost.json"))
+        assert r["config"]["cost_only"] and r["metrics"] == {"cost": cost} and r["train_seconds"] is None
+        fl = cost["flops_per_step"]
+        assert fl["off"] < fl["rho"] < fl["full"] and cost["step_ms"] == {}
+    log = open(os.path.join(outs["all"], "log.txt")).read()
+    assert "rho-SIM vs full SIM:" in log and "epoch" not in log  # the cost is logged; nothing was trained
+
+
+def test_cost_table_from_the_counts(cost_folders, tmp_path, capsys):
+    tmp, outs = cost_folders
+    F.main(["cost", outs["stride1"], outs["all"], "--out-dir", str(tmp_path)])
+    assert sorted(os.listdir(tmp_path)) == ["sim_cost.json"]  # a table, no figure (with matplotlib or without)
+    s = json.load(open(tmp_path / "sim_cost.json"))
+    assert s["kind"] == "cost" and [r["sim_blocks"] for r in s["rows"]] == ["all", "stride1"]
+    assert not s["paper_comparable"] and s["width"] == 8 and s["batch_size"] == 64
+    text = capsys.readouterr().out
+    for r in s["rows"]:
+        fl = json.load(open(os.path.join(outs[r["sim_blocks"]], "cost.json")))["flops_per_step"]
+        assert r["flops_cut_rho_vs_full_pct"] == pytest.approx(100 * (1 - fl["rho"] / fl["full"]), rel=1e-4)
+        assert r["flops_ratio"]["full"] == pytest.approx(fl["full"] / fl["off"], rel=1e-4)
+        assert r["gflop_per_image"]["off"] == pytest.approx(fl["off"] / 64 / 1e9, rel=1e-4)
+        assert (f"| {r['sim_blocks']} | 0.2 | 32 | {r['gflop_per_image']['off']:.3f} | x{r['flops_ratio']['full']:.3f} "
+                f"| x{r['flops_ratio']['rho']:.3f} | {r['flops_cut_rho_vs_full_pct']:.1f}% fewer |") in text
+    # stride-1 wraps 5 of the 8 blocks: less extra cost in both modes, the plain network's the same
+    a, b = s["rows"]
+    assert b["flops_ratio"]["full"] < a["flops_ratio"]["full"] and b["flops_ratio"]["rho"] < a["flops_ratio"]["rho"]
+    assert a["gflop_per_image"]["off"] == b["gflop_per_image"]["off"]
+    assert "width 8: not comparable with the paper's 16.5%" in text
+    assert all("--cost-only" in c and "--seed" not in c for c in s["commands"]) and s["commands"][0] in text
+    # the commands (in the order the folders were given) parse to the folders' own settings
+    for cmd, blocks in zip(s["commands"], ("stride1", "all")):
+        assert {k: v for k, v in vars(S.parse_args(shlex.split(cmd)[2:])).items() if k not in P.RUN_ONLY} == {
+            k: v for k, v in json.load(open(os.path.join(outs[blocks], "results.json")))["config"].items()
+            if k not in P.RUN_ONLY | {"dataset"}}
+    F.main(["--redraw", str(tmp_path / "sim_cost.json"), "--out-dir", str(tmp_path / "again")])
+    assert capsys.readouterr().out == text.split("\n", 1)[1]  # the same table, without the "table:" line
+
+
+def test_cost_tables_refuse_what_does_not_belong(cost_folders, folders, tmp_path):
+    _, outs = cost_folders
+    _, train = folders
+    with pytest.raises(common.UserError, match="--cost-only runs and some trained: publish them as two tables"):
+        F.merge("x", [outs["all"], train[0]])
+    again = edited(outs["all"], tmp_path / "again", lambda r: r["config"].update(out="elsewhere"))
+    with pytest.raises(common.UserError, match="measured the same setting: pass it once"):
+        F.merge("x", [outs["all"], again])
+    wide = edited(outs["stride1"], tmp_path / "wide", lambda r: r["config"].update(width=16))
+    with pytest.raises(common.UserError, match="--width 16, .* 8: one cost table is one model"):
+        F.merge("x", [outs["all"], wide])
+    for argv, words in ((["--cost-only", "--compile"], "--compile has no effect with --cost-only"),
+                        (["--cost-only", "--resume"], "drop --resume")):
+        with pytest.raises(common.UserError, match=words):
+            S.parse_args(["--smoke"] + argv)
+
+
+def test_committed_cost_tables_are_what_the_code_counts_today():
+    """Every published cost table (results/sim_*.json of kind cost) holds the FLOPs this sim_cifar.py counts now,
+    and the README shows its rows: a model change that moves the FLOPs, or a hand-edited README, fails here."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    files = [f for f in sorted(os.listdir(os.path.join(ROOT, "results"))) if f.startswith("sim_") and f.endswith(".json")]
+    tables = [json.load(open(os.path.join(ROOT, "results", f))) for f in files]
+    for s in [t for t in tables if t.get("kind") == "cost"]:
+        assert f"results/sim_{s['name']}.json" in readme
+        assert [r for r in F.markdown_cost(s).splitlines() if r.startswith("| ") and r not in readme] == []
+        x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+        for row in s["rows"]:
+            argv = ["--cost-only", "--sim-blocks", row["sim_blocks"], "--rho", str(row["rho"]),
+                    "--latent-dim", str(row["latent_dim"]), "--width", str(s["width"])]
+            cfg = dict(vars(S.parse_args(argv)), dataset="cifar10")
+            per_image = {}
+            for mode in S.MODES:
+                net = S.build_model(dict(cfg, sim=mode))
+                per_image[mode] = common.count_flops(
+                    lambda: S.training_loss(net, x, y, dict(cfg, sim=mode))[0].backward()) / 2 / 1e9
+            assert per_image == pytest.approx(row["gflop_per_image"], rel=1e-4), row
