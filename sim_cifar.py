@@ -57,7 +57,7 @@ here; `--latent-dim`). Training FLOPs per image at width 64, counted with common
   blocks    full/off   rho/off (latent 128)   rho/off (sqrt C_in)   rho cut vs full: 128 / sqrt
   all       1.522      1.108                  1.005                 27.2% / 34.0%
   stride1   1.340      1.093                  1.002                 18.5% / 25.2%
-The paper's 16.5% is closest to stride-1 blocks with latent 128. The run prints its own cut next to the
+The paper's 16.5% is closest to stride-1 blocks with latent 128 (`--cost-only`; results/sim_flops.json). The run prints its own cut next to the
 paper's only at that real width (64); at other widths (e.g. the smoke run's 8) the ratio means nothing.
 probe.py features: layer l = 1..8 is the average-pooled output of BasicBlock l; layer 8 feeds the classifier.
 
