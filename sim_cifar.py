@@ -21,8 +21,9 @@ synchronised eager step time of off, full and rho on one real batch are measured
 never compiled, so --compile costs no compilation of modes that are not trained; --bench-steps 0 keeps only
 the FLOPs) and the overheads relative to off printed. On the CPU only the FLOPs are counted unless
 --bench-steps is given (timing full batches there takes many minutes) and the log says so. `--cost-only`
-stops there: results.json holds the cost and nothing is trained (results/sim_figures.py tabulates such runs). Each run also logs its own steady-state step time (after
-its first epoch, compiled with --compile), img/s and MFU; the summary gives those step times relative to off.
+stops there: results.json holds the cost and nothing is trained (results/sim_figures.py tabulates such
+runs). Each run also logs its own steady-state step time (after its first epoch, compiled with --compile),
+img/s and MFU; the summary gives those step times relative to off.
 Every log line carries the speed of its interval and the run's ETA, so a log file alone shows the progress.
 
 Recipe (one GPU, fast): CIFAR-10 resident on the device (common.GPUBatches: crop with 4 px padding and
@@ -57,8 +58,9 @@ here; `--latent-dim`). Training FLOPs per image at width 64, counted with common
   blocks    full/off   rho/off (latent 128)   rho/off (sqrt C_in)   rho cut vs full: 128 / sqrt
   all       1.522      1.108                  1.005                 27.2% / 34.0%
   stride1   1.340      1.093                  1.002                 18.5% / 25.2%
-The paper's 16.5% is closest to stride-1 blocks with latent 128 (`--cost-only`; results/sim_flops.json). The run prints its own cut next to the
-paper's only at that real width (64); at other widths (e.g. the smoke run's 8) the ratio means nothing.
+The paper's 16.5% is closest to stride-1 blocks with latent 128 (`--cost-only`; results/sim_flops.json).
+The run prints its own cut next to the paper's only at that real width (64); at other widths (e.g. the smoke
+run's 8) the ratio means nothing.
 probe.py features: layer l = 1..8 is the average-pooled output of BasicBlock l; layer 8 feeds the classifier.
 
 Outputs, under --out (default out/sim_cifar/<run-name>): one folder per trained run, <variant>_seed<s>/,
