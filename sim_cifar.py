@@ -198,7 +198,9 @@ def parse_args(argv=None):
         name = {"off": "off", "full": f"full_lam{args.lam:g}", "rho": f"rho{args.rho:g}_lam{args.lam:g}"}[args.sim]
         name += "_stride1" if args.sim_blocks == "stride1" else ""
         name += f"_seed{args.seed}" + (f"x{args.seeds}" if args.seeds > 1 else "") + ("_smoke" if args.smoke else "")
-        name = f"cost_{args.sim_blocks}_latent{args.latent_dim}_w{args.width}" if args.cost_only else name
+        if args.cost_only:  # no seeds: a count
+            name = (f"cost_{args.sim_blocks}_rho{args.rho:g}_latent{args.latent_dim}_w{args.width}"
+                    + ("_smoke" if args.smoke else ""))
         args.out = os.path.join("out", SCRIPT, name)
     return args
 

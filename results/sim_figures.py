@@ -7,7 +7,7 @@ seed thin and their mean bold; the final accuracies with their intervals), and p
 
   python results/sim_figures.py h100 out/sim_cifar/h100_s0 out/sim_cifar/h100_s1 out/sim_cifar/h100_s2
   python results/sim_figures.py --redraw results/sim_h100.json      # the figure again, from the JSON alone
-  python results/sim_figures.py cost_cpu out/sim_cifar/cost_all_latent128_w64 out/sim_cifar/cost_stride1_latent128_w64
+  python results/sim_figures.py flops out/sim_cifar/cost_all_rho0.2_latent128_w64 out/sim_cifar/cost_stride1_rho0.2_latent128_w64
 
 Folders of `sim_cifar.py --cost-only` runs make a cost table instead (results/sim_NAME.json, no figure): one row
 per setting of the SIM loss (--sim-blocks, --rho, --latent-dim) with the FLOPs of one training step of off, full
@@ -127,6 +127,7 @@ def merge(name, paths):
         "train_step_ratio": {v: table[v]["train_step_ms_mean"] / off_ms for v in variants
                              if off_ms and table[v]["train_step_ms_mean"]},
         "cost": cost}
+
 
 COST_KEYS = ("sim_blocks", "rho", "latent_dim")  # what sets the SIM loss's FLOPs; one row each
 
