@@ -7,7 +7,7 @@ seed thin and their mean bold; the final accuracies with their intervals), and p
 
   python results/sim_figures.py h100 out/sim_cifar/h100_s0 out/sim_cifar/h100_s1 out/sim_cifar/h100_s2
   python results/sim_figures.py --redraw results/sim_h100.json      # the figure again, from the JSON alone
-  python results/sim_figures.py flops out/sim_cifar/cost_all_rho0.2_latent128_w64 out/sim_cifar/cost_stride1_rho0.2_latent128_w64
+  python results/sim_figures.py flops out/sim_cifar/cost_*_w64         # --cost-only folders: a FLOPs table
 
 Folders of `sim_cifar.py --cost-only` runs make a cost table instead (results/sim_NAME.json, no figure): one row
 per setting of the SIM loss (--sim-blocks, --rho, --latent-dim) with the FLOPs of one training step of off, full
