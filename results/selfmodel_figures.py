@@ -1,5 +1,6 @@
 """Publish a self-modeling sweep: merge the runs' results.json files, write results/selfmodel_NAME.json (the
-table with 95% intervals, the trend test, per-seed values, thinned RLCT traces) and the figures.
+table with 95% intervals, the trend test, per-seed values, thinned RLCT traces) and the figures; prints the
+README rows, the trend lines and each AW's gain over AW 0 paired by seed.
 
   python results/selfmodel_figures.py mnist_h64 out/selfmodel/mnist_h64_s0-4 out/selfmodel/mnist_h64_s5-9
   python results/selfmodel_figures.py --redraw results/selfmodel_mnist_h64.json   # figures from the JSON alone
@@ -316,6 +317,37 @@ def fmt_p(p):
     return "p ≤ 1e-4" if p <= 1.5e-4 else f"p = {p:.2g}"
 
 
+def paired(summary, base_aw=0.0):
+    """Each AW against base_aw on the same seed (the seeds share data order and initialisation): per AW the
+    seeds run at both, the accuracy gain in points (mean and 95% interval of the per-seed differences, and on
+    how many seeds it is above zero) and the width and RLCT as ratios to the base (mean and interval of the
+    per-seed ratios). Collapsed runs are kept: this pairs what was measured. {} without base_aw runs."""
+    cells = list(summary["runs"].values())
+    base = {c["seed"]: c for c in cells if float(c["aw"]) == base_aw}
+    out = {}
+    for aw in sorted({float(c["aw"]) for c in cells} - {base_aw}):
+        pairs = [(base[c["seed"]], c) for c in cells if float(c["aw"]) == aw and c["seed"] in base]
+        if not pairs:
+            continue
+        gain = [c["test_acc"] - b["test_acc"] for b, c in pairs]
+        out[aw] = {"seeds": sorted(c["seed"] for _, c in pairs), "test_acc_gain": common.mean_ci(gain),
+                   "above_zero": sum(g > 0 for g in gain),
+                   **{f"{k}_ratio": common.mean_ci([c[k] / b[k] for b, c in pairs]) for k in ("width", "llc")}}
+    return out
+
+
+def paired_line(summary, base_aw=0.0):
+    """The markdown line of `paired`; '' when there is nothing to pair."""
+    def f(st, sign, digits):
+        v = f"{st['mean']:{sign}.{digits}f}"
+        return v if st["ci95"] is None else f"{v} ± {st['ci95']:.{digits}f}"
+    parts = [f"AW {S.fmt_aw(aw)}: test_acc {f(p['test_acc_gain'], '+', 2)} points ({p['above_zero']} of "
+             f"{len(p['seeds'])} seeds above 0), width x{f(p['width_ratio'], '', 3)}, llc x{f(p['llc_ratio'], '', 3)}"
+             for aw, p in paired(summary, base_aw).items()]
+    return (f"Paired by seed against AW {S.fmt_aw(base_aw)} (mean ± 95% interval of the per-seed differences "
+            f"and ratios): " + "; ".join(parts) + ".") if parts else ""
+
+
 def markdown(summary):
     """The README rows: AW | n | test acc | width | RLCT | flat traces."""
     lines = ["| AW | seeds | test acc (%) | width (class rows) | RLCT | traces flat | collapsed |",
@@ -332,6 +364,8 @@ def markdown(summary):
             lines.append(f"Trend in AW, {name} (Spearman over the seeds, permutation p): " + "; ".join(
                 f"{k} {t['spearman']:+.2f} ({fmt_p(t['p'])}, n = {t['n']})" for k, t in tr.items()
                 if t["spearman"] is not None) + ".")
+    if paired_line(summary):
+        lines.append(paired_line(summary))
     return "\n".join(lines)
 
 

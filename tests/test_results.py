@@ -198,6 +198,45 @@ def test_readme_cites_only_files_that_exist():
     assert cited and sorted(f for f in cited if not os.path.exists(os.path.join(ROOT, f))) == []
 
 
+def test_paired_by_seed_against_aw0_by_hand():
+    """Gains and ratios pair each seed with its own AW 0 run; a seed without one is left out."""
+    def cell(aw, seed, acc, width, llc):
+        return {"aw": aw, "seed": seed, "test_acc": acc, "width": width, "llc": llc}
+    runs = [cell(0.0, 0, 80.0, 2.0, 10.0), cell(0.0, 1, 81.0, 2.0, 10.0), cell(0.0, 2, 82.0, 4.0, 10.0),
+            cell(5.0, 0, 81.0, 1.0, 5.0), cell(5.0, 1, 81.0, 1.0, 10.0), cell(5.0, 2, 84.0, 2.0, 15.0),
+            cell(5.0, 3, 99.0, 9.0, 99.0),  # no AW 0 run at seed 3: not paired
+            cell(7.0, 1, 80.0, 1.0, 20.0)]
+    s = {"runs": {f"aw={c['aw']},seed={c['seed']}": c for c in runs}}
+    p = F.paired(s)
+    assert sorted(p) == [5.0, 7.0] and p[5.0]["seeds"] == [0, 1, 2]
+    # gains 1, 0, 2: mean 1, sample sd 1, t(0.975, 2) = 4.3027 -> half width 4.3027 / sqrt(3) = 2.4842
+    g = p[5.0]["test_acc_gain"]
+    assert g["mean"] == pytest.approx(1.0) and g["ci95"] == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-5)
+    assert p[5.0]["above_zero"] == 2  # a tie is not a gain
+    assert p[5.0]["width_ratio"]["mean"] == pytest.approx(0.5) and p[5.0]["width_ratio"]["ci95"] == 0
+    assert p[5.0]["llc_ratio"]["mean"] == pytest.approx(1.0)  # ratios 0.5, 1, 1.5
+    line = F.paired_line(s)
+    assert ("AW 5: test_acc +1.00 ± 2.48 points (2 of 3 seeds above 0), width x0.500 ± 0.000, "
+            "llc x1.000 ± 1.242; AW 7: test_acc -1.00 points (0 of 1 seeds above 0), width x0.500, llc x2.000.") in line
+    assert line in F.markdown({**s, "table": {"rows": []}}).splitlines()
+    no_base = {"runs": {k: c for k, c in s["runs"].items() if c["aw"] != 0.0}}
+    assert F.paired(no_base) == {} and F.paired_line(no_base) == ""
+    assert not any(ln.startswith("Paired") for ln in F.markdown({**no_base, "table": {"rows": []}}).splitlines())
+
+
+def test_readme_paired_lines_are_the_committed_json():
+    """A README line of gains paired by seed is what the publisher prints from a committed JSON (the IMDB
+    paper-protocol section carries one)."""
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        lines = [ln for ln in fh.read().splitlines() if ln.startswith("Paired by seed")]
+    printed = {}
+    for name in published_sweeps():
+        with open(os.path.join(ROOT, "results", name)) as fh:
+            printed[name] = F.paired_line(json.load(fh))
+    assert printed["selfmodel_imdb_paper.json"] in lines
+    assert [ln for ln in lines if ln not in printed.values()] == []
+
+
 def test_readme_widths_table_is_the_committed_json():
     """The hidden-width table of the README is what `--widths` prints from the committed per-width JSON files."""
     with open(os.path.join(ROOT, "README.md")) as fh:
