@@ -15,7 +15,7 @@ correlation over the per-seed values, with a permutation p-value).
   python selfmodel.py --task cifar10 --preset quick --aw 0,0.5,1,2 --seeds 3   # 15 epochs, batch 256
   python selfmodel.py --task cifar10 --aw 0,0.5,1,2 --seeds 10                 # paper: Adam 1e-4, 250 epochs
   python selfmodel.py --task imdb --preset quick --aw 0,1,100,500 --seeds 5    # 50 epochs + momentum (paper: 500)
-  python selfmodel.py --task imdb --aw 0,1,100,500 --seeds 4                   # the paper's: 500 epochs, plain SGD
+  python selfmodel.py --task imdb --aw 0,1,100,500 --seeds 10                  # the paper's: 500 epochs, plain SGD
   python selfmodel.py --task mnist --aw 0,50 --seeds 2 --llc-grid-eps 1e-5,1e-4,1e-3 --llc-grid-gamma 1,10,100
   python selfmodel.py --smoke                                                  # CPU, seconds
   torchrun --nproc_per_node 8 selfmodel.py --task cifar10 --preset quick       # DDP over the batch
