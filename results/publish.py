@@ -71,7 +71,11 @@ def device_of(results):
 
 def pm(values, digits=2, sign=""):
     """'mean ± ci95' over the values (Student t), or just the mean for one value; '-' for none."""
-    s = common.mean_ci([v for v in values if v is not None])
+    return pm_stats(common.mean_ci([v for v in values if v is not None]), digits, sign)
+
+
+def pm_stats(s, digits=2, sign=""):
+    """`pm` of a common.mean_ci result."""
     if s["mean"] is None:
         return "-"
     return f"{s['mean']:{sign}.{digits}f}" + (f" ± {s['ci95']:.{digits}f}" if s["ci95"] is not None else "")

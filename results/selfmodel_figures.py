@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import common  # noqa: E402
 import selfmodel as S  # noqa: E402
-from publish import cpu_model, rounded  # noqa: E402
+from publish import cpu_model, pm_stats, rounded  # noqa: E402
 
 # --smoke only sets other flags' defaults, which the config holds: it is not a setting of its own
 VARY = {"aw", "seeds", "seed", "smoke", "out", "resume", "model_aw", "model_seed", "stop_at_step", "data_dir",
@@ -338,11 +338,8 @@ def paired(summary, base_aw=0.0):
 
 def paired_line(summary, base_aw=0.0):
     """The markdown line of `paired`; '' when there is nothing to pair."""
-    def f(st, sign, digits):
-        v = f"{st['mean']:{sign}.{digits}f}"
-        return v if st["ci95"] is None else f"{v} ± {st['ci95']:.{digits}f}"
-    parts = [f"AW {S.fmt_aw(aw)}: test_acc {f(p['test_acc_gain'], '+', 2)} points ({p['above_zero']} of "
-             f"{len(p['seeds'])} seeds above 0), width x{f(p['width_ratio'], '', 3)}, llc x{f(p['llc_ratio'], '', 3)}"
+    parts = [f"AW {S.fmt_aw(aw)}: test_acc {pm_stats(p['test_acc_gain'], 2, '+')} points ({p['above_zero']} of "
+             f"{len(p['seeds'])} seeds above 0), width x{pm_stats(p['width_ratio'], 3)}, llc x{pm_stats(p['llc_ratio'], 3)}"
              for aw, p in paired(summary, base_aw).items()]
     return (f"Paired by seed against AW {S.fmt_aw(base_aw)} (mean ± 95% interval of the per-seed differences "
             f"and ratios): " + "; ".join(parts) + ".") if parts else ""
@@ -364,8 +361,9 @@ def markdown(summary):
             lines.append(f"Trend in AW, {name} (Spearman over the seeds, permutation p): " + "; ".join(
                 f"{k} {t['spearman']:+.2f} ({fmt_p(t['p'])}, n = {t['n']})" for k, t in tr.items()
                 if t["spearman"] is not None) + ".")
-    if paired_line(summary):
-        lines.append(paired_line(summary))
+    line = paired_line(summary)
+    if line:
+        lines.append(line)
     return "\n".join(lines)
 
 
