@@ -456,6 +456,9 @@ def estimate_llc(model, loss_fn, loader, *, eps, gamma, nbeta, num_chains, num_d
         it = batches()
         for t in range(num_draws):
             x, y = next(it)
+            # the default layout: a channels_last batch makes cuDNN's BatchNorm clone to channels_last, which
+            # vmap refuses (seen on an H200, torch 2.11); the chains' weights are already contiguous copies
+            x = x.contiguous()
             parts, loss = gradients(x, y)
             with torch.no_grad():
                 losses.append(loss.float())

@@ -489,3 +489,26 @@ def test_row_sparse_sgd_is_torch_sgd(momentum, nesterov):
     init = S.build_model({"task": "imdb", "dataset": "imdb", "hidden": 16, "num_tokens": 300, "model_aw": 1.0})
     moved = (init.body.emb.weight - nets[1].body.emb.weight).abs().max()
     assert moved > 1e-3, moved  # the rows did move, by far more than the tolerance
+
+
+def test_llc_runs_in_the_default_layout():
+    """The SGLD chains see every batch in the default (contiguous) layout even when the loader and the model
+    are channels_last, as the CIFAR-10 task's are on a GPU: under vmap, cuDNN's BatchNorm would clone to
+    channels_last, which vmap refuses (seen on an H200). The layout changes nothing but the layout."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 10))
+    X, y = torch.randn(64, 3, 6, 6), torch.randint(0, 10, (64,))
+    seen = []
+    model[0].register_forward_pre_hook(lambda m, inp: seen.append(inp[0].is_contiguous()))
+    ce = lambda out, t: F.cross_entropy(out, t)
+    kw = dict(eps=1e-4, gamma=100.0, nbeta=10.0, num_chains=2, num_draws=6, seed=3)
+    plain = S.estimate_llc(model, ce, [(X[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)], **kw)
+    assert seen and all(seen)
+    seen.clear()
+    cl = X.contiguous(memory_format=torch.channels_last)
+    assert not cl.is_contiguous()
+    model = model.to(memory_format=torch.channels_last)
+    got = S.estimate_llc(model, ce, [(cl[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)], **kw)
+    assert len(seen) == 12 and all(seen), seen  # 6 draws: one vmapped gradient and one L_b(w*) each
+    assert math.isclose(got, plain, rel_tol=1e-4, abs_tol=1e-6), (got, plain)
