@@ -12,7 +12,7 @@ import common  # noqa: E402
 # keys that never change what a run computes (where it wrote, how often it logged or saved). Not here: device and
 # compile, which change the speed figures and the numerics (bf16 on a GPU, fp32 on a CPU); one table is one setting.
 RUN_ONLY = {"out", "resume", "stop_at_step", "data_dir", "log_every", "ckpt_interval", "ckpt_every", "no_download",
-            "eval_batch"}
+            "eval_batch", "profile"}
 
 
 def cpu_model():

@@ -250,6 +250,19 @@ def test_sim_cifar_gpu(cifar, data_dir, tmp_path):
                      lambda m, cfg, x, y: SIM.training_loss(m, x, y, cfg)[0], [x, y], channels_last=True)
 
 
+def test_sim_cifar_profile_gpu(cifar, data_dir, tmp_path):
+    """--cost-only --profile on the GPU: the device's busy time is measured and is no more than the wall time,
+    kernels were launched, and rho-SIM dispatches more operations than the plain network."""
+    out = tmp_path / "cost"
+    SIM.main([str(a) for a in ["--device", "cuda", "--data-dir", data_dir, "--out", out, "--cost-only", "--profile",
+                               "--bench-steps", 2, "--train-subset", 2048, "--test-subset", 1000]])
+    prof = json.load(open(out / "cost.json"))["profile"]
+    for m, p in prof.items():
+        assert 0 < p["device_busy_ms"] <= 1.05 * p["wall_ms"] and 0 < p["busy_fraction"] <= 1.05, (m, p)
+        assert p["kernels"] >= 1 and p["top"] and p["top"][0][1] > 0, (m, p)
+    assert prof["off"]["ops"] < prof["rho"]["ops"]
+
+
 def test_mae_decay_gpu(cifar, data_dir, tmp_path):
     out = tmp_path / "mae"
     argv = ["--device", "cuda", "--data-dir", data_dir, "--out", out, "--n-train", 2048, "--epochs", 2,

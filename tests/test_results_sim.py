@@ -217,8 +217,27 @@ def cost_folders(data_dir, tmp_path_factory):
     outs = {b: str(tmp / b) for b in ("stride1", "all")}  # given out of order: the table sorts them
     for blocks, out in outs.items():
         S.main(["--smoke", "--cost-only", "--sim-blocks", blocks, "--bench-steps", "0", "--train-subset", "128",
-                "--test-subset", "200", "--data-dir", data_dir, "--out", out])
+                "--test-subset", "200", "--data-dir", data_dir, "--out", out] + (["--profile"] if blocks == "stride1" else []))
     return tmp, outs
+
+
+def test_profile_counts_what_a_step_dispatches(cost_folders):
+    """--profile: per mode the operations one eager step dispatches (rho-SIM's token draw, gathers, MLPs and
+    standardisation are many small ones: more than full SIM's one conv per block), its wall time and the
+    costliest operations, largest first; on the CPU no device time. It changes no count: a folder with a
+    profile and one without make one cost table (test_cost_table_from_the_counts)."""
+    _, outs = cost_folders
+    prof = json.load(open(os.path.join(outs["stride1"], "cost.json")))["profile"]
+    assert "profile" not in json.load(open(os.path.join(outs["all"], "cost.json")))
+    assert sorted(prof) == sorted(S.MODES)
+    assert prof["off"]["ops"] < prof["full"]["ops"] < prof["rho"]["ops"]
+    assert prof["rho"]["ops"] > 2 * prof["off"]["ops"]  # 5 wrapped blocks, dozens of operations each
+    for p in prof.values():
+        assert p["wall_ms"] > 0 and p["device_busy_ms"] is None and p["kernels"] is None
+        tops = [ms for _, ms in p["top"]]
+        assert p["top"] and all(n.startswith("aten::") for n, _ in p["top"]) and tops == sorted(tops, reverse=True)
+        assert 0 <= sum(tops) <= p["wall_ms"] * 1.05
+    assert "operations dispatched" in open(os.path.join(outs["stride1"], "log.txt")).read()
 
 
 def test_cost_only_measures_and_trains_nothing(cost_folders):
@@ -300,3 +319,23 @@ def test_committed_cost_tables_are_what_the_code_counts_today():
                 per_image[mode] = common.count_flops(
                     lambda: S.training_loss(net, x, y, dict(cfg, sim=mode))[0].backward()) / 2 / 1e9
             assert per_image == pytest.approx(row["gflop_per_image"], rel=1e-4), row
+
+
+def test_committed_training_tables_are_their_run_folders():
+    """Every published training table (results/sim_*.json that is not a cost table) is what the publisher
+    makes today of the run folders committed under results/runs/sim_cifar/ (the folder names its commands
+    end in), and the README shows its table rows and names its JSON and figure: a hand-edited number, a
+    publisher change that moves a value, or a lost run folder fails here."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    files = [f for f in sorted(os.listdir(os.path.join(ROOT, "results"))) if f.startswith("sim_") and f.endswith(".json")]
+    tables = [json.load(open(os.path.join(ROOT, "results", f))) for f in files]
+    trained = [t for t in tables if t.get("kind") != "cost"]
+    assert trained  # the H200 table at least
+    for s in trained:
+        folders = [os.path.join(ROOT, "results", "runs", "sim_cifar", os.path.basename(shlex.split(c)[-1]))
+                   for c in s["commands"]]
+        again = json.loads(json.dumps(P.rounded(F.merge(s["name"], folders))))
+        assert again == s
+        assert f"results/sim_{s['name']}.json" in readme and f"results/sim_{s['name']}.png" in readme
+        rows = [r for r in F.markdown(s).splitlines() if r.startswith("| ")]
+        assert rows and [r for r in rows if r not in readme] == []
