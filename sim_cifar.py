@@ -212,8 +212,8 @@ def parse_args(argv=None):
     return args
 
 # ----------------------------------------------------------------------------------------------------
-# SIM as a plug-in: SIM, add_sim and sim_loss below depend on nothing else in this file (torch only),
-# so they can be copied into another project as they are.
+# SIM as a plug-in: everything from here to add_sim and sim_loss depends on nothing else in this file
+# (torch only), so it can be copied into another project as it is.
 
 
 def normalized_distance(pred, target, eps=1e-6):
@@ -232,6 +232,23 @@ def normalized_distance(pred, target, eps=1e-6):
 def _tokens(t):
     # (B, C, H, W) -> (B, HW, C); a view when t is channels_last. Token inputs (B, N, C) pass through.
     return t.permute(0, 2, 3, 1).flatten(1, 2) if t.dim() == 4 else t
+
+
+class _TakeTokens(torch.autograd.Function):
+    """t[:, idx] for distinct token ids idx. Autograd's own indexing backward must allow repeated ids, so it
+    accumulates (a sort, or atomic adds in bf16 once compiled); distinct ids only need each gradient row
+    copied back to its token: no atomics, no sort, deterministic, the same values."""
+
+    @staticmethod
+    def forward(ctx, t, idx):
+        ctx.save_for_backward(idx)
+        ctx.shape = t.shape
+        return t.index_select(1, idx)
+
+    @staticmethod
+    def backward(ctx, g):
+        (idx,) = ctx.saved_tensors
+        return g.new_zeros(ctx.shape).index_copy_(1, idx, g), None
 
 
 class SIM(nn.Module):
@@ -297,8 +314,8 @@ class SIM(nn.Module):
             raise ValueError(f"SIM: input has {xt.shape[1]} tokens, output {yt.shape[1]}; cannot pair them")
         idx = self.sample(yt.shape[1], y.device)
         with torch.no_grad():
-            zx = self.proj(xt[:, idx])
-        zy = self.pred(self.proj(self.pre(yt[:, idx])))
+            zx = self.proj(xt.index_select(1, idx))
+        zy = self.pred(self.proj(self.pre(_TakeTokens.apply(yt, idx))))
         return normalized_distance(zy, zx)
 
 

@@ -105,6 +105,28 @@ def test_rho_loss_matches_hand_computation(stride):
     assert loss.item() == pytest.approx(hand_distance(zy.detach(), zx.detach()), rel=1e-5)
 
 
+def test_token_take_is_indexing_with_a_copying_backward():
+    """_TakeTokens (rho-SIM's gather of the kept tokens): the forward is t[:, idx]; the backward, a copy per
+    kept token instead of autograd's accumulating scatter, gives the same gradient for distinct ids (the
+    draw is a permutation's prefix), and through a channels_last map's token view too; gradcheck in float64."""
+    torch.manual_seed(0)
+    t = torch.randn(3, 10, 4, dtype=torch.float64, requires_grad=True)
+    idx = torch.randperm(10)[:4]
+    g = torch.randn(3, 4, 4, dtype=torch.float64)
+    out = S._TakeTokens.apply(t, idx)
+    assert torch.equal(out, t[:, idx])
+    ours, = torch.autograd.grad(out, t, g)
+    ref, = torch.autograd.grad(t[:, idx], t, g)
+    assert torch.equal(ours, ref) and ours[:, [i for i in range(10) if i not in idx.tolist()]].abs().sum() == 0
+    assert torch.autograd.gradcheck(lambda u: S._TakeTokens.apply(u, idx), (t,))
+    y = torch.randn(2, 4, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    keep = torch.randperm(25)[:6]
+    gy = torch.randn(2, 6, 4, dtype=torch.float64)
+    ours, = torch.autograd.grad(S._TakeTokens.apply(S._tokens(y), keep), y, gy)
+    ref, = torch.autograd.grad(S._tokens(y)[:, keep], y, gy)
+    assert torch.equal(ours, ref)
+
+
 def test_sampled_token_count_is_int_rho_n():
     shapes = []
     for rho, stride, c_out in ((0.2, 1, 8), (0.37, 1, 8), (0.2, 2, 16), (1.0, 2, 16)):
