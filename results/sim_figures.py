@@ -262,6 +262,8 @@ def plot(s, out_png):
                         label=("single-view" if j == 0 else "flip TTA") if i == 0 else None)
             bx.plot([x + 0.06] * len(r[key]), r[key], ".", color="0.45", ms=4, zorder=3)  # the seeds, beside
             finals += r[key]
+            if len(r[key]) >= 3 and r[key + "_ci95"]:  # 2 seeds' t interval (x12.7 the spread) would flatten the rest
+                finals += [r[key + "_mean"] - r[key + "_ci95"], r[key + "_mean"] + r[key + "_ci95"]]
         if v in s["paper"] and s["paper_comparable"]:
             bx.plot([i - 0.23], [s["paper"][v]], "*", color="k", ms=10,
                     label="paper (single-view)" if v == "off" else None)
@@ -276,7 +278,7 @@ def plot(s, out_png):
     ax.set_title("test accuracy during training (thin: seeds; bold: their mean)", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
-    pad = 0.15 * (max(finals) - min(finals) or 1.0)  # the axis spans the seeds and the paper; wide intervals run off
+    pad = 0.15 * (max(finals) - min(finals) or 1.0)  # the seeds, the paper and the intervals of 3+ seeds
     bx.set_ylim(min(finals) - pad, max(finals) + pad)
     bx.set_xticks(range(len(s["variants"])), [label(v) for v in s["variants"]])
     bx.set_xlim(-0.6, len(s["variants"]) - 0.4)
