@@ -12,7 +12,7 @@ Paper: ResNet-18 on CIFAR-10 94.65 -> 94.94 top-1 with rho-SIM; rho-SIM costs 16
     python sim_cifar.py --sim off --seeds 3             # baseline only
     python sim_cifar.py --smoke                         # CPU, small subset, seconds
     python sim_cifar.py --cost-only --sim-blocks stride1 # FLOPs of one step of off, full and rho; no training
-    python sim_cifar.py --cost-only --profile           # ... and what each step is made of (on a GPU: launch-bound?)
+    python sim_cifar.py --cost-only --profile --compile # ... and what each compiled step is made of
     torchrun --nproc_per_node 2 sim_cifar.py --smoke    # DDP (gloo on CPU, nccl on GPUs)
 
 `--sim` defaults to rho. Unless `--no-baseline` is given, every seed also trains the plain ResNet-18
@@ -33,8 +33,8 @@ for batch 512, i.e. the classic 0.1 per 128, weight decay 5e-4) with 2 warm-up e
 label smoothing 0.1, 40 epochs. The 40 epochs were meant to bring the baseline to >= 95.0% in about 3
 minutes; measured on an H200 (compiled, 3 seeds, README): 94.18% in 1.1 training minutes, so 95% is not
 reached, and rho-SIM's step costs x2.5 the baseline's for x1.11 the FLOPs (it dispatches 5x the
-operations, all small; a GPU profile is still to say what bounds it). `--profile` adds a profile of one eager step per mode to the cost
-measurement: operations dispatched, device busy time against wall time, the costliest operations.
+operations, all small; a GPU profile is still to say what bounds it). `--profile` adds a profile of a step per mode to the cost measurement
+(compiled with --compile): operations dispatched, device busy time against wall time, the costliest ones.
 
 Reported accuracy: the headline is single-view test top-1 (`test_acc` in run.json and results.json, the
 paired gain `paired_gain`, the first column of the summary), since the paper's 94.65 -> 94.94 are most
@@ -145,8 +145,9 @@ def build_parser():
                    help="only measure the cost of one training step of off, full and rho (FLOPs; step times as "
                         "--bench-steps says), write it to results.json and stop: nothing is trained")
     p.add_argument("--profile", action="store_true",
-                   help="in the cost measurement, also profile a few eager steps per mode: operations dispatched, "
-                        "device busy time against wall time, the costliest operations (cost.json, log)")
+                   help="in the cost measurement, also profile a few steps per mode (compiled with --compile, "
+                        "which --cost-only then allows): operations dispatched, device busy time against wall time, "
+                        "the costliest operations (cost.json, log)")
     p.add_argument("--log-grad-norms", action="store_true", help="log the gradient norm of every block")
     p.add_argument("--target-acc", type=float, default=TARGET_ACC,
                    help="time from launch to the first evaluation with single-view test accuracy (%%) >= this "
@@ -197,8 +198,9 @@ def parse_args(argv=None):
     common.check(args.train_subset == 0 or args.train_subset >= args.batch_size,
                  f"--train-subset {args.train_subset} is smaller than --batch-size {args.batch_size}: no full batch")
     common.check(args.stop_at_step is None or args.stop_at_step >= 0, "--stop-at-step must be >= 0")
-    common.check(not (args.cost_only and args.compile),
-                 "--compile has no effect with --cost-only (the cost is measured eager): drop one of them")
+    common.check(not (args.cost_only and args.compile) or args.profile,
+                 "--compile has no effect with --cost-only (the cost is measured eager): drop one of them, or add "
+                 "--profile to profile compiled steps")
     common.check(not (args.cost_only and args.resume),
                  "--cost-only takes seconds and leaves nothing to resume: drop --resume (and pick a new --out)")
     if args.out is None:
@@ -545,11 +547,12 @@ def measure_cost(args, d, data, log=print):
             common.sync(d.device)
             res["step_ms"][mode] = 1000 * (time.perf_counter() - t0) / bench_steps
         if args.profile:
-            p = res.setdefault("profile", {})[mode] = profile_step(net, cfg, x, y, d.device)
+            p = res.setdefault("profile", {})[mode] = profile_step(net, cfg, x, y, d.device, compiled=args.compile)
             busy = (f"device busy {p['device_busy_ms']:.2f} of {p['wall_ms']:.2f} ms "
                     f"({100 * p['busy_fraction']:.0f}%), {p['kernels']:.0f} kernels" if p["device_busy_ms"] is not None
                     else f"{p['wall_ms']:.2f} ms")
-            log(f"cost: {mode}: profile of one eager step: {p['ops']} operations dispatched, {busy}; costliest: "
+            log(f"cost: {mode}: profile of one {'compiled' if args.compile else 'eager'} step: {p['ops']} operations "
+                f"dispatched (eager), {busy}; costliest: "
                 + ", ".join(f"{n} {ms:.2f} ms" for n, ms in p["top"][:5]))
         del net
     off = res["flops_per_step"]["off"]
@@ -560,12 +563,13 @@ def measure_cost(args, d, data, log=print):
     return res
 
 
-def profile_step(net, cfg, x, y, device, steps=3):
-    """What one eager training step (forward, backward, optimizer) is made of: the tensor operations it
-    dispatches (a count, the same on any device; each costs launch and dispatch time whatever its size), and
-    from torch.profiler over `steps` steps the wall time, the time the device is busy (kernels; on a GPU a
-    busy fraction well under 1 means the step waits on launches, not arithmetic) and the costliest operations
-    by self time on the device (the CPU's time on a CPU), in ms per step."""
+def profile_step(net, cfg, x, y, device, steps=3, compiled=False):
+    """What one training step (forward, backward, optimizer) is made of: the tensor operations its eager
+    form dispatches (a count, the same on any device; each costs launch and dispatch time whatever its
+    size), and from torch.profiler over `steps` steps (compiled with `compiled`, as --compile trains) the
+    wall time, the time the device is busy (kernels; on a GPU a busy fraction well under 1 means the step
+    waits on launches, not arithmetic) and the costliest operations by self time on the device (the CPU's
+    time on a CPU), in ms per step."""
     from torch.profiler import ProfilerActivity, profile
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -578,21 +582,24 @@ def profile_step(net, cfg, x, y, device, steps=3):
 
     opt = make_optimizer(net, cfg, device)
 
-    def step():
-        loss = training_loss(net, x, y, cfg)[0]
+    def step(model):
+        loss = training_loss(model, x, y, cfg)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    step()  # the allocator's and cuDNN's first-call costs stay out
+    step(net)  # the allocator's and cuDNN's first-call costs stay out
     with Count() as count:
-        step()
+        step(net)
+    run = torch.compile(net) if compiled else net  # compiled as train_run does it
+    for _ in range(2 if compiled else 0):  # these steps compile
+        step(run)
     gpu = device.type == "cuda"
     common.sync(device)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
-            step()
+            step(run)
         common.sync(device)
         wall = 1000 * (time.perf_counter() - t0) / steps
     rows = prof.key_averages()
@@ -604,7 +611,7 @@ def profile_step(net, cfg, x, y, device, steps=3):
         self_time = lambda e: e.self_cpu_time_total
         kernels, busy = [], None
     top = sorted(kernels if gpu else [e for e in rows if e.key.startswith("aten::")], key=self_time, reverse=True)[:8]
-    return {"steps": steps, "ops": count.n, "wall_ms": wall, "device_busy_ms": busy,
+    return {"steps": steps, "compiled": compiled, "ops": count.n, "wall_ms": wall, "device_busy_ms": busy,
             "busy_fraction": busy / wall if busy is not None else None,
             "kernels": sum(e.count for e in kernels) / steps if gpu else None,
             "top": [[e.key[:80], self_time(e) / 1000 / steps] for e in top]}

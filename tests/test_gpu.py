@@ -251,13 +251,16 @@ def test_sim_cifar_gpu(cifar, data_dir, tmp_path):
 
 
 def test_sim_cifar_profile_gpu(cifar, data_dir, tmp_path):
-    """--cost-only --profile on the GPU: the device's busy time is measured and is no more than the wall time,
-    kernels were launched, and rho-SIM dispatches more operations than the plain network."""
+    """--cost-only --profile --compile on the GPU (compiled steps, as the reproductions train): the device's
+    busy time is measured and is no more than the wall time, kernels were launched, and rho-SIM dispatches
+    more operations than the plain network."""
     out = tmp_path / "cost"
     SIM.main([str(a) for a in ["--device", "cuda", "--data-dir", data_dir, "--out", out, "--cost-only", "--profile",
-                               "--bench-steps", 2, "--train-subset", 2048, "--test-subset", 1000]])
+                               "--compile", "--bench-steps", 2, "--train-subset", 2048, "--test-subset", 1000]])
     prof = json.load(open(out / "cost.json"))["profile"]
+    assert sorted(prof) == sorted(SIM.MODES)
     for m, p in prof.items():
+        assert p["compiled"], (m, p)
         assert 0 < p["device_busy_ms"] <= 1.05 * p["wall_ms"] and 0 < p["busy_fraction"] <= 1.05, (m, p)
         assert p["kernels"] >= 1 and p["top"] and p["top"][0][1] > 0, (m, p)
     assert prof["off"]["ops"] < prof["rho"]["ops"]

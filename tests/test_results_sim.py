@@ -238,6 +238,7 @@ def test_profile_counts_what_a_step_dispatches(cost_folders):
         assert p["top"] and all(n.startswith("aten::") for n, _ in p["top"]) and tops == sorted(tops, reverse=True)
         assert 0 <= sum(tops) <= p["wall_ms"] * 1.05
     assert "operations dispatched" in open(os.path.join(outs["stride1"], "log.txt")).read()
+    assert S.parse_args(["--cost-only", "--profile", "--compile"]).compile  # compiled steps: profiled, not refused
 
 
 def test_cost_only_measures_and_trains_nothing(cost_folders):
