@@ -33,8 +33,9 @@ for batch 512, i.e. the classic 0.1 per 128, weight decay 5e-4) with 2 warm-up e
 label smoothing 0.1, 40 epochs. The 40 epochs were meant to bring the baseline to >= 95.0% in about 3
 minutes; measured on an H200 (compiled, 3 seeds, README): 94.18% in 1.1 training minutes, so 95% is not
 reached, and rho-SIM's step costs x2.5 the baseline's for x1.11 the FLOPs (it dispatches 5x the
-operations, all small; a GPU profile is still to say what bounds it). `--profile` adds a profile of a step per mode to the cost measurement
-(compiled with --compile): operations dispatched, device busy time against wall time, the costliest ones.
+operations, all small; a GPU profile is still to say what bounds it). `--profile` adds a profile of a
+step per mode to the cost measurement (compiled with --compile): operations dispatched, device busy time
+against wall time, the costliest operations.
 
 Reported accuracy: the headline is single-view test top-1 (`test_acc` in run.json and results.json, the
 paired gain `paired_gain`, the first column of the summary), since the paper's 94.65 -> 94.94 are most
@@ -567,9 +568,9 @@ def profile_step(net, cfg, x, y, device, steps=3, compiled=False):
     """What one training step (forward, backward, optimizer) is made of: the tensor operations its eager
     form dispatches (a count, the same on any device; each costs launch and dispatch time whatever its
     size), and from torch.profiler over `steps` steps (compiled with `compiled`, as --compile trains) the
-    wall time, the time the device is busy (kernels; on a GPU a busy fraction well under 1 means the step
-    waits on launches, not arithmetic) and the costliest operations by self time on the device (the CPU's
-    time on a CPU), in ms per step."""
+    wall time (timed again without the profiler), the time the device is busy (kernels; on a GPU a busy
+    fraction of the unprofiled wall time well under 1 means the step waits on launches, not arithmetic) and
+    the costliest operations by self time on the device (the CPU's time on a CPU), in ms per step."""
     from torch.profiler import ProfilerActivity, profile
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -595,13 +596,17 @@ def profile_step(net, cfg, x, y, device, steps=3, compiled=False):
     for _ in range(2 if compiled else 0):  # these steps compile
         step(run)
     gpu = device.type == "cuda"
-    common.sync(device)
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+
+    def timed():  # ms per step, synchronised
+        common.sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             step(run)
         common.sync(device)
-        wall = 1000 * (time.perf_counter() - t0) / steps
+        return 1000 * (time.perf_counter() - t0) / steps
+    wall = timed()  # without the profiler, whose own cost per operation lengthens the step
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        wall_profiled = timed()
     rows = prof.key_averages()
     if gpu:  # kernels are the rows that ran on the device; an op's own device time is its kernels'
         self_time = lambda e: getattr(e, "self_device_time_total", 0) or 0
@@ -611,7 +616,8 @@ def profile_step(net, cfg, x, y, device, steps=3, compiled=False):
         self_time = lambda e: e.self_cpu_time_total
         kernels, busy = [], None
     top = sorted(kernels if gpu else [e for e in rows if e.key.startswith("aten::")], key=self_time, reverse=True)[:8]
-    return {"steps": steps, "compiled": compiled, "ops": count.n, "wall_ms": wall, "device_busy_ms": busy,
+    return {"steps": steps, "compiled": compiled, "ops": count.n, "wall_ms": wall, "wall_profiled_ms": wall_profiled,
+            "device_busy_ms": busy,
             "busy_fraction": busy / wall if busy is not None else None,
             "kernels": sum(e.count for e in kernels) / steps if gpu else None,
             "top": [[e.key[:80], self_time(e) / 1000 / steps] for e in top]}

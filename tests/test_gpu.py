@@ -261,7 +261,8 @@ def test_sim_cifar_profile_gpu(cifar, data_dir, tmp_path):
     assert sorted(prof) == sorted(SIM.MODES)
     for m, p in prof.items():
         assert p["compiled"], (m, p)
-        assert 0 < p["device_busy_ms"] <= 1.05 * p["wall_ms"] and 0 < p["busy_fraction"] <= 1.05, (m, p)
+        # kernels cannot outlast the profiled steps; against the unprofiled time CUPTI's own cost leaves slack
+        assert 0 < p["device_busy_ms"] <= 1.05 * p["wall_profiled_ms"] and 0 < p["busy_fraction"] <= 1.25, (m, p)
         assert p["kernels"] >= 1 and p["top"] and p["top"][0][1] > 0, (m, p)
     assert prof["off"]["ops"] < prof["rho"]["ops"]
 
