@@ -32,7 +32,7 @@ flip, done there), bf16 autocast, channels_last, optional torch.compile, SGD-Nes
 for batch 512, i.e. the classic 0.1 per 128, weight decay 5e-4) with 2 warm-up epochs and cosine decay,
 label smoothing 0.1, 40 epochs. The 40 epochs were meant to bring the baseline to >= 95.0% in about 3
 minutes; measured on an H200 (compiled, 3 seeds, README): 94.18% in 1.1 training minutes, so 95% is not
-reached, and rho-SIM's step costs x2.5 the baseline's for x1.11 the FLOPs (it dispatches 5x the
+reached, and rho-SIM's step costs x2.5 the baseline's for x1.11 the FLOPs (it dispatches 3.5x the
 operations, all small; a GPU profile is still to say what bounds it). `--profile` adds a profile of a
 step per mode to the cost measurement (compiled with --compile): operations dispatched, device busy time
 against wall time, the costliest operations.
