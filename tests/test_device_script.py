@@ -87,3 +87,30 @@ def test_a_job_past_its_time_gets_sigterm_and_sends_back_its_small_files(tmp_pat
     assert bad.returncode == 2 and "SECONDS is 'soon'" in bad.stderr
     assert device("job", "5", str(run), env=env).returncode == 2
     assert "usage" in device("nothing", env=env).stderr
+
+
+def test_a_chain_of_seeds_ends_at_the_deadline(tmp_path):
+    """The README's call for several seeds: `job SECONDS FOLDER -- bash -c 'for s in ...; do python ...; done'`.
+    At the deadline the whole process group gets SIGTERM: the running seed saves and exits, the shell ends
+    and starts no further seed; the folder that comes back holds the finished seed and the saved one."""
+    env = {"PYTHON": sys.executable, "DEVDATA_DIR": str(tmp_path / "dev"), "DEVDATA_ROOT": str(tmp_path / "there"),
+           "OUT": str(tmp_path / "out")}
+    os.makedirs(tmp_path / "out")
+    runs = tmp_path / "runs"
+    seed = tmp_path / "seed.py"
+    seed.write_text("import os, signal, sys, time\n"
+                    "d = os.path.join(sys.argv[1], 'gpu_s' + sys.argv[2]); os.makedirs(d)\n"
+                    "def done(how):\n"
+                    "    open(os.path.join(d, 'results.json'), 'w').write(how); sys.exit(0)\n"
+                    "signal.signal(signal.SIGTERM, lambda *_: done('saved'))\n"
+                    "time.sleep(0.2 if sys.argv[2] == '0' else 60)\n"
+                    "done('finished')\n")
+    chain = f"for s in 0 1 2; do {sys.executable} {seed} {runs} $s; done"
+    p = device("job", "3", str(runs), "--", "bash", "-c", chain, env=env)
+    assert p.returncode == 124, (p.stdout, p.stderr)
+    assert sorted(os.listdir(runs)) == ["gpu_s0", "gpu_s1"]  # seed 2 never started
+    assert (runs / "gpu_s0" / "results.json").read_text() == "finished"
+    assert (runs / "gpu_s1" / "results.json").read_text() == "saved"
+    with tarfile.open(tmp_path / "out" / "runs.tgz") as t:
+        assert sorted(n for n in t.getnames() if n.endswith(".json")) == ["runs/gpu_s0/results.json",
+                                                                            "runs/gpu_s1/results.json"]
