@@ -536,17 +536,8 @@ def measure_cost(args, d, data, log=print):
             lambda: training_loss(net, x[:2], y[:2], cfg)[0].backward()) * args.batch_size / 2)
         if bench_steps:  # eager on purpose: compiling all three modes would delay training by minutes
             opt = make_optimizer(net, cfg, d.device)
-            warm = 1 if args.smoke else 5
-            for i in range(warm + bench_steps):
-                if i == warm:
-                    common.sync(d.device)
-                    t0 = time.perf_counter()
-                loss = training_loss(net, x, y, cfg)[0]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            common.sync(d.device)
-            res["step_ms"][mode] = 1000 * (time.perf_counter() - t0) / bench_steps
+            timed_steps(net, opt, x, y, cfg, 1 if args.smoke else 5)  # warm-up
+            res["step_ms"][mode] = timed_steps(net, opt, x, y, cfg, bench_steps)
         if args.profile:
             p = res.setdefault("profile", {})[mode] = profile_step(net, cfg, x, y, d.device, compiled=args.compile)
             busy = (f"device busy {p['device_busy_ms']:.2f} of {p['wall_ms']:.2f} ms "
@@ -562,6 +553,19 @@ def measure_cost(args, d, data, log=print):
         res["step_ratio"] = {m: res["step_ms"][m] / res["step_ms"]["off"] for m in MODES}
     res["device"] = common.device_name(d.device)
     return res
+
+
+def timed_steps(model, opt, x, y, cfg, n):
+    """Milliseconds per training step (forward, backward, optimizer) over n steps on one batch, synchronised."""
+    common.sync(x.device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        loss = training_loss(model, x, y, cfg)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    common.sync(x.device)
+    return 1000 * (time.perf_counter() - t0) / n
 
 
 def profile_step(net, cfg, x, y, device, steps=3, compiled=False):
@@ -582,31 +586,16 @@ def profile_step(net, cfg, x, y, device, steps=3, compiled=False):
             return func(*args, **(kwargs or {}))
 
     opt = make_optimizer(net, cfg, device)
-
-    def step(model):
-        loss = training_loss(model, x, y, cfg)[0]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step(net)  # the allocator's and cuDNN's first-call costs stay out
+    timed_steps(net, opt, x, y, cfg, 1)  # the allocator's and cuDNN's first-call costs stay out
     with Count() as count:
-        step(net)
+        timed_steps(net, opt, x, y, cfg, 1)
     run = torch.compile(net) if compiled else net  # compiled as train_run does it
-    for _ in range(2 if compiled else 0):  # these steps compile
-        step(run)
+    if compiled:
+        timed_steps(run, opt, x, y, cfg, 2)  # these steps compile
     gpu = device.type == "cuda"
-
-    def timed():  # ms per step, synchronised
-        common.sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step(run)
-        common.sync(device)
-        return 1000 * (time.perf_counter() - t0) / steps
-    wall = timed()  # without the profiler, whose own cost per operation lengthens the step
+    wall = timed_steps(run, opt, x, y, cfg, steps)  # without the profiler, whose cost per operation adds up
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
-        wall_profiled = timed()
+        wall_profiled = timed_steps(run, opt, x, y, cfg, steps)
     rows = prof.key_averages()
     if gpu:  # kernels are the rows that ran on the device; an op's own device time is its kernels'
         self_time = lambda e: getattr(e, "self_device_time_total", 0) or 0
