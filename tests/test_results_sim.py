@@ -340,3 +340,19 @@ def test_committed_training_tables_are_their_run_folders():
         assert f"results/sim_{s['name']}.json" in readme and f"results/sim_{s['name']}.png" in readme
         rows = [r for r in F.markdown(s).splitlines() if r.startswith("| ")]
         assert rows and [r for r in rows if r not in readme] == []
+
+
+def test_readme_operation_counts_are_the_committed_profile():
+    """The operations per step the README cites for rho-SIM, full SIM and the plain network are those of the
+    committed --profile folder, and this code still dispatches them (one eager step of each mode, counted
+    the same way, at a batch of 2: the count does not depend on it)."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    folder = os.path.join(ROOT, "results", "runs", "sim_cifar", "profile_cpu_b16")
+    prof = json.load(open(os.path.join(folder, "cost.json")))["profile"]
+    assert all(f"{prof[m]['ops']:,}" in readme for m in S.MODES)
+    cfg = dict(vars(S.parse_args(["--cost-only"])), dataset="cifar10")
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    for m in S.MODES:
+        net = S.build_model(dict(cfg, sim=m))
+        got = S.profile_step(net, dict(cfg, sim=m), x, y, torch.device("cpu"), steps=1)
+        assert got["ops"] == prof[m]["ops"], m
