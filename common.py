@@ -714,6 +714,68 @@ def count_flops(fn):
     return fc.get_total_flops()
 
 
+def timed(step, n, device):
+    """Milliseconds per call of `step()` over n calls, the device synchronised before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync(device)
+    return 1000 * (time.perf_counter() - t0) / n
+
+
+def profile_step(step, device, steps=3, eager_step=None, warmup=2):
+    """What one training step is made of. `step()` runs one whole step as the script trains it (compiled or
+    not); `eager_step()` the same step uncompiled (default: `step`), whose dispatched tensor operations are
+    counted (a count, the same on any device: each costs launch and dispatch time whatever its size).
+    After `warmup` calls of `step` (compiling ones, when it is compiled), torch.profiler watches `steps`
+    calls: the wall time (timed again without the profiler, whose cost per operation adds up), the time the
+    device is busy (its kernels; on a GPU a busy fraction of the unprofiled wall time well under 1 means
+    the step waits on the host: launches, Python, data, not arithmetic), kernels per step and the costliest
+    operations by self time on the device (the CPU's time on a CPU), in ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    eager = eager_step or step
+    timed(eager, 1, device)  # the allocator's and cuDNN's first-call costs stay out of the count's step
+    with Count() as count:
+        eager()
+    if warmup:
+        timed(step, warmup, device)
+    gpu = device.type == "cuda"
+    wall = timed(step, steps, device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        wall_profiled = timed(step, steps, device)
+    rows = prof.key_averages()
+    if gpu:  # kernels are the rows that ran on the device; an op's own device time is its kernels'
+        self_time = lambda e: getattr(e, "self_device_time_total", 0) or 0
+        kernels = [e for e in rows if str(e.device_type).endswith("CUDA")]
+        busy = sum(self_time(e) for e in kernels) / 1000 / steps
+    else:
+        self_time = lambda e: e.self_cpu_time_total
+        kernels, busy = [], None
+    top = sorted(kernels if gpu else [e for e in rows if e.key.startswith("aten::")], key=self_time, reverse=True)[:8]
+    return {"steps": steps, "ops": count.n, "wall_ms": wall, "wall_profiled_ms": wall_profiled,
+            "device_busy_ms": busy, "busy_fraction": busy / wall if busy is not None else None,
+            "kernels": sum(e.count for e in kernels) / steps if gpu else None,
+            "top": [[e.key[:80], self_time(e) / 1000 / steps] for e in top]}
+
+
+def profile_text(p):
+    """One log line's worth of a profile_step result."""
+    busy = (f"device busy {p['device_busy_ms']:.2f} of {p['wall_ms']:.2f} ms ({100 * p['busy_fraction']:.0f}%), "
+            f"{p['kernels']:.0f} kernels" if p["device_busy_ms"] is not None else f"{p['wall_ms']:.2f} ms")
+    return (f"{p['ops']} operations dispatched (eager), {busy}; costliest: "
+            + ", ".join(f"{n} {ms:.2f} ms" for n, ms in p["top"][:5]))
+
+
 class StopSignal:
     """SIGTERM / SIGINT set a flag instead of killing the process, so the loop can checkpoint and exit.
     `requested(step)` also fires at `--stop-at-step` (a testing aid, the same on every rank). Under DDP

@@ -22,6 +22,7 @@ around 1e-3..1e-2 (12 blocks: 3.6e-3 at alpha_min 0.6, 1.8e-2 at 0.7).
     python mae_decay.py --no-skip                       # standard MAE decoder input, no encoder->decoder skips
     torchrun --nproc_per_node 8 mae_decay.py --preset in100 --data-dir DATA --compile   # ImageNet-100 ViT-B/16
     python mae_decay.py --smoke                         # CPU-sized check (seconds)
+    python mae_decay.py --profile --compile             # what bounds a training step: OUT/profile.json, no training
 
 On a GPU add --compile (and try --compile-mode reduce-overhead when the step is launch-bound: short
 sequences, small widths). In a time-limited session run it under `timeout -s TERM <seconds>`: SIGTERM
@@ -100,7 +101,7 @@ SMOKE = dict(dataset="cifar10", patch=8, img_size=32, dim=64, depth=4, heads=2, 
 # the flags that may differ between a run and its --resume: none changes a number the run computes.
 # Every other flag (a new one too) must match the checkpoint's, or --resume is refused naming it.
 SAFE_ON_RESUME = common.SAFE_ON_RESUME | {"compile_mode", "workers", "eval_batch_size", "log_every", "ckpt_every",
-                                          "inject_nan_at_step", "dump_grads"}
+                                          "inject_nan_at_step", "dump_grads", "profile"}
 ALPHA_MIN = 0.6  # --alpha-min's default (used by --decay linear only)
 
 
@@ -154,6 +155,10 @@ def build_parser(add_help=True):
     p.add_argument("--probe-epochs", type=int, default=50, help="linear-probe epochs")
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
     p.add_argument("--ckpt-every", type=int, default=10, help="epochs between checkpoints")
+    p.add_argument("--profile", action="store_true",
+                   help="train nothing: profile a few training steps (the batch's GPU crop, masking, forward, "
+                        "backward, AdamW; compiled with --compile) into OUT/profile.json and the log: operations, "
+                        "device busy time against wall time, costliest kernels, img/s and MFU")
     # testing aids, hidden: poison the loss at a step; dump rank 0's (all-reduced) grads of the first N steps
     p.add_argument("--inject-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--dump-grads", type=int, default=0, help=argparse.SUPPRESS)
@@ -218,6 +223,8 @@ def validate(a):
     c(a.workers >= 0, f"--workers {a.workers} must be >= 0")
     c(a.dump_grads >= 0, "--dump-grads must be >= 0")
     c(a.compile or a.compile_mode == "default", f"--compile-mode {a.compile_mode} needs --compile")
+    c(not (a.profile and a.resume), "--profile trains nothing and leaves nothing to resume: drop --resume "
+                                    "(and give the profile its own --out)")
 
 
 def run_name(a):
@@ -654,6 +661,33 @@ def mask_noise(a, step, n, d):
     return torch.rand(a.batch_size, n, generator=g, device=d.device)[d.rank::d.world_size]
 
 
+def profile_training_step(a, d, model, fwd, opt, train, n_tok, graphs):
+    """--profile: common.profile_step of the step the training loop runs, from the start of the schedule:
+    the next batch (its GPU crop and flip), the masking noise, forward under autocast, backward, AdamW at
+    that step's lr. `fwd` (compiled with --compile, DDP-wrapped under torchrun) is profiled; `model`'s eager
+    step gives the count of operations. The optimizer's steps change the weights: nothing is saved after."""
+    def batches():
+        e = 0
+        while True:
+            yield from train.epoch(e)
+            e += 1
+    it, n = batches(), [0]
+
+    def step(f):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(n[0], a, len(train))
+        if graphs and f is fwd:
+            torch.compiler.cudagraph_mark_step_begin()
+        with common.autocast(d.device):
+            loss = f(next(it), mask_noise(a, n[0], n_tok, d))[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        n[0] += 1
+    return common.profile_step(lambda: step(fwd), d.device, eager_step=lambda: step(model),
+                               warmup=2 if a.compile else 0)
+
+
 def flops_per_image(model, a, device):
     """Model FLOPs of one training step (forward + backward) per image, counted once on a batch of 2.
     torch's counter sees the matmuls and, on CUDA, the fused attention kernels; on the CPU it misses
@@ -750,8 +784,9 @@ def _main(argv=None):
     for flag in ("batch_size", "eval_batch_size"):
         common.check(getattr(args, flag) % d.world_size == 0,
                      f"--{flag.replace('_', '-')} {getattr(args, flag)} must divide by the {d.world_size} processes")
-    args.out = args.out or os.path.join("out", SCRIPT, run_name(args))
-    common.rank0_first(common.claim_out_dir, args.out, args.resume)  # lock, clean, never overwrite a run
+    args.out = args.out or os.path.join("out", SCRIPT, run_name(args) + ("_profile" if args.profile else ""))
+    # lock, clean, never overwrite a run (or a profile)
+    common.rank0_first(common.claim_out_dir, args.out, args.resume, ("ckpt.pt", "results.json", "profile.json"))
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "stop_at_step", "inject_nan_at_step",
                                                              "dump_grads")}
@@ -800,6 +835,22 @@ def _main(argv=None):
         fwd = torch.compile(fwd, mode=args.compile_mode)
     graphs = args.compile and args.compile_mode in ("reduce-overhead", "max-autotune")
     n_tok = (args.img_size // args.patch) ** 2
+    if args.profile:  # what one step is made of, then stop: nothing is trained
+        p = profile_training_step(args, d, model, fwd, opt, train, n_tok, graphs)
+        ips = args.batch_size * 1000 / p["wall_ms"]
+        p.update(batch=args.batch_size, compiled=args.compile, img_per_s=ips,
+                 mfu=flops * ips / (peak * d.world_size) if peak else None)
+        log(f"profile of one {'compiled' if args.compile else 'eager'} step of batch {args.batch_size}: "
+            f"{common.profile_text(p)}; {ips:.0f} img/s, mfu " + (f"{p['mfu']:.1%}" if peak else "n/a"))
+        if d.is_main:
+            path = common.write_json(os.path.join(args.out, "profile.json"), {
+                "script": SCRIPT, "config": cfg, "profile": p, "flops_per_img": flops,
+                "device": common.device_name(d.device), "world_size": d.world_size, "git_commit": common.git_commit(),
+                "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+            log(f"profile -> {path}")
+            log_file.close()
+        common.cleanup_distributed()
+        return
     dumps = {"loss": [], "grads": []}
     speeds, t_log, s_log, t_start = [], time.time(), step, time.time() - hist["seconds"]
     t_proc, s_proc = time.time(), step  # this process's start, for the ETA (a resumed run counts from here)

@@ -540,12 +540,7 @@ def measure_cost(args, d, data, log=print):
             res["step_ms"][mode] = timed_steps(net, opt, x, y, cfg, bench_steps)
         if args.profile:
             p = res.setdefault("profile", {})[mode] = profile_step(net, cfg, x, y, d.device, compiled=args.compile)
-            busy = (f"device busy {p['device_busy_ms']:.2f} of {p['wall_ms']:.2f} ms "
-                    f"({100 * p['busy_fraction']:.0f}%), {p['kernels']:.0f} kernels" if p["device_busy_ms"] is not None
-                    else f"{p['wall_ms']:.2f} ms")
-            log(f"cost: {mode}: profile of one {'compiled' if args.compile else 'eager'} step: {p['ops']} operations "
-                f"dispatched (eager), {busy}; costliest: "
-                + ", ".join(f"{n} {ms:.2f} ms" for n, ms in p["top"][:5]))
+            log(f"cost: {mode}: profile of one {'compiled' if args.compile else 'eager'} step: {common.profile_text(p)}")
         del net
     off = res["flops_per_step"]["off"]
     res["flops_ratio"] = {m: res["flops_per_step"][m] / off for m in MODES}
@@ -557,59 +552,24 @@ def measure_cost(args, d, data, log=print):
 
 def timed_steps(model, opt, x, y, cfg, n):
     """Milliseconds per training step (forward, backward, optimizer) over n steps on one batch, synchronised."""
-    common.sync(x.device)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        loss = training_loss(model, x, y, cfg)[0]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    common.sync(x.device)
-    return 1000 * (time.perf_counter() - t0) / n
+    return common.timed(lambda: train_step(model, opt, x, y, cfg), n, x.device)
+
+
+def train_step(model, opt, x, y, cfg):
+    loss = training_loss(model, x, y, cfg)[0]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
 
 
 def profile_step(net, cfg, x, y, device, steps=3, compiled=False):
-    """What one training step (forward, backward, optimizer) is made of: the tensor operations its eager
-    form dispatches (a count, the same on any device; each costs launch and dispatch time whatever its
-    size), and from torch.profiler over `steps` steps (compiled with `compiled`, as --compile trains) the
-    wall time (timed again without the profiler), the time the device is busy (kernels; on a GPU a busy
-    fraction of the unprofiled wall time well under 1 means the step waits on launches, not arithmetic) and
-    the costliest operations by self time on the device (the CPU's time on a CPU), in ms per step."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += 1
-            return func(*args, **(kwargs or {}))
-
+    """common.profile_step of one training step (forward, backward, SGD) on the batch x, y: its eager form's
+    operations counted, the step profiled compiled (as --compile trains it) with `compiled`."""
     opt = make_optimizer(net, cfg, device)
-    timed_steps(net, opt, x, y, cfg, 1)  # the allocator's and cuDNN's first-call costs stay out
-    with Count() as count:
-        timed_steps(net, opt, x, y, cfg, 1)
     run = torch.compile(net) if compiled else net  # compiled as train_run does it
-    if compiled:
-        timed_steps(run, opt, x, y, cfg, 2)  # these steps compile
-    gpu = device.type == "cuda"
-    wall = timed_steps(run, opt, x, y, cfg, steps)  # without the profiler, whose cost per operation adds up
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
-        wall_profiled = timed_steps(run, opt, x, y, cfg, steps)
-    rows = prof.key_averages()
-    if gpu:  # kernels are the rows that ran on the device; an op's own device time is its kernels'
-        self_time = lambda e: getattr(e, "self_device_time_total", 0) or 0
-        kernels = [e for e in rows if str(e.device_type).endswith("CUDA")]
-        busy = sum(self_time(e) for e in kernels) / 1000 / steps
-    else:
-        self_time = lambda e: e.self_cpu_time_total
-        kernels, busy = [], None
-    top = sorted(kernels if gpu else [e for e in rows if e.key.startswith("aten::")], key=self_time, reverse=True)[:8]
-    return {"steps": steps, "compiled": compiled, "ops": count.n, "wall_ms": wall, "wall_profiled_ms": wall_profiled,
-            "device_busy_ms": busy,
-            "busy_fraction": busy / wall if busy is not None else None,
-            "kernels": sum(e.count for e in kernels) / steps if gpu else None,
-            "top": [[e.key[:80], self_time(e) / 1000 / steps] for e in top]}
+    return dict(common.profile_step(lambda: train_step(run, opt, x, y, cfg), device, steps,
+                                    eager_step=lambda: train_step(net, opt, x, y, cfg), warmup=2 if compiled else 0),
+                compiled=compiled)
 
 # ----------------------------------------------------------------------------------------------------
 # one training run (one variant, one seed)

@@ -2,7 +2,8 @@
 
 Issue 18 compares alpha_min 1.0 with 0.6 at the same seed. Writes results/mae_NAME.json, each run's
 reconstructions as results/mae_NAME_recon_a{alpha_min}_s{seed}.png and the figure results/mae_NAME.png, and
-prints the markdown table.
+prints the markdown table and, for each alpha_min below 1, its differences from alpha_min 1 paired by seed
+(probe, kNN and effective rank; mean ± 95% interval once two seeds ran at both).
 
   python mae_decay.py --alpha-min 1.0 --compile   # cifar_quick, the default: out/mae_decay/cifar10_vit_small_p4_a1_seed0
   python mae_decay.py --alpha-min 0.6 --compile   #                                      ..._a0.6_seed0
@@ -19,7 +20,8 @@ probe; mean = the mean of the raw last-block tokens, the decayed-shortcut author
 effective rank (H of Eq. 6 and exp H) and feature norm, the raw last-block token norm, the per-epoch training
 loss, the final values, the Pearson r of erank against probe and kNN accuracy over the evaluations (the
 paper's Fig. 5; computed by mae_decay.py), img/s, MFU, wall and training minutes, device, torch, commit and
-the command (the flags that differ from the run's preset). Figure: probe, kNN and erank against the epoch (one
+the command (the flags that differ from the run's preset) and the name of the run's output folder (committed
+runs live under results/runs/mae_decay/, where a test rebuilds the published JSON from them). Figure: probe, kNN and erank against the epoch (one
 colour per alpha_min, a line per seed; solid cls, dashed mean), the raw norm, the training loss, and erank
 against probe with each seed's r.
 matplotlib is an optional extra, imported only for the figure (the JSON is written without it).
@@ -31,7 +33,7 @@ import argparse, json, os, re, shutil, sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import common  # noqa: E402
-from publish import device_of, flag_text, load_runs, pm, rounded, same_config  # noqa: E402
+from publish import device_of, flag_text, load_runs, pm, pm_stats, rounded, same_config  # noqa: E402
 
 SCRIPT = "mae_decay"
 VARY = {"alpha_min", "seed", "workers"}  # workers: ImageNet-100 loader processes; they change no number
@@ -167,8 +169,8 @@ def record(f, r):
     base = vars(M.parse_args(["--preset", c["preset"]] + (["--smoke"] if c.get("smoke") else [])))
     kinds = {"cls": traj, "mean": [t["mean"] for t in traj]}
     return {
-        "file": f, "alpha_min": c["alpha_min"], "seed": c["seed"],
-        "command": command_of(SCRIPT, M.build_parser(), c, base),
+        "file": f, "folder": os.path.basename(os.path.dirname(os.path.abspath(f))),
+        "alpha_min": c["alpha_min"], "seed": c["seed"], "command": command_of(SCRIPT, M.build_parser(), c, base),
         "device": device_of(r), "torch": r.get("torch"), "git_commit": r.get("git_commit"), "time": r.get("time"),
         "wall_minutes": r["wall_seconds"] / 60, "train_minutes": (r.get("train_seconds") or 0) / 60,
         "img_per_s": m.get("img_per_s"), "mfu": m.get("mfu"), "flops_per_img": m.get("flops_per_img"),
@@ -193,9 +195,26 @@ COLUMNS = [  # (key, header, value of a run record, digits[, sign])
     ("erank_mean", "erank mean", lambda r: r["final"]["mean"]["erank"], 3),
     ("r_cls", "r(erank, probe) cls", lambda r: r["pearson"]["cls"]["probe"], 2, "+"),
     ("r_mean", "r(erank, probe) mean", lambda r: r["pearson"]["mean"]["probe"], 2, "+"),
+    ("train_minutes", "train min", lambda r: r["train_minutes"], 1),
     ("img_per_s", "img/s", lambda r: r["img_per_s"], 0),
     ("mfu", "MFU (%)", lambda r: None if r["mfu"] is None else 100 * r["mfu"], 1),
 ]
+
+
+PAIRED = COLUMNS[:6]  # accuracies and effective ranks: the paper's claims
+
+
+def paired(recs, columns=PAIRED):
+    """{alpha_min: {"seeds": [...], key: mean_ci of (that alpha_min's value - alpha_min 1's) over the seeds
+    run at both}} for every alpha_min below 1: the comparison the paper makes, seed by seed."""
+    base = {r["seed"]: r for r in recs if r["alpha_min"] == 1}
+    out = {}
+    for a in sorted({r["alpha_min"] for r in recs if r["alpha_min"] != 1}, reverse=True):
+        pairs = [(r, base[r["seed"]]) for r in recs if r["alpha_min"] == a and r["seed"] in base]
+        if pairs:
+            out[f"{a:g}"] = {"seeds": [r["seed"] for r, _ in pairs],
+                             **{c[0]: common.mean_ci([c[2](r) - c[2](b) for r, b in pairs]) for c in columns}}
+    return out
 
 
 def build(name, runs, out_dir):
@@ -211,7 +230,7 @@ def build(name, runs, out_dir):
     devices = sorted({r["device"] for r in recs})
     return rounded({"name": name, "script": SCRIPT, "paper": PAPER, "device": "; ".join(devices),
                     "config": {k: config[k] for k in sorted(config)}, "runs": recs,
-                    "summary": summarise(recs, COLUMNS)})
+                    "summary": summarise(recs, COLUMNS), "paired": paired(recs)})
 
 
 def text(s):
@@ -221,7 +240,11 @@ def text(s):
     cmds = "\n".join(r["command"] for r in s["runs"])
     why = "" if all(r["mfu"] is not None for r in s["runs"]) else \
         "\nMFU -: the device's peak FLOP/s is unknown to common.peak_flops (a CPU, or a GPU not in its list)."
-    return f"{head}\n\n```\n{cmds}\n```\n\n{markdown(s['runs'], COLUMNS)}{why}\nPaper: {s['paper']}."
+    diff = "".join(
+        f"\nalpha_min {a} - 1, paired by seed ({len(p['seeds'])} seed{'s' * (len(p['seeds']) > 1)}"
+        f"{'' if len(p['seeds']) > 1 else ': no interval'}): "
+        + ", ".join(f"{c[1]} {pm_stats(p[c[0]], c[3], '+')}" for c in PAIRED) for a, p in s.get("paired", {}).items())
+    return f"{head}\n\n```\n{cmds}\n```\n\n{markdown(s['runs'], COLUMNS)}{why}{diff}\nPaper: {s['paper']}."
 
 
 def plot(s, png):

@@ -1,6 +1,6 @@
 """Tests of common.py: real data files, generated stand-ins for the data sets we cannot ship,
 the feature metrics against hand-computed cases, the GPU-resident iterator, checkpoints, distributed set-up."""
-import json, math, os, pickle, signal, subprocess, sys, tarfile
+import json, math, os, pickle, signal, subprocess, sys, tarfile, time
 
 import numpy as np
 import pytest
@@ -469,3 +469,29 @@ def test_eta_hand_computed():
     assert common.eta(50, 6000, 150) == "4h57m"      # 5950 * 3 s = 17850 s = 4 h 57 m 30 s
     assert common.eta(7, 7, 99) == "0s" and common.eta(9, 7, 99) == "0s"  # finished (or overshot)
     assert common.eta(0, 100, 5) == "?" and common.eta(0, 100, 0) == "?"  # nothing done yet: no rate
+
+
+def test_profile_step_counts_and_times_a_known_step():
+    """A 'step' of exactly three tensor operations (mul, add, sum) is counted as three; a compiled-like step
+    (here another callable) is the one timed and profiled, the eager one only counted; the costliest rows
+    are the step's own operations, and the times are positive and per step."""
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    calls = {"eager": 0, "run": 0}
+
+    def eager():
+        calls["eager"] += 1
+        return (a * b + a).sum()
+
+    def run():
+        calls["run"] += 1
+        return a @ b
+
+    p = common.profile_step(run, torch.device("cpu"), steps=3, eager_step=eager, warmup=2)
+    assert p["ops"] == 3
+    assert calls == {"eager": 2, "run": 2 + 3 + 3}  # eager: warm-up + count; run: warm-up, timed, profiled
+    assert p["steps"] == 3 and p["wall_ms"] > 0 and p["wall_profiled_ms"] > 0
+    assert p["device_busy_ms"] is None and p["busy_fraction"] is None and p["kernels"] is None  # a CPU
+    assert p["top"][0][0] == "aten::mm" and p["top"][0][1] > 0  # the profiled step is `run`, not `eager`
+    assert "3 operations dispatched (eager)" in common.profile_text(p) and "aten::mm" in common.profile_text(p)
+    # timed: milliseconds per call, not for all n calls together (3 calls of >= 10 ms each)
+    assert 10 <= common.timed(lambda: time.sleep(0.01), 3, torch.device("cpu")) < 30

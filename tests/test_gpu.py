@@ -288,6 +288,21 @@ def test_mae_decay_gpu(cifar, data_dir, tmp_path):
                      lambda m, cfg, x, noise: m(x, noise)[0], [x, noise])
 
 
+def test_mae_decay_profile_gpu(cifar, data_dir, tmp_path):
+    """--profile --compile on the GPU at the cifar_quick size (batch 256: the step's make-up, not its scale):
+    the device's busy time is measured and fits in the wall time, kernels ran, img/s and MFU are reported,
+    and nothing was trained."""
+    out = tmp_path / "prof"
+    MAE.main([str(a) for a in ["--device", "cuda", "--data-dir", data_dir, "--out", out, "--profile", "--compile",
+                               "--batch-size", 256, "--n-train", 2048, "--eval-n-train", 1000, "--eval-n-test", 500]])
+    assert sorted(os.listdir(out)) == ["log.txt", "profile.json"]
+    r = json.load(open(out / "profile.json"))
+    p = r["profile"]
+    assert r["config"]["dim"] == 384 and p["compiled"] and p["batch"] == 256
+    assert 0 < p["device_busy_ms"] <= 1.05 * p["wall_profiled_ms"] and 0 < p["busy_fraction"] <= 1.25, p
+    assert p["kernels"] >= 1 and p["top"] and p["top"][0][1] > 0 and p["img_per_s"] > 0 and 0 < p["mfu"] < 1, p
+
+
 def test_diffusion_decay_gpu(cifar, data_dir, tmp_path):
     out = tmp_path / "diff"
     argv = ["--device", "cuda", "--data-dir", data_dir, "--out", out, "--iters", 4, "--warmup", 2,

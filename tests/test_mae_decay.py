@@ -9,7 +9,7 @@ import torch
 
 import common
 import mae_decay as M
-from conftest import assert_clean_error, need, randomize, run_script
+from conftest import assert_clean_error, need, randomize, run_script, tiny_cifar10
 
 TINY = dict(img_size=32, patch=8, dim=32, depth=4, heads=2, mlp_ratio=4.0, dec_dim=16, dec_depth=2, dec_heads=2,
             pos_embed="sincos", alpha_min=0.6, decay="linear", decay_where="both", skip=True, mask_ratio=0.75,
@@ -491,3 +491,34 @@ def test_bad_flags_on_the_command_line(tmp_path):
         assert p.returncode == 2
         assert_clean_error(p, word)
     assert not (tmp_path / "o").exists()
+
+
+def test_profile_trains_nothing_and_counts_a_step(tmp_path, monkeypatch):
+    """--profile writes profile.json and its log line and trains nothing (no checkpoint, no results); every
+    encoder block is the same code, so each one adds the same number of operations to the eager step; its
+    img/s is the batch over the unprofiled step time; a folder that holds a profile, and --resume, are refused;
+    without --out it goes next to the run's default folder, never into it."""
+    data = tiny_cifar10(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    ops = {}
+    for depth in (2, 3, 4):
+        argv = ["--smoke", "--data-dir", data, "--no-skip", "--depth", depth, "--profile"]
+        out = tmp_path / "out" / "mae_decay" / (M.run_name(M.parse_args([str(a) for a in argv])) + "_profile")
+        if depth > 2:
+            out = tmp_path / f"d{depth}"
+            argv += ["--out", out]
+        run_inproc(argv)
+        assert sorted(os.listdir(out)) == ["log.txt", "profile.json"]
+        r = json.load(open(out / "profile.json"))
+        p = r["profile"]
+        ops[depth] = p["ops"]
+        assert r["config"]["depth"] == depth and r["script"] == "mae_decay" and r["git_commit"] and r["torch"]
+        assert p["batch"] == 32 and p["compiled"] is False and p["steps"] == 3 and p["mfu"] is None
+        assert p["img_per_s"] == pytest.approx(32 * 1000 / p["wall_ms"], rel=1e-6)
+        assert p["top"] and all(name.startswith("aten::") and ms > 0 for name, ms in p["top"])
+        assert f"profile of one eager step of batch 32: {p['ops']} operations" in open(out / "log.txt").read()
+    assert ops[4] - ops[3] == ops[3] - ops[2] > 20  # a block: two norms, attention, MLP, two scaled shortcuts
+    with pytest.raises(common.UserError, match="profile.json exists"):
+        run_inproc(["--smoke", "--data-dir", data, "--no-skip", "--depth", 4, "--profile", "--out", tmp_path / "d4"])
+    with pytest.raises(common.UserError, match="--profile trains nothing"):
+        M.parse_args(["--smoke", "--profile", "--resume"])

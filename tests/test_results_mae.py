@@ -60,6 +60,7 @@ def test_json_holds_each_runs_own_results(runs, published):
     out, s = published
     assert json.load(open(out / "mae_smoke.json")) == s
     assert [(r["alpha_min"], r["seed"]) for r in s["runs"]] == [(1.0, 0), (0.6, 0)]  # baseline first
+    assert [r["folder"] for r in s["runs"]] == [os.path.basename(d) for d in runs]
     assert s["config"]["epochs"] == 3 and "alpha_min" not in s["config"] and "out" not in s["config"]
     for rec, d in zip(s["runs"], runs):
         res = json.load(open(os.path.join(d, "results.json")))
@@ -104,8 +105,14 @@ def test_table_one_row_per_run(published):
     r = s["runs"][1]
     assert rows[2].startswith(f"| 0.6 | 0 | {r['final']['cls']['linear_probe']:.2f} | "
                               f"{r['final']['mean']['linear_probe']:.2f} | {r['final']['cls']['knn']:.2f} | ")
-    assert rows[2].endswith(f" | {r['img_per_s']:.0f} | - |") and "MFU -:" in text
+    assert rows[2].endswith(f" | {r['train_minutes']:.1f} | {r['img_per_s']:.0f} | - |") and "MFU -:" in text
     assert r["command"] in text and s["summary"]["0.6"]["seeds"] == [0]
+    # the paper's comparison seed by seed: one seed gives the difference and says there is no interval
+    base = s["runs"][0]
+    gap = r["final"]["cls"]["linear_probe"] - base["final"]["cls"]["linear_probe"]
+    assert s["paired"]["0.6"]["seeds"] == [0] and s["paired"]["0.6"]["probe_cls"]["ci95"] is None
+    assert s["paired"]["0.6"]["probe_cls"]["mean"] == pytest.approx(gap, abs=2e-3)  # both rounded to 5 digits
+    assert f"alpha_min 0.6 - 1, paired by seed (1 seed: no interval): probe cls (%) {gap:+.2f}, " in text
 
 
 def test_seeds_get_mean_and_student_t_interval(runs, tmp_path):
@@ -121,9 +128,18 @@ def test_seeds_get_mean_and_student_t_interval(runs, tmp_path):
     # two values 2 apart: sd = sqrt(2), half width = 12.706 * sqrt(2) / sqrt(2)
     assert cell["mean"] == pytest.approx(p0 + 1, abs=1e-3) and cell["ci95"] == pytest.approx(12.706, abs=1e-3)
     assert s["summary"]["0.6"]["seeds"] == [0, 1] and s["summary"]["0.6"]["knn_cls"]["ci95"] == 0
+    # paired by seed: both seeds' probes moved by +2, so the difference is the same twice (interval 0), and
+    # a 0.6 seed with no alpha_min 1 run of its seed is left out of the pairs
+    gap = p0 - s["runs"][0]["final"]["cls"]["linear_probe"]
+    pair = s["paired"]["0.6"]
+    assert pair["seeds"] == [0, 1] and pair["probe_cls"]["mean"] == pytest.approx(gap, abs=1e-3)
+    assert pair["probe_cls"]["ci95"] == pytest.approx(0, abs=1e-3) and pair["probe_cls"]["n"] == 2
+    lone = variant(runs[1], tmp_path / "s7", {"seed": 7})
+    s7 = F.build("lone", P.load_runs(runs + [lone], "mae_decay"), str(tmp_path))
+    assert s7["paired"]["0.6"]["seeds"] == [0]
     text = F.text(s)
     assert f"| 0.6 | mean of 2 | {p0 + 1:.2f} ± 12.71 | " in text and text.count("mean of 2") == 2
-    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".png")) == [
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("mae_seeds") and f.endswith(".png")) == [
         "mae_seeds_recon_a0.6_s0.png", "mae_seeds_recon_a0.6_s1.png", "mae_seeds_recon_a1_s0.png",
         "mae_seeds_recon_a1_s1.png"]
 
@@ -174,3 +190,25 @@ def test_json_and_images_without_matplotlib(runs, tmp_path, monkeypatch, capsys)
     assert sorted(os.listdir(tmp_path)) == ["mae_nofig.json", "mae_nofig_recon_a0.6_s0.png",
                                             "mae_nofig_recon_a1_s0.png"]
     assert "matplotlib is not installed: figure skipped" in capsys.readouterr().out
+
+
+def test_committed_tables_are_their_run_folders(tmp_path):
+    """Every published MAE table (results/mae_*.json) is what the publisher makes today of the run folders
+    committed under results/runs/mae_decay/ (each run names its folder), its reconstructions are those runs'
+    own, and the README shows its table rows and names its JSON and figure: a hand-edited number, a publisher
+    change that moves a value, or a lost run folder fails here."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    res = os.path.join(ROOT, "results")
+    files = sorted(f for f in os.listdir(res) if f.startswith("mae_") and f.endswith(".json"))
+    assert files  # the H200 pair at least
+    for f in files:
+        s = json.load(open(os.path.join(res, f)))
+        folders = [os.path.join(res, "runs", "mae_decay", r["folder"]) for r in s["runs"]]
+        again = json.loads(json.dumps(F.build(s["name"], P.load_runs(folders, "mae_decay"), str(tmp_path))))
+        assert again == s
+        for r, d in zip(s["runs"], folders):
+            assert open(os.path.join(res, r["recon"]), "rb").read() == open(os.path.join(d, "reconstructions.png"),
+                                                                            "rb").read()
+        assert f"results/mae_{s['name']}.json" in readme and f"results/mae_{s['name']}.png" in readme
+        rows = [r for r in F.markdown(s["runs"], F.COLUMNS).splitlines() if r.startswith("| ")]
+        assert rows and [r for r in rows if r not in readme] == []
