@@ -212,3 +212,19 @@ def test_committed_tables_are_their_run_folders(tmp_path):
         assert f"results/mae_{s['name']}.json" in readme and f"results/mae_{s['name']}.png" in readme
         rows = [r for r in F.markdown(s["runs"], F.COLUMNS).splitlines() if r.startswith("| ")]
         assert rows and [r for r in rows if r not in readme] == []
+
+
+def test_readme_operation_count_is_the_committed_profile(tmp_path):
+    """The operations per MAE training step the README cites are those of the committed --profile folder
+    (cifar_quick, CPU, batch 16), and today's code still dispatches them: one eager step counted again at a
+    batch of 2 on generated images (the count does not depend on the batch or the pixels)."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    prof = json.load(open(os.path.join(ROOT, "results", "runs", "mae_decay", "profile_cpu_b16", "profile.json")))
+    assert prof["config"]["preset"] == "cifar_quick" and prof["config"]["batch_size"] == 16
+    assert f"{prof['profile']['ops']:,} operations" in readme
+    data = tiny_cifar10(tmp_path / "data")
+    out = tmp_path / "p"
+    p = run_script(["mae_decay.py", "--profile", "--device", "cpu", "--batch-size", 2, "--data-dir", data,
+                    "--out", out])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.load(open(out / "profile.json"))["profile"]["ops"] == prof["profile"]["ops"]
