@@ -19,11 +19,11 @@ every evaluation for both feature kinds (cls = the cls token after the final Lay
 probe; mean = the mean of the raw last-block tokens, the decayed-shortcut authors' eval), linear probe, kNN,
 effective rank (H of Eq. 6 and exp H) and feature norm, the raw last-block token norm, the per-epoch training
 loss, the final values, the Pearson r of erank against probe and kNN accuracy over the evaluations (the
-paper's Fig. 5; computed by mae_decay.py), img/s, MFU, wall and training minutes, device, torch, commit and
-the command (the flags that differ from the run's preset) and the name of the run's output folder (committed
-runs live under results/runs/mae_decay/, where a test rebuilds the published JSON from them). Figure: probe, kNN and erank against the epoch (one
-colour per alpha_min, a line per seed; solid cls, dashed mean), the raw norm, the training loss, and erank
-against probe with each seed's r.
+paper's Fig. 5; computed by mae_decay.py), img/s, MFU, wall and training minutes, device, torch, commit, the
+command (the flags that differ from the run's preset) and the name of the run's output folder (committed runs
+live under results/runs/mae_decay/, where a test rebuilds the published JSON from them). Figure: probe, kNN
+and erank against the epoch (one colour per alpha_min, a line per seed; solid cls, dashed mean), the raw norm,
+the training loss, and erank against probe with each seed's r.
 matplotlib is an optional extra, imported only for the figure (the JSON is written without it).
 
 diffusion_figures.py reuses this file's table, command and CLI helpers (command_of, markdown, summarise, cli).
