@@ -212,6 +212,8 @@ def test_committed_tables_are_their_run_folders(tmp_path):
         assert f"results/mae_{s['name']}.json" in readme and f"results/mae_{s['name']}.png" in readme
         rows = [r for r in F.markdown(s["runs"], F.COLUMNS).splitlines() if r.startswith("| ")]
         assert rows and [r for r in rows if r not in readme] == []
+        pairs = [l for l in F.text(s).splitlines() if ", paired by seed (" in l]  # the paper's comparison
+        assert len(pairs) == len(s["paired"]) and [l for l in pairs if l not in readme] == []
 
 
 def test_readme_operation_count_is_the_committed_profile(tmp_path):
