@@ -892,8 +892,8 @@ def eta(done, total, elapsed_seconds):
     return hms(max(total - done, 0) * elapsed_seconds / done)
 
 
-def write_results(out_dir, script, config, metrics, wall_seconds, device, train_seconds=None):
-    """out_dir/results.json: config, metrics, device, timing, git commit; written atomically.
+def write_results(out_dir, script, config, metrics, wall_seconds, device, train_seconds=None, name="results.json"):
+    """out_dir/results.json (or `name`): config, metrics, device, timing, git commit; written atomically.
     Timing means the same in every script (README, Conventions): `wall_seconds`, the wall-clock time of
     the process that writes the file, from the start of main() to now (set-up, data loading and final
     evaluation included; an earlier, interrupted process of a resumed run is not counted); `train_seconds`,
@@ -904,7 +904,7 @@ def write_results(out_dir, script, config, metrics, wall_seconds, device, train_
            "train_seconds": None if train_seconds is None else round(train_seconds, 3),
            "git_commit": git_commit(), "torch": torch.__version__,
            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    return write_json(os.path.join(out_dir, "results.json"), res)
+    return write_json(os.path.join(out_dir, name), res)
 
 
 def write_json(path, obj, indent=2):

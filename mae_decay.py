@@ -843,10 +843,9 @@ def _main(argv=None):
         log(f"profile of one {'compiled' if args.compile else 'eager'} step of batch {args.batch_size}: "
             f"{common.profile_text(p)}; {ips:.0f} img/s, mfu " + (f"{p['mfu']:.1%}" if peak else "n/a"))
         if d.is_main:
-            path = common.write_json(os.path.join(args.out, "profile.json"), {
-                "script": SCRIPT, "config": cfg, "profile": p, "flops_per_img": flops,
-                "device": common.device_name(d.device), "world_size": d.world_size, "git_commit": common.git_commit(),
-                "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+            path = common.write_results(args.out, SCRIPT, cfg, {"profile": p, "flops_per_img": flops,
+                                                                "world_size": d.world_size},
+                                        time.time() - t_wall, d.device, name="profile.json")
             log(f"profile -> {path}")
             log_file.close()
         common.cleanup_distributed()

@@ -297,7 +297,7 @@ def test_mae_decay_profile_gpu(cifar, data_dir, tmp_path):
                                "--batch-size", 256, "--n-train", 2048, "--eval-n-train", 1000, "--eval-n-test", 500]])
     assert sorted(os.listdir(out)) == ["log.txt", "profile.json"]
     r = json.load(open(out / "profile.json"))
-    p = r["profile"]
+    p = r["metrics"]["profile"]
     assert r["config"]["dim"] == 384 and p["compiled"] and p["batch"] == 256
     assert 0 < p["device_busy_ms"] <= 1.05 * p["wall_profiled_ms"] and 0 < p["busy_fraction"] <= 1.25, p
     assert p["kernels"] >= 1 and p["top"] and p["top"][0][1] > 0 and p["img_per_s"] > 0 and 0 < p["mfu"] < 1, p

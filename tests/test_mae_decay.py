@@ -510,7 +510,7 @@ def test_profile_trains_nothing_and_counts_a_step(tmp_path, monkeypatch):
         run_inproc(argv)
         assert sorted(os.listdir(out)) == ["log.txt", "profile.json"]
         r = json.load(open(out / "profile.json"))
-        p = r["profile"]
+        p = r["metrics"]["profile"]
         ops[depth] = p["ops"]
         assert r["config"]["depth"] == depth and r["script"] == "mae_decay" and r["git_commit"] and r["torch"]
         assert p["batch"] == 32 and p["compiled"] is False and p["steps"] == 3 and p["mfu"] is None

@@ -223,10 +223,10 @@ def test_readme_operation_count_is_the_committed_profile(tmp_path):
     readme = open(os.path.join(ROOT, "README.md")).read()
     prof = json.load(open(os.path.join(ROOT, "results", "runs", "mae_decay", "profile_cpu_b16", "profile.json")))
     assert prof["config"]["preset"] == "cifar_quick" and prof["config"]["batch_size"] == 16
-    assert f"{prof['profile']['ops']:,} operations" in readme
+    assert f"{prof['metrics']['profile']['ops']:,} operations" in readme
     data = tiny_cifar10(tmp_path / "data")
     out = tmp_path / "p"
     p = run_script(["mae_decay.py", "--profile", "--device", "cpu", "--batch-size", 2, "--data-dir", data,
                     "--out", out])
     assert p.returncode == 0, p.stderr[-2000:]
-    assert json.load(open(out / "profile.json"))["profile"]["ops"] == prof["profile"]["ops"]
+    assert json.load(open(out / "profile.json"))["metrics"]["profile"]["ops"] == prof["metrics"]["profile"]["ops"]
