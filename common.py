@@ -25,18 +25,44 @@ def _rank():
 
 def run_main(main):
     """Run `main()`, turning UserError into a one-line message and exit code 2. Under torchrun every rank
-    hits the same mistake; only rank 0 says it (one write, so lines never interleave), all exit 2."""
+    hits the same mistake; only rank 0 says it (one write, so lines never interleave), all exit 2.
+
+    A process that joined a gloo (CPU) process group then leaves through `leave_process`: the interpreter's
+    own teardown is where torch's gloo threads can still abort a rank whose work is done and written
+    ("terminate called without an active exception", exit -6: once in some 300 two-process CPU runs here,
+    torch 2.14; pytorch/pytorch#190489 and #65513 describe the same end)."""
+    code = 0
     try:
         main()
     except UserError as e:
         if _rank() == 0:
             sys.stderr.write(f"error: {e}\n")
             sys.stderr.flush()
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints and exits cleanly)
         if _rank() == 0:
             sys.stderr.write("interrupted\n")
-        sys.exit(130)
+        code = 130
+    if _gloo_joined:
+        leave_process(code)
+    sys.exit(code)
+
+
+_gloo_joined = False  # set by setup_distributed: this process joined a gloo process group
+
+
+def leave_process(code):
+    """Exit with `code` as a normal exit would (every atexit handler runs: output-folder locks, logging,
+    compile workers; stdout and stderr are flushed) but skip the interpreter's teardown of modules and
+    C++ statics, the part that gloo's threads can abort. Nothing of a run is written there: checkpoints and
+    results are closed files by now."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing left to save
+            pass
+    os._exit(code)
 
 
 def check(cond, msg):
@@ -637,7 +663,9 @@ def setup_distributed(device="auto"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
+        global _gloo_joined
         dist.init_process_group("nccl" if cuda else "gloo")
+        _gloo_joined = not cuda  # run_main then leaves by leave_process (see there)
     return Dist(rank, local, world, dev, rank == 0)
 
 

@@ -52,8 +52,11 @@ def need(data_dir, *parts):
 
 
 def run_script(args, *, env=None, timeout=300, torchrun=0):
-    """Run `python SCRIPT ARGS` (or `torchrun --nproc_per_node N ...`) from the repo root on the CPU."""
-    e = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    """Run `python SCRIPT ARGS` (or `torchrun --nproc_per_node N ...`) from the repo root on the CPU.
+    env adds to (or, where a value is None, removes from) the environment."""
+    e = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    e.update(env or {})
+    e = {k: v for k, v in e.items() if v is not None}
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
                "--master_port", str(29500 + os.getpid() % 1000)] + [str(a) for a in args]

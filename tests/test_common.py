@@ -398,15 +398,22 @@ DIST_SCRIPT = r"""
 import json, os, sys, torch
 sys.path.insert(0, os.getcwd())
 import common
-d = common.setup_distributed("cpu")
-rows = torch.full((d.rank + 1, 2), float(d.rank))          # rank 0 has 1 row, rank 1 has 2
-g = common.all_gather_cat(rows)
-stop = common.StopSignal(every=4)
-stop.flag = d.rank == 1            # a signal reached rank 1 only
-out = {"rank": d.rank, "world": d.world_size, "main": d.is_main, "gathered": g.tolist(),
-       "stop3": stop.requested(3), "stop4": stop.requested(4)}
-json.dump(out, open(os.path.join(sys.argv[1], f"r{d.rank}.json"), "w"))
-common.cleanup_distributed()
+
+
+def main():
+    d = common.setup_distributed("cpu")
+    rows = torch.full((d.rank + 1, 2), float(d.rank))          # rank 0 has 1 row, rank 1 has 2
+    g = common.all_gather_cat(rows)
+    stop = common.StopSignal(every=4)
+    stop.flag = d.rank == 1            # a signal reached rank 1 only
+    out = {"rank": d.rank, "world": d.world_size, "main": d.is_main, "gathered": g.tolist(),
+           "stop3": stop.requested(3), "stop4": stop.requested(4)}
+    with open(os.path.join(sys.argv[1], f"r{d.rank}.json"), "w") as fh:
+        json.dump(out, fh)
+    common.cleanup_distributed()
+
+
+common.run_main(main)
 """
 
 
@@ -420,6 +427,55 @@ def test_setup_distributed_torchrun(tmp_path):
     assert [x["main"] for x in r] == [True, False]
     assert r[0]["gathered"] == r[1]["gathered"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
     assert all(not x["stop3"] and x["stop4"] for x in r)  # a signal on one rank stops every rank, at a check step
+
+
+LEAVE_SCRIPT = r"""
+import atexit, os, sys
+sys.path.insert(0, os.getcwd())
+import common
+out, fail = sys.argv[1], sys.argv[2] == "fail"
+
+
+class Teardown:  # a module global: only the interpreter's own teardown deletes it (builtins gone by then)
+    def __del__(self, path=os.path.join(out, "teardown" + os.environ.get("RANK", "0")), _open=open):
+        _open(path, "w").close()
+
+
+keep = Teardown()
+
+
+def main():
+    d = common.setup_distributed("cpu")
+    atexit.register(lambda: open(os.path.join(out, f"atexit{d.rank}"), "w").close())
+    sys.stdout.write(f"rank {d.rank} done")  # no newline, no flush: leave_process must not lose it
+    common.cleanup_distributed()
+    if fail:
+        raise common.UserError("bad flag: fix it")
+
+
+common.run_main(main)
+"""
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_gloo_ranks_leave_without_interpreter_teardown(tmp_path, fail):
+    """A rank that joined gloo exits through leave_process: its atexit handlers run and its buffered output
+    arrives, the exit code is main's (0, or 2 for a UserError), and the teardown that can abort it is skipped
+    (a global's __del__ never runs). Without torchrun the same script ends the ordinary way."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE_SCRIPT)
+    arg = "fail" if fail else "ok"
+    p = run_script([script, tmp_path, arg], torchrun=2, timeout=180, env={"PYTHONUNBUFFERED": None})
+    assert p.returncode == (1 if fail else 0), p.stderr[-3000:]  # torchrun: 1 when a rank failed
+    assert fail == ("exitcode  : 2" in p.stderr), p.stderr[-3000:]
+    assert ("error: bad flag: fix it" in p.stderr) == fail
+    assert "rank 0 done" in p.stdout and "rank 1 done" in p.stdout
+    assert sorted(os.listdir(tmp_path)) == ["atexit0", "atexit1", "leave.py"]
+    single = tmp_path / "single"
+    single.mkdir()
+    p = run_script([script, single, arg], env={"PYTHONUNBUFFERED": None})
+    assert p.returncode == (2 if fail else 0) and "rank 0 done" in p.stdout
+    assert sorted(os.listdir(single)) == ["atexit0", "teardown0"]  # no gloo: the ordinary exit, __del__ runs
 
 
 # ----------------------------------------------------------------------------------- statistics over seeds

@@ -507,21 +507,26 @@ import sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
 import common, sim_cifar as S
 from torch.nn.parallel import DistributedDataParallel as DDP
-d = common.setup_distributed("cpu")
-args = S.parse_args({argv!r})
-cfg = dict(vars(args), dataset="cifar10")
-net = S.new_model(cfg, d)
-model = DDP(net)
-x, y = next(S.make_batches(S.load_data(args, d), cfg, d)[0].epoch(0))
-loss = S.training_loss(model, x, y, cfg)[0]
-loss.backward()
-l = loss.detach().clone()
-dist.all_reduce(l)
-if d.is_main:
-    grads = {{n: p.grad for n, p in net.named_parameters()}}
-    torch.save({{"loss": l / d.world_size, "rows": len(x), "grads": grads}}, {out!r})
-dist.barrier()  # tearing gloo down while the other rank still works can abort it
-common.cleanup_distributed()
+
+
+def main():
+    d = common.setup_distributed("cpu")
+    args = S.parse_args({argv!r})
+    cfg = dict(vars(args), dataset="cifar10")
+    net = S.new_model(cfg, d)
+    model = DDP(net)
+    x, y = next(S.make_batches(S.load_data(args, d), cfg, d)[0].epoch(0))
+    loss = S.training_loss(model, x, y, cfg)[0]
+    loss.backward()
+    l = loss.detach().clone()
+    dist.all_reduce(l)
+    if d.is_main:
+        grads = {{n: p.grad for n, p in net.named_parameters()}}
+        torch.save({{"loss": l / d.world_size, "rows": len(x), "grads": grads}}, {out!r})
+    common.cleanup_distributed()
+
+
+common.run_main(main)  # as the scripts end: a gloo rank leaves without the interpreter's teardown
 """
 
 
