@@ -27,10 +27,13 @@ def run_main(main):
     """Run `main()`, turning UserError into a one-line message and exit code 2. Under torchrun every rank
     hits the same mistake; only rank 0 says it (one write, so lines never interleave), all exit 2.
 
-    A process that joined a gloo (CPU) process group then leaves through `leave_process`: the interpreter's
-    own teardown is where torch's gloo threads can still abort a rank whose work is done and written
-    ("terminate called without an active exception", exit -6: once in some 300 two-process CPU runs here,
-    torch 2.14; pytorch/pytorch#190489 and #65513 describe the same end)."""
+    A process that joined a gloo (CPU) process group then leaves through `leave_process`. With the normal
+    exit, a gloo worker thread may still be dropping the last reference to a finished collective (a barrier
+    holding the tensors of earlier all_gathers) while the interpreter finalizes; freeing those Python-owned
+    tensors needs the GIL, and a thread that asks for it then is ended by a forced unwind inside a noexcept
+    destructor: std::terminate, "terminate called without an active exception", exit -6 for a rank whose
+    files are all written (about once in 200 two-process CPU runs here, torch 2.14; seen in a core dump:
+    ~AsyncBarrierWork -> decref -> take_gil -> pthread_exit, the main thread in Py_FinalizeEx)."""
     code = 0
     try:
         main()
@@ -53,9 +56,9 @@ _gloo_joined = False  # set by setup_distributed: this process joined a gloo pro
 
 def leave_process(code):
     """Exit with `code` as a normal exit would (every atexit handler runs: output-folder locks, logging,
-    compile workers; stdout and stderr are flushed) but skip the interpreter's teardown of modules and
-    C++ statics, the part that gloo's threads can abort. Nothing of a run is written there: checkpoints and
-    results are closed files by now."""
+    compile workers; stdout and stderr are flushed) but without the interpreter's finalization, the part
+    that a gloo thread can abort (see run_main). Nothing of a run is written there: checkpoints and results
+    are closed files by now."""
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
