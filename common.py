@@ -693,7 +693,7 @@ def check_cpu_compile_width(d, compiled, width):
 
 def cleanup_distributed():
     if dist.is_initialized():
-        dist.barrier()  # a rank tearing down while rank 0 still writes can abort gloo
+        dist.barrier()  # no rank takes the group down while another (rank 0, writing files) still needs it
         dist.destroy_process_group()
 
 

@@ -838,8 +838,6 @@ def main(argv=None):
         common.check_cpu_compile_width(d, args.compile, args.width)  # inside: DDP still tears down on refusal
         # the cold-start clock: from launch when run as a script, else (tests, imports) from this call
         run(args, d, t0, t_launch=T_LAUNCH if __name__ == "__main__" else t0)
-        if dist.is_initialized():  # gloo can abort a rank that tears down while rank 0 still writes files
-            dist.barrier()
     finally:
         common.release_out_dirs()
         common.cleanup_distributed()
