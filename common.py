@@ -692,8 +692,13 @@ def check_cpu_compile_width(d, compiled, width):
 
 
 def cleanup_distributed():
-    if dist.is_initialized():
-        dist.barrier()  # no rank takes the group down while another (rank 0, writing files) still needs it
+    """The end of a distributed run, called from the scripts' `finally`. After a normal end: a barrier (no rank
+    takes the group down while rank 0 still writes files), then destroy_process_group. While an exception is
+    on its way out: neither. The other ranks may be inside a training collective this rank will never join,
+    so a barrier would hold every rank until the backend's timeout (30 minutes for gloo); this rank exits
+    instead, and torchrun stops the others at once."""
+    if dist.is_initialized() and sys.exc_info()[0] is None:
+        dist.barrier()
         dist.destroy_process_group()
 
 

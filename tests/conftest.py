@@ -62,7 +62,20 @@ def run_script(args, *, env=None, timeout=300, torchrun=0):
                "--master_port", str(29500 + os.getpid() % 1000)] + [str(a) for a in args]
     else:
         cmd = [sys.executable] + [str(a) for a in args]
-    return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM first: torchrun passes it on to its workers (each in a session of its own, out of reach of
+        # a kill of torchrun alone); then SIGKILL for whatever is left of this process
+        p.terminate()
+        try:
+            p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 PNG = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file

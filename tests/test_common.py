@@ -478,6 +478,42 @@ def test_gloo_ranks_leave_without_interpreter_teardown(tmp_path, fail):
     assert sorted(os.listdir(single)) == ["atexit0", "teardown0"]  # no gloo: the ordinary exit, __del__ runs
 
 
+CRASH_SCRIPT = r"""
+import os, sys, torch
+sys.path.insert(0, os.getcwd())
+import common
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+def main():
+    d = common.setup_distributed("cpu")
+    try:
+        model = DDP(torch.nn.Linear(4, 4))
+        for step in range(1000):
+            if d.rank == 0 and step == 3:
+                raise RuntimeError("rank 0 failed at step 3")  # e.g. a full disk: this rank alone
+            model(torch.randn(2, 4)).sum().backward()          # rank 1 goes on to its next gradient sync
+    finally:
+        common.cleanup_distributed()
+
+
+common.run_main(main)
+"""
+
+
+def test_a_rank_that_fails_alone_ends_the_job_at_once(tmp_path):
+    """An exception on one rank must not leave the others waiting: cleanup_distributed skips its barrier while
+    an exception is on its way out (with the barrier, rank 0 waited there and rank 1 in its gradient sync,
+    until gloo's 30-minute timeout). The job ends in seconds, non-zero, with rank 0's own error."""
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    try:
+        p = run_script([script], torchrun=2, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a rank that failed alone left the job hanging (over 120 s)")
+    assert p.returncode != 0 and "rank 0 failed at step 3" in p.stdout + p.stderr
+
+
 # ----------------------------------------------------------------------------------- statistics over seeds
 
 @pytest.mark.parametrize("df, t", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423), (1000, 1.9623)])
