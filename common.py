@@ -694,11 +694,16 @@ def check_cpu_compile_width(d, compiled, width):
 def cleanup_distributed():
     """The end of a distributed run, called from the scripts' `finally`. After a normal end: a barrier (no rank
     takes the group down while rank 0 still writes files), then destroy_process_group. While an exception is
-    on its way out: neither. The other ranks may be inside a training collective this rank will never join,
-    so a barrier would hold every rank until the backend's timeout (30 minutes for gloo); this rank exits
-    instead, and torchrun stops the others at once."""
-    if dist.is_initialized() and sys.exc_info()[0] is None:
+    on its way out, no barrier: the other ranks may be inside a training collective this rank will never
+    join, so a barrier would hold every rank until the backend's timeout (30 minutes for gloo); this rank
+    exits instead, and torchrun stops the others at once. A UserError (bad input, which every rank meets
+    alike) still takes its group down, a local step, so that no backend warns of a group left standing."""
+    if not dist.is_initialized():
+        return
+    failing = sys.exc_info()[1]
+    if failing is None:
         dist.barrier()
+    if failing is None or isinstance(failing, UserError):
         dist.destroy_process_group()
 
 
