@@ -32,7 +32,7 @@ def run_main(main):
     holding the tensors of earlier all_gathers) while the interpreter finalizes; freeing those Python-owned
     tensors needs the GIL, and a thread that asks for it then is ended by a forced unwind inside a noexcept
     destructor: std::terminate, "terminate called without an active exception", exit -6 for a rank whose
-    files are all written (about once in 200 two-process CPU runs here, torch 2.14; seen in a core dump:
+    files are all written (2 of some 450 two-process CPU runs here, torch 2.14; seen in a core dump:
     ~AsyncBarrierWork -> decref -> take_gil -> pthread_exit, the main thread in Py_FinalizeEx)."""
     code = 0
     try:
