@@ -268,7 +268,9 @@ def resolve_layers(spec, depth):
     return layers
 
 # ----------------------------------------------------------------------------------------------------
-# model: U-ViT with decayed identity shortcuts
+# model: U-ViT with decayed identity shortcuts. Everything from here to the end of class UViT needs only
+# math, torch, torch.nn as nn and torch.nn.functional as F, so it can be copied into another project as it
+# is (tests/test_copy_paste.py pastes it alone and trains it)
 
 
 def decay_schedule(depth, alpha_min):

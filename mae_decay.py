@@ -234,7 +234,9 @@ def run_name(a):
            f"{'' if a.skip else '_noskip'}_seed{a.seed}"
 
 # ----------------------------------------------------------------------------------------------------
-# model
+# model: everything from here to the end of class MAE needs only math, torch, torch.nn as nn and
+# torch.nn.functional as F, so the decayed-shortcut Block (or the whole MAE) can be copied into another
+# project as it is (tests/test_copy_paste.py pastes it alone and trains it)
 
 
 def decay_schedule(depth, alpha_min):

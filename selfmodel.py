@@ -199,7 +199,9 @@ def parse_aws(cfg):
     return [float(a) for a in str(cfg["aw"]).split(",")]
 
 # ----------------------------------------------------------------------------------------------------
-# models: body -> hidden h -> head (class logits) [+ self_head (predicted target activations)]
+# models: body -> hidden h -> head (class logits) [+ self_head (predicted target activations)]. From here to
+# the end of class SelfModelNet needs only torch, torch.nn as nn and torch.nn.functional as F: SelfModelNet
+# widens any body that lists the modules to self-model in `body.targets` (tests/test_copy_paste.py)
 
 
 class MLPBody(nn.Module):
@@ -368,11 +370,13 @@ def weight_widths(model):
         return {"width": cls.std().item(), "width_out": out.std().item(), "width_all": allw.std().item()}
 
 # ----------------------------------------------------------------------------------------------------
-# RLCT / local learning coefficient by localised SGLD
+# RLCT / local learning coefficient by localised SGLD. estimate_llc needs only copy, math, torch, torch.nn
+# as nn and torch.func's functional_call, grad and vmap: it can be copied as it is (tests/test_copy_paste.py);
+# llc_diagnostics, its calibration checks, also uses common.t_quantile
 
 
 def estimate_llc(model, loss_fn, loader, *, eps, gamma, nbeta, num_chains, num_draws, seed=0, protocol="ours",
-                 details=False, trace_points=50):
+                 details=False):
     """Local learning coefficient of `model` at its current weights w* by localised SGLD.
 
     Each chain starts at w* and steps  w <- w - eps/2 * (nbeta * grad L_b(w) + gamma * (w - w*)) + N(0, eps)
@@ -388,14 +392,12 @@ def estimate_llc(model, loss_fn, loader, *, eps, gamma, nbeta, num_chains, num_d
     draw and no host sync until the end. The model is left exactly as found (weights, buffers, train/eval
     flags); randomness comes only from a generator seeded by `seed`.
 
-    Returns the LLC, or with `details` a dict: llc; loss_trace (per chain, `trace_points` block means of the
-    sampled loss), init_trace (the same for L(w*)); and the calibration checks devinterp's guide asks for:
-    frac_below_init (share of draws whose loss fell below L(w*)), drift / noise / flat (the change of
-    nbeta * (L(w) - L(w*)) across the second half along a fitted line, mean over chains; its standard error
-    from the spread between chains; flat unless the drift is significant at 5%: the trace stopped rising).
+    Returns the LLC, or with `details` a dict: llc, losses (draws x chains, the sampled losses) and
+    init_losses (draws, L(w*) as subtracted), float64 on the CPU: llc_diagnostics turns them into the
+    trace and the calibration checks.
     """
-    check = common.check
-    check(protocol in ("ours", "authors"), f"--llc-protocol {protocol!r} is not one of ours, authors")
+    if protocol not in ("ours", "authors"):
+        raise ValueError(f"estimate_llc: protocol {protocol!r} is not one of ours, authors")
     modes = {m: m.training for m in model.modules()}
     sparse = [m for m in model.modules() if getattr(m, "sparse", False)]  # vmap's grad wants dense gradients
     for m in sparse:
@@ -483,9 +485,7 @@ def estimate_llc(model, loss_fn, loader, *, eps, gamma, nbeta, num_chains, num_d
             llc = float(nbeta * (running[half:] - L0[0]).mean())
         else:
             llc = float(nbeta * (L[half:] - L0[half:, None]).mean())
-        if not details:
-            return llc
-        return {"llc": llc, **llc_diagnostics(L, L0, nbeta, trace_points)}
+        return {"llc": llc, "losses": L, "init_losses": L0} if details else llc
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -494,7 +494,12 @@ def estimate_llc(model, loss_fn, loader, *, eps, gamma, nbeta, num_chains, num_d
 
 
 def llc_diagnostics(L, L0, nbeta, trace_points=50):
-    """Trace and calibration checks of an SGLD run: L (draws, chains) sampled losses, L0 (draws,) L(w*)."""
+    """Trace and calibration checks of an SGLD run (devinterp's guide), from estimate_llc's details: L (draws,
+    chains) sampled losses, L0 (draws,) L(w*). loss_trace: per chain, `trace_points` block means of the
+    sampled loss; init_trace: the same for L(w*); frac_below_init: share of draws whose loss fell below
+    L(w*); drift / noise / flat: the change of nbeta * (L(w) - L(w*)) across the second half along a fitted
+    line, mean over chains; its standard error from the spread between chains; flat unless the drift is
+    significant at 5% (the trace stopped rising)."""
     T = L.shape[0]
     k = max(1, T // trace_points)
 
@@ -739,12 +744,13 @@ def evaluate(model, batches, device, amp):
 
 
 def llc_of(model, data, cfg, seed, eps=None, gamma=None):
-    """The RLCT estimate of a trained cell with its trace and checks (estimate_llc's details dict)."""
+    """The RLCT estimate of a trained cell with its trace and checks: {llc, **llc_diagnostics}."""
     ce = lambda out, y: F.cross_entropy(out.float(), y)
-    return estimate_llc(common.unwrap(model).classifier(), ce, data.sgld(seed),
-                        eps=cfg["sgld_eps"] if eps is None else eps, gamma=cfg["sgld_gamma"] if gamma is None else gamma,
-                        nbeta=cfg["sgld_nbeta"], num_chains=cfg["sgld_chains"], num_draws=cfg["sgld_draws"],
-                        seed=seed, protocol=cfg.get("llc_protocol", "ours"), details=True)
+    d = estimate_llc(common.unwrap(model).classifier(), ce, data.sgld(seed),
+                     eps=cfg["sgld_eps"] if eps is None else eps, gamma=cfg["sgld_gamma"] if gamma is None else gamma,
+                     nbeta=cfg["sgld_nbeta"], num_chains=cfg["sgld_chains"], num_draws=cfg["sgld_draws"],
+                     seed=seed, protocol=cfg.get("llc_protocol", "ours"), details=True)
+    return {"llc": d["llc"], **llc_diagnostics(d["losses"], d["init_losses"], cfg["sgld_nbeta"])}
 
 
 def grid_key(eps, gamma):

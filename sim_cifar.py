@@ -216,7 +216,8 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------------------------------
 # SIM as a plug-in: everything from here to add_sim and sim_loss depends on nothing else in this file
-# (torch only), so it can be copied into another project as it is.
+# (torch, torch.nn as nn, torch.nn.functional as F), so it can be copied into another project as it is
+# (tests/test_copy_paste.py pastes it alone and wraps torchvision's ResNet-18).
 
 
 def normalized_distance(pred, target, eps=1e-6):
@@ -349,6 +350,10 @@ def add_sim(model, block_type, example, mode="rho", rho=0.2, latent_dim=128, blo
             stride = max(1, xs[-1] // ys[-1]) if spatial else 1
             if blocks == "stride1" and spatial and xs[-2:] != ys[-2:]:
                 continue
+            tokens = ys[-2] * ys[-1] if spatial else ys[-2]
+            if mode == "rho" and tokens < 2:  # a standard deviation over one token is undefined: NaN losses
+                raise ValueError(f"add_sim: block {name} outputs {tuple(ys[1:])}, a single token; rho-SIM "
+                                 "standardises over >= 2 tokens: use larger inputs or leave the block out")
             parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
             wrapped = SIM(m, c_in, c_out, mode, rho, latent_dim, stride, spatial).to(example.device)
             setattr(parent, name.rpartition(".")[2], wrapped)

@@ -101,13 +101,20 @@ def test_llc_details_trace_and_checks():
     """The trace has `trace_points` block means per chain; a sampler whose step is too small to equilibrate
     (relaxation ~2 / (eps nbeta) = 2500 draws > 1000) is flagged as still rising, the paper's step is not."""
     model, X, y = linear_regression(64)  # d/2 = 32: a large signal against the chi2 spread of single draws
-    kw = dict(gamma=1.0, nbeta=2000 / math.log(2000), num_chains=8, num_draws=1000, seed=0, details=True)
-    d = S.estimate_llc(model, half_mse, [(X, y)], eps=3e-4, trace_points=40, **kw)
+    nbeta = 2000 / math.log(2000)
+    kw = dict(gamma=1.0, nbeta=nbeta, num_chains=8, num_draws=1000, seed=0, details=True)
+    r = S.estimate_llc(model, half_mse, [(X, y)], eps=3e-4, **kw)
+    L, L0 = r["losses"], r["init_losses"]
+    assert L.shape == (1000, 8) and L0.shape == (1000,) and L.dtype == L0.dtype == torch.float64
+    assert r["llc"] == pytest.approx(nbeta * (L[500:] - L0[500:, None]).mean().item(), rel=1e-12)
+    assert r["llc"] == S.estimate_llc(model, half_mse, [(X, y)], eps=3e-4, **{**kw, "details": False})
+    fast = r["llc"]
+    d = S.llc_diagnostics(L, L0, nbeta, trace_points=40)
     assert len(d["loss_trace"]) == 8 and all(len(c) == 40 for c in d["loss_trace"]) and d["draws_per_point"] == 25
     assert len(d["init_trace"]) == 40 and d["flat"] and 0 <= d["frac_below_init"] < 0.05
-    assert d["llc"] == S.estimate_llc(model, half_mse, [(X, y)], eps=3e-4, **{**kw, "details": False})
-    slow = S.estimate_llc(model, half_mse, [(X, y)], eps=3e-6, **kw)
-    assert not slow["flat"] and slow["drift"] > 2 * slow["noise"] and slow["llc"] < 0.75 * d["llc"], slow
+    r = S.estimate_llc(model, half_mse, [(X, y)], eps=3e-6, **kw)
+    slow = S.llc_diagnostics(r["losses"], r["init_losses"], nbeta)
+    assert not slow["flat"] and slow["drift"] > 2 * slow["noise"] and r["llc"] < 0.75 * fast, slow
 
 
 def test_llc_diagnostics_by_hand():
