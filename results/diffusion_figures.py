@@ -24,7 +24,8 @@ The preset's 'auto' is only the 3 blocks around the middle: for a curve over the
 --probe-layer all (or re-probe the finished run with --resume --probe-layer all, which redoes its FID too).
 
 The JSON keeps, per (alpha_min, seed), rounded to 5 digits: FID per sample count (None, with the reason, when
-the run had no FID: no Inception weights, or --fid-n 0), sampling images/s and NFE, the linear-probe / kNN /
+the run had no FID: no Inception weights, or --fid-n 0) with the FID of as many real test images (`real`, the
+table's note: a perfect generator's score at that N), sampling images/s and NFE, the linear-probe / kNN /
 erank grid over layers x t, the best probe and kNN and where, training img/s and MFU, the loss history, wall
 and training minutes, device, torch, commit and the commands (the flags that differ from the preset). Figure:
 probe and kNN accuracy against the block, one line per (alpha_min, t), and the training-loss curves.
@@ -76,7 +77,8 @@ def record(group):
             n = str(m2["fid_n"])
             common.check(n not in fids, f"{f2}: a second FID-{n} of alpha_min {a:g} seed {s}: pass one of them")
             fids[n] = {"fid": m2["fid"], "samples_per_s": m2.get("sample_img_per_s"), "nfe": m2.get("sample_nfe"),
-                       "minutes": (m2.get("fid_seconds") or 0) / 60, "weights": r2["config"].get("fid_weights_found")}
+                       "minutes": (m2.get("fid_seconds") or 0) / 60, "weights": r2["config"].get("fid_weights_found"),
+                       "real": m2.get("fid_real"), "real_n": m2.get("fid_real_n")}  # None before fid_real existed
     fids = dict(sorted(fids.items(), key=lambda kv: int(kv[0])))
     why = None if fids else (m.get("fid_skipped") or c.get("fid_skipped") or "--fid-n 0: no FID asked for")
     layers, ts, probe = c["probe_layer"], c["probe_t"], m["probe"]
@@ -148,6 +150,9 @@ def text(s):
     cmds = "\n".join(cmd for r in runs for cmd in r["commands"])
     notes = [f"FID - for alpha_min {r['alpha_min']:g} seed {r['seed']}: {r['fid_missing']}."
              for r in runs if r["fid_missing"]]
+    real = {n: e for r in runs for n, e in r["fid"].items() if e.get("real") is not None}  # one value per N
+    notes += [f"FID-{kilo(int(n))} of real images: {e['real_n']} test images against the same training statistics "
+              f"score {e['real']:.2f}, what a perfect generator would at that N." for n, e in sorted(real.items())]
     if any(r["samples_per_s"] is None for r in runs):
         notes.append("samples/s -: diffusion_decay.py times its sampling only while it computes FID.")
     if any(r["mfu"] is None for r in runs):

