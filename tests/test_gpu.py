@@ -29,7 +29,7 @@ import diffusion_decay as DD
 import mae_decay as MAE
 import selfmodel as SM
 import sim_cifar as SIM
-from conftest import _find_data_dir, tiny_cifar10
+from conftest import _find_data_dir, save_fid_standin, tiny_cifar10
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device: tests/test_gpu.py runs only on a GPU machine")
@@ -304,14 +304,20 @@ def test_mae_decay_profile_gpu(cifar, data_dir, tmp_path):
 
 
 def test_diffusion_decay_gpu(cifar, data_dir, tmp_path):
+    """... and its FID path on the device (statistics of real images, sampling, the real-image reference), with a
+    cheap stand-in for the Inception network, so a GPU session learns before its long run that FID works there."""
     out = tmp_path / "diff"
     argv = ["--device", "cuda", "--data-dir", data_dir, "--out", out, "--iters", 4, "--warmup", 2,
-            "--n-train", 2048, "--n-test", 500, "--fid-n", 0, "--grid", 16, "--probe-t", "0.05",
+            "--n-train", 2048, "--n-test", 500, "--fid-n", 64, "--sample-batch", 32, "--grid", 16, "--probe-t", "0.05",
+            "--fid-weights", save_fid_standin(str(tmp_path / "standin.pt")), "--fid-cache", tmp_path / "fid_cache",
             "--probe-epochs", 2, "--log-every", 1, "--ckpt-every", 0]
     kept = run_gpu_then_resume(DD.main, argv, out / "ckpt.pt", 2)
     r = results(out)
-    assert r["config"]["dim"] == 512 and finite(r["metrics"]["best_linear_probe"], r["metrics"]["train_loss"])
+    m = r["metrics"]
+    assert r["config"]["dim"] == 512 and finite(m["best_linear_probe"], m["train_loss"])
     assert os.path.isfile(out / "samples.png")
+    assert finite(m["fid"], m["fid_real"], m["sample_img_per_s"]) and m["fid"] > 0 and m["fid_real"] > 0, m
+    assert m["fid_n"] == m["fid_real_n"] == 64 and len(os.listdir(tmp_path / "fid_cache")) == 2
 
     x0, _ = cifar_batch(cifar, 16, CPU, pm1=True)
     t, noise, _ = DD.step_draws(0, 0, 16, "cpu")
