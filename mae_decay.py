@@ -351,9 +351,12 @@ class MAE(nn.Module):
                  dec_heads=8, pos_embed="sincos", alpha_min=1.0, decay="linear", decay_where="both", skip=True,
                  mask_ratio=0.75, norm_pix_loss=True, in_chans=3):
         super().__init__()
-        self.patch, self.mask_ratio, self.norm_pix_loss, self.skip = patch, mask_ratio, norm_pix_loss, skip
         grid = img_size // patch
         n = grid * grid
+        if img_size % patch or not 1 <= int(n * (1 - mask_ratio)) < n:  # the loss averages over removed patches
+            raise ValueError(f"MAE: img_size {img_size} must be a multiple of patch {patch}, and mask_ratio "
+                             f"{mask_ratio} must keep at least one of the {n} patches and remove one")
+        self.patch, self.mask_ratio, self.norm_pix_loss, self.skip = patch, mask_ratio, norm_pix_loss, skip
         self.patch_embed = nn.Linear(patch * patch * in_chans, dim)  # a stride-p conv, written as a matmul
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         for name, d in (("pos_embed", dim), ("dec_pos_embed", dec_dim)):

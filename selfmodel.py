@@ -290,6 +290,8 @@ class SelfModelNet(nn.Module):
         self.head = nn.Linear(hidden, num_classes)
         self.self_head = nn.Linear(hidden, target_dim) if self_model else None
         self._acts = None  # a list only inside forward(), so classify() and SGLD do not capture
+        if self_model and not getattr(body, "targets", None):
+            raise ValueError("SelfModelNet: body.targets must list the modules whose outputs the network predicts")
         if self_model:
             for m in body.targets:
                 m.register_forward_hook(self._capture)

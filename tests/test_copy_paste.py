@@ -140,6 +140,9 @@ def test_mae_pasted_starts_as_scaled_identities_and_learns():
     prod = math.prod(torch.linspace(1.0, 0.6, 8).tolist())
     torch.testing.assert_close(stack(tokens), prod * tokens)
     torch.testing.assert_close(nn.Sequential(*m.blocks)(tokens), prod * tokens)
+    for bad in (dict(img_size=18), dict(mask_ratio=0.0), dict(mask_ratio=0.99)):  # a loss over no patch: NaN
+        with pytest.raises(ValueError, match="must be a multiple of patch 4, and mask_ratio"):
+            ns["MAE"](**{**dict(img_size=16, patch=4, dim=32, depth=2, heads=2, dec_dim=16, dec_depth=1), **bad})
     imgs, noise = smooth_images(8, 16), torch.rand(8, 16, generator=torch.Generator().manual_seed(1))
     first, last = fit(m, lambda: m(imgs, noise)[0], steps=150)  # one fixed batch and mask: it can memorise
     assert last < 0.5 * first, (first, last)
@@ -187,6 +190,8 @@ def test_selfmodelnet_pasted_widens_a_foreign_body():
     torch.testing.assert_close(net.classify(x), out[:, :3])
     logits, none = ns["SelfModelNet"](Body(), 4, 3, 9, self_model=False)(x)
     assert logits.shape == (7, 3) and none is None
+    with pytest.raises(ValueError, match="body.targets must list the modules"):
+        ns["SelfModelNet"](nn.Sequential(nn.Linear(6, 4), nn.ReLU()), 4, 3, 4, self_model=True)
 
 
 def test_estimate_llc_pasted_is_the_scripts_estimator():
