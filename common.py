@@ -5,6 +5,7 @@ Conventions: accuracies are percentages (0-100); images are uint8 tensors (N, C,
 Data live under one root (`--data-dir`, default $DATA_DIR or ./data), one folder per data set.
 """
 import argparse, atexit, copy, gzip, hashlib, json, math, os, pickle, re, shutil, signal, subprocess, sys, tarfile, time
+import traceback
 from collections import Counter, namedtuple
 from contextlib import nullcontext
 
@@ -27,7 +28,8 @@ def run_main(main):
     """Run `main()`, turning UserError into a one-line message and exit code 2. Under torchrun every rank
     hits the same mistake; only rank 0 says it (one write, so lines never interleave), all exit 2.
 
-    A process that joined a gloo (CPU) process group then leaves through `leave_process`. With the normal
+    A process that joined a gloo (CPU) process group then leaves through `leave_process`, after an uncaught
+    exception too (its traceback printed, exit code 1, as Python's own exit would give). With the normal
     exit, a gloo worker thread may still be dropping the last reference to a finished collective (a barrier
     holding the tensors of earlier all_gathers) while the interpreter finalizes; freeing those Python-owned
     tensors needs the GIL, and a thread that asks for it then is ended by a forced unwind inside a noexcept
@@ -46,6 +48,11 @@ def run_main(main):
         if _rank() == 0:
             sys.stderr.write("interrupted\n")
         code = 130
+    except Exception:
+        if not _gloo_joined:
+            raise
+        traceback.print_exc()  # what the interpreter would print, then its exit code 1, by the same exit
+        code = 1
     if _gloo_joined:
         leave_process(code)
     sys.exit(code)

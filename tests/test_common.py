@@ -433,7 +433,7 @@ LEAVE_SCRIPT = r"""
 import atexit, os, sys
 sys.path.insert(0, os.getcwd())
 import common
-out, fail = sys.argv[1], sys.argv[2] == "fail"
+out, fail = sys.argv[1], sys.argv[2]
 
 
 class Teardown:  # a module global: only the interpreter's own teardown deletes it (builtins gone by then)
@@ -449,32 +449,36 @@ def main():
     atexit.register(lambda: open(os.path.join(out, f"atexit{d.rank}"), "w").close())
     sys.stdout.write(f"rank {d.rank} done")  # no newline, no flush: leave_process must not lose it
     common.cleanup_distributed()
-    if fail:
+    if fail == "user":
         raise common.UserError("bad flag: fix it")
+    if fail == "crash":
+        raise RuntimeError("an uncaught failure")
 
 
 common.run_main(main)
 """
 
 
-@pytest.mark.parametrize("fail", [False, True])
-def test_gloo_ranks_leave_without_interpreter_teardown(tmp_path, fail):
+@pytest.mark.parametrize("fail,code", [("ok", 0), ("user", 2), ("crash", 1)])
+def test_gloo_ranks_leave_without_interpreter_teardown(tmp_path, fail, code):
     """A rank that joined gloo exits through leave_process: its atexit handlers run and its buffered output
-    arrives, the exit code is main's (0, or 2 for a UserError), and the teardown that can abort it is skipped
-    (a global's __del__ never runs). Without torchrun the same script ends the ordinary way."""
+    arrives, the exit code is what Python's own exit would give (0; 2 for a UserError; 1 after an uncaught
+    exception, whose traceback is printed), and the teardown that can abort it is skipped (a global's __del__
+    never runs). Without torchrun the same script ends the ordinary way."""
     script = tmp_path / "leave.py"
     script.write_text(LEAVE_SCRIPT)
-    arg = "fail" if fail else "ok"
-    p = run_script([script, tmp_path, arg], torchrun=2, timeout=180, env={"PYTHONUNBUFFERED": None})
-    assert p.returncode == (1 if fail else 0), p.stderr[-3000:]  # torchrun: 1 when a rank failed
-    assert fail == ("exitcode  : 2" in p.stderr), p.stderr[-3000:]
-    assert ("error: bad flag: fix it" in p.stderr) == fail
+    p = run_script([script, tmp_path, fail], torchrun=2, timeout=180, env={"PYTHONUNBUFFERED": None})
+    assert p.returncode == (1 if code else 0), p.stderr[-3000:]  # torchrun: 1 when a rank failed
+    assert (f"exitcode  : {code}" in p.stderr) == bool(code), p.stderr[-3000:]
+    assert ("error: bad flag: fix it" in p.stderr) == (fail == "user")
+    assert (p.stderr.count("Traceback (most recent call last)") >= 2) == (fail == "crash")  # both ranks'
+    assert ("RuntimeError: an uncaught failure" in p.stderr) == (fail == "crash")
     assert "rank 0 done" in p.stdout and "rank 1 done" in p.stdout
     assert sorted(os.listdir(tmp_path)) == ["atexit0", "atexit1", "leave.py"]
     single = tmp_path / "single"
     single.mkdir()
-    p = run_script([script, single, arg], env={"PYTHONUNBUFFERED": None})
-    assert p.returncode == (2 if fail else 0) and "rank 0 done" in p.stdout
+    p = run_script([script, single, fail], env={"PYTHONUNBUFFERED": None})
+    assert p.returncode == code and "rank 0 done" in p.stdout
     assert sorted(os.listdir(single)) == ["atexit0", "teardown0"]  # no gloo: the ordinary exit, __del__ runs
 
 
