@@ -4,7 +4,7 @@ source, so a dependency on the rest of its script or on common.py is caught even
 and works on models that are not ours: torchvision's ResNet-18 gets rho-SIM, the pasted MAE and U-ViT
 start as the scaled identities of the paper and learn, SelfModelNet widens a foreign body, and the pasted
 RLCT estimator is the script's own."""
-import ast, builtins, copy, math, os, symtable
+import ast, builtins, copy, math, os, re, symtable
 
 import pytest
 import torch
@@ -53,6 +53,13 @@ def paste(script, first, last):
     ns = {"__name__": f"pasted_{script}"}
     exec(compile(HEADER + section(script, first, last), f"<{script}.py, pasted>", "exec"), ns)
     return ns
+
+
+def test_the_readme_names_these_sections():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    part = text.split("## Copying a block into your project")[1].split("\n## ")[0]
+    named = [(s, a, b or a) for s, a, b in re.findall(r"`(\w+)\.py`: `(\w+)`(?: \.\.\. `(\w+)`)?", part)]
+    assert named == UNITS
 
 
 def test_the_dependency_check_sees_what_a_paste_would_miss():
