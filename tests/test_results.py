@@ -246,3 +246,30 @@ def test_readme_widths_table_is_the_committed_json():
         pytest.skip("no hidden-width section in README")
     rows = [r for r in F.widths_markdown(F.by_width(files)).splitlines() if r.startswith("| ")]
     assert len(rows) == 1 + 4 * 4 and [r for r in rows if r not in readme] == []
+
+
+def test_a_published_cell_reproduces_bit_for_bit(data_dir, tmp_path):
+    """The code on main still computes what was published: cell AW 10, seed 0 of results/selfmodel_mnist_h128.json,
+    run from its own command (that one cell: each cell draws from its own (AW, seed)), with the published
+    runs' torch release, one thread and the AVX2 kernels they ran on (README, Determinism), equals the
+    committed values to the JSON's 5 digits, its RLCT trace included. About 45 s."""
+    import platform
+    import shlex
+    import torch
+    from publish import rounded
+    need(data_dir, "mnist", "MNIST", "raw", "t10k-images-idx3-ubyte.gz")
+    pub = json.load(open(os.path.join(ROOT, "results", "selfmodel_mnist_h128.json")))
+    made_with = {v.split("+")[0] for v in pub["torch"].split(", ")}
+    if made_with != {torch.__version__.split("+")[0]}:
+        pytest.skip(f"published with torch {', '.join(sorted(made_with))}; this is {torch.__version__}: other rounding")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the published runs used x86-64 AVX2 kernels")
+    argv = shlex.split(next(c for c in pub["commands"] if " --seed 0 " in c and "--aw 0,10," in c))[1:]
+    argv[argv.index("--aw") + 1], argv[argv.index("--seeds") + 1] = "10", "1"
+    out = tmp_path / "cell"
+    p = run_script(argv + ["--data-dir", data_dir, "--out", out], env={"ATEN_CPU_CAPABILITY": "avx2"}, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    now = json.load(open(out / "results.json"))["metrics"]["runs"]["aw=10,seed=0"]
+    cell = pub["runs"]["aw=10,seed=0"]
+    for k in ("test_acc", "width", "width_out", "width_all", "llc", "final_loss", "steps", "llc_trace"):
+        assert rounded(now[k]) == cell[k], k
