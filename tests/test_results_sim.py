@@ -356,3 +356,20 @@ def test_readme_operation_counts_are_the_committed_profile():
         net = S.build_model(dict(cfg, sim=m))
         got = S.profile_step(net, dict(cfg, sim=m), x, y, torch.device("cpu"), steps=1)
         assert got["ops"] == prof[m]["ops"], m
+
+
+def test_the_published_flop_counts_are_what_the_code_counts():
+    """results/sim_flops.json (the README's FLOPs row and the paper's 16.5% comparison) against the count of
+    the code on main: per image, forward + backward, width 64, both --sim-blocks, to the JSON's 5 digits. A
+    FLOP count depends on no seed, device or batch size (batch 2 here, 512 there)."""
+    pub = json.load(open(os.path.join(ROOT, "results", "sim_flops.json")))
+    assert {r["sim_blocks"] for r in pub["rows"]} == set(S.SIM_BLOCKS)
+    x, y = torch.zeros(2, 3, 32, 32), torch.tensor([0, 1])
+    for row in pub["rows"]:
+        for mode in S.MODES:
+            cfg = dict(sim=mode, rho=row["rho"], latent_dim=row["latent_dim"], width=pub["width"], lam=5e-3,
+                       label_smoothing=0.1, dataset="cifar10", sim_blocks=row["sim_blocks"])
+            with torch.random.fork_rng(devices=[]):  # the initialisation and the token draws leave no trace
+                net = S.build_model(cfg)
+                flops = common.count_flops(lambda: S.training_loss(net, x, y, cfg)[0].backward())
+            assert P.rounded(flops / 2 / 1e9) == row["gflop_per_image"][mode], (row["sim_blocks"], mode)
