@@ -952,6 +952,8 @@ def write_results(out_dir, script, config, metrics, wall_seconds, device, train_
            "train_seconds": None if train_seconds is None else round(train_seconds, 3),
            "git_commit": git_commit(), "torch": torch.__version__,
            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if device.type == "cpu":  # both change the rounding, so a bitwise rerun needs them (README, Determinism)
+        res["cpu"] = {"kernels": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
     return write_json(os.path.join(out_dir, name), res)
 
 

@@ -64,7 +64,7 @@ def from_published(pub):
     return {"script": "selfmodel", "config": pub["config"],
             "metrics": {"runs": pub["runs"], "finished": pub["finished"]}, "device": pub["device"],
             "torch": pub["torch"], "git_commits": pub["git_commits"], "wall_seconds": pub["wall_minutes"] * 60,
-            "commands": pub["commands"], "cpu_model": pub.get("cpu_model")}
+            "commands": pub["commands"], "cpu_model": pub.get("cpu_model"), "cpu_kernels": pub.get("cpu_kernels", [])}
 
 
 def merge(name, dirs):
@@ -109,6 +109,9 @@ def merge(name, dirs):
         "commands": [c for r in res for c in (r["commands"] if "commands" in r else [command_of(r["config"])])],
         "device": res[0]["device"],
         "cpu_model": res[0].get("cpu_model") or cpu_model() if res[0]["device"].startswith("cpu") else None,
+        # the CPU's vector kernels and threads of the runs that recorded them (README, Determinism)
+        "cpu_kernels": sorted({f"{r['cpu']['kernels']}, {r['cpu']['threads']} thread(s)" for r in res if r.get("cpu")}
+                              | {k for r in res for k in r.get("cpu_kernels", [])}),
         # a sweep grown later may span versions: each named once, in order
         "torch": ", ".join(sorted({v for r in res for v in str(r["torch"]).split(", ")})),
         "git_commits": sorted({str(c) for r in res for c in r.get("git_commits", [r.get("git_commit")])}),

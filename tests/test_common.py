@@ -357,6 +357,7 @@ def test_out_dir_and_results(tmp_path):
     r = json.load(open(p))
     assert r["config"] == {"lr": 0.1} and r["metrics"]["acc"] == 91.5 and r["wall_seconds"] == 1.235
     assert r["script"] == "demo" and r["device"].startswith("cpu")
+    assert r["cpu"] == {"kernels": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
 
 
 def test_stop_signal():

@@ -65,7 +65,7 @@ def test_a_published_json_grows_by_later_seeds(split_sweep, tmp_path):
     later["config"].update(llc_grid=[], llc_grid_eps="", llc_grid_gamma="")
     for cell in later["metrics"]["runs"].values():
         cell.pop("llc_grid")
-    later.update(torch="9.9.9", git_commit="abc1234")
+    later.update(torch="9.9.9", git_commit="abc1234", cpu={"kernels": "AVX2", "threads": 1})
     (tmp_path / "later").mkdir()
     common.write_json(str(tmp_path / "later" / "results.json"), later)
     grown = F.merge("grown", [str(pub), str(tmp_path / "later")])
@@ -76,6 +76,8 @@ def test_a_published_json_grows_by_later_seeds(split_sweep, tmp_path):
             assert a[k] == pytest.approx(b[k], rel=1e-4)
     assert grown["commands"] == direct["commands"] and "abc1234" in grown["git_commits"]
     assert grown["torch"].endswith(", 9.9.9") and grown["torch"].count(",") == 1
+    first = json.load(open(os.path.join(outs[0], "results.json")))["cpu"]  # this machine's, recorded by the run
+    assert grown["cpu_kernels"] == sorted({f"{first['kernels']}, {first['threads']} thread(s)", "AVX2, 1 thread(s)"})
     with pytest.raises(common.UserError, match="two runs"):  # the published cells are not counted twice
         F.merge("twice", [str(pub), outs[0]])
     later["device"] = "cuda (NVIDIA H200)"
