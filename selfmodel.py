@@ -461,8 +461,9 @@ def estimate_llc(model, loss_fn, loader, *, eps, gamma, nbeta, num_chains, num_d
         for t in range(num_draws):
             x, y = next(it)
             # the default layout: a channels_last batch makes cuDNN's BatchNorm clone to channels_last, which
-            # vmap refuses (seen on an H200, torch 2.11); the chains' weights are already contiguous copies
-            x = x.contiguous()
+            # vmap refuses (seen on an H200, torch 2.11); the chains' weights are already contiguous copies.
+            # A text batch, (tokens, offsets), passes as it is
+            x = x.contiguous() if torch.is_tensor(x) else x
             parts, loss = gradients(x, y)
             with torch.no_grad():
                 losses.append(loss.float())

@@ -283,6 +283,18 @@ def imdb_sweep(data_dir, tmp_path_factory):
     return sweep(["--task", "imdb", "--smoke", "--data-dir", data_dir], tmp_path_factory.mktemp("imdb"))
 
 
+def test_imdb_runs_end_to_end_with_its_rlct(data_dir, tmp_path):
+    """`python selfmodel.py --task imdb --smoke` to its results: training, and the RLCT on text batches,
+    (tokens, offsets) pairs, which the SGLD loop once tried to make contiguous like an image batch (every IMDB
+    cell then failed at its RLCT, after training: seen on a 500-epoch cell)."""
+    need(data_dir, "imdb")
+    out = tmp_path / "imdb"
+    p = run_script(["selfmodel.py", "--task", "imdb", "--smoke", "--data-dir", data_dir, "--out", out], timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    runs = json.load(open(out / "results.json"))["metrics"]["runs"]
+    assert len(runs) == 2 and all(math.isfinite(r["llc"]) and r["llc_trace"]["loss_trace"] for r in runs.values())
+
+
 def test_imdb_tokens_batches_and_model_on_real_reviews(imdb_sweep):
     sw = imdb_sweep
     seqs, labels = sw.data.train_xy
