@@ -81,6 +81,23 @@ def run_script(args, *, env=None, timeout=300, torchrun=0):
 PNG = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
 
 
+def tiny_cifar100(root, n_train=400, n_test=200):
+    """A CIFAR-100 folder (train / test pickles with fine and coarse labels) of generated images, a colour per
+    class plus noise: the data set is not on this machine, its code path is tested on this."""
+    import pickle
+    import numpy as np
+    rng = np.random.default_rng(1)
+    folder = root / "cifar100" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    colours = rng.integers(0, 256, (100, 3, 1, 1))
+    for split, n in (("train", n_train), ("test", n_test)):
+        y = rng.integers(0, 100, n)
+        x = np.clip(colours[y] + rng.normal(0, 60, (n, 3, 32, 32)), 0, 255).astype(np.uint8)
+        with open(folder / split, "wb") as fh:
+            pickle.dump({b"data": x.reshape(n, -1), b"fine_labels": y.tolist(), b"coarse_labels": (y // 5).tolist()}, fh)
+    return str(root)
+
+
 def tiny_cifar10(root, n_train=320, n_test=128):
     """A CIFAR-10 folder in the original pickle format, of n_train + n_test generated images (a colour per class
     plus noise): what the smoke runs read, without the real data set and its seconds of loading."""

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import common
 import diffusion_decay as dd
-from conftest import assert_clean_error, need, randomize, run_script, save_fid_standin
+from conftest import assert_clean_error, need, randomize, run_script, save_fid_standin, tiny_cifar100
 
 
 TINY = dict(patch=4, dim=32, depth=5, heads=2, mlp_ratio=2.0, dataset="cifar10", cond=False, alpha_min=0.7)
@@ -526,3 +526,23 @@ def test_main_reports_fid_with_weights_file(data_dir, tmp_path):
         dd.frechet_distance(*stats(x_test[:6]), *stats(x_train[:32])), rel=1e-9)
     assert 0 < m["fid_real"] < m["fid"]  # real images beat two training steps
     assert dd.main(args + ["--resume"])["fid"] == m["fid"]  # finished run: eval only, from the cached statistics
+
+
+def test_cifar100_class_conditional_run_with_guided_fid(tmp_path):
+    """The paper's data set (CIFAR-100, generated here: it is not on this machine) with the class-conditional
+    model: training drops labels to the null class 100, samples and FID use guidance 1.5 (two NFE a step),
+    the probe feeds the null class; every number finite and the classes the data set's."""
+    data = tiny_cifar100(tmp_path)
+    weights = save_fid_standin(str(tmp_path / "standin.pt"))
+    out = tmp_path / "run"
+    p = run_script(["diffusion_decay.py", "--smoke", "--data-dir", data, "--dataset", "cifar100", "--cond",
+                    "--cfg-scale", "1.5", "--fid-n", 16, "--fid-weights", weights, "--fid-cache", tmp_path / "fc",
+                    "--no-download", "--out", out])
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.load(open(out / "results.json"))
+    m = r["metrics"]
+    assert r["config"]["dataset"] == "cifar100" and r["config"]["cond"]
+    assert math.isfinite(m["fid"]) and m["fid_real_n"] == 16 and m["sample_nfe"] == 2 * (4 + 1)
+    assert all(math.isfinite(v["linear_probe"]) and math.isfinite(v["knn"]) for v in m["probe"].values())
+    ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert ck["ema"]["label_emb.weight"].shape[0] == 101  # 100 classes and the null class

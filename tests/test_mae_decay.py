@@ -9,7 +9,7 @@ import torch
 
 import common
 import mae_decay as M
-from conftest import assert_clean_error, need, randomize, run_script, tiny_cifar10
+from conftest import assert_clean_error, need, randomize, run_script, tiny_cifar10, tiny_cifar100
 
 TINY = dict(img_size=32, patch=8, dim=32, depth=4, heads=2, mlp_ratio=4.0, dec_dim=16, dec_depth=2, dec_heads=2,
             pos_embed="sincos", alpha_min=0.6, decay="linear", decay_where="both", skip=True, mask_ratio=0.75,
@@ -375,6 +375,17 @@ def test_imagenet100_folder_path(data_dir, tmp_path):
     m = json.load(open(out / "results.json"))["metrics"]
     assert m["steps"] == 4 and m["final"]["n_train"] == 32 and m["final"]["n_test"] == 8
     assert math.isfinite(m["final"]["knn"]) and os.path.exists(out / "reconstructions.png")
+
+
+def test_cifar100_path(tmp_path):
+    """--dataset cifar100 (generated: not on this machine) trains and evaluates on its 100 classes."""
+    out = tmp_path / "out"
+    run_inproc(["--smoke", "--dataset", "cifar100", "--data-dir", tiny_cifar100(tmp_path), "--out", out,
+                "--epochs", 1, "--no-download"])
+    r = json.load(open(out / "results.json"))
+    m = r["metrics"]["final"]
+    assert r["config"]["dataset"] == "cifar100" and m["n_test"] == 128 and m["n_train"] == 256  # the smoke subsets
+    assert all(math.isfinite(m[k]) and math.isfinite(m["mean"][k]) for k in ("linear_probe", "knn", "erank"))
 
 # ---------------------------------------------------------------------------------------------------- issue 8
 
