@@ -304,8 +304,9 @@ def test_mae_decay_profile_gpu(cifar, data_dir, tmp_path):
 
 
 def test_diffusion_decay_gpu(cifar, data_dir, tmp_path):
-    """... and its FID path on the device (statistics of real images, sampling, the real-image reference), with a
-    cheap stand-in for the Inception network, so a GPU session learns before its long run that FID works there."""
+    """The U-ViT as the module docstring says, and its FID path on the device too (statistics of real images,
+    sampling, the real-image reference) with a cheap stand-in for the Inception network: a GPU session learns
+    before its long run that FID works there."""
     out = tmp_path / "diff"
     argv = ["--device", "cuda", "--data-dir", data_dir, "--out", out, "--iters", 4, "--warmup", 2,
             "--n-train", 2048, "--n-test", 500, "--fid-n", 64, "--sample-batch", 32, "--grid", 16, "--probe-t", "0.05",
