@@ -250,6 +250,11 @@ def test_readme_widths_table_is_the_committed_json():
     assert len(rows) == 1 + 4 * 4 and [r for r in rows if r not in readme] == []
 
 
+# ATen's and MKL's AVX2 kernels (MKL_CBWR: the same results on any AVX2 processor, Intel or AMD); run_script
+# adds the one thread
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+
+
 def test_a_published_cell_reproduces_bit_for_bit(data_dir, tmp_path):
     """The code on main still computes what was published: cell AW 10, seed 0 of results/selfmodel_mnist_h128.json,
     run from its own command (that one cell: each cell draws from its own (AW, seed)), with the published
@@ -269,7 +274,7 @@ def test_a_published_cell_reproduces_bit_for_bit(data_dir, tmp_path):
     argv = shlex.split(next(c for c in pub["commands"] if " --seed 0 " in c and "--aw 0,10," in c))[1:]
     argv[argv.index("--aw") + 1], argv[argv.index("--seeds") + 1] = "10", "1"
     out = tmp_path / "cell"
-    p = run_script(argv + ["--data-dir", data_dir, "--out", out], env={"ATEN_CPU_CAPABILITY": "avx2"}, timeout=600)
+    p = run_script(argv + ["--data-dir", data_dir, "--out", out], env=AVX2, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     now = json.load(open(out / "results.json"))["metrics"]["runs"]["aw=10,seed=0"]
     cell = pub["runs"]["aw=10,seed=0"]
