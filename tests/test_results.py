@@ -250,9 +250,9 @@ def test_readme_widths_table_is_the_committed_json():
     assert len(rows) == 1 + 4 * 4 and [r for r in rows if r not in readme] == []
 
 
-# ATen's and MKL's AVX2 kernels (MKL_CBWR: the same results on any AVX2 processor, Intel or AMD); run_script
-# adds the one thread
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+# ATen's, MKL's and oneDNN's AVX2 kernels (MKL_CBWR: the same results on any AVX2 processor, Intel or AMD);
+# run_script adds the one thread
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def test_a_published_cell_reproduces_bit_for_bit(data_dir, tmp_path):
