@@ -197,7 +197,7 @@ def validate(a):
     c(a.patch >= 1 and a.img_size >= a.patch and a.img_size % a.patch == 0,
       f"--img-size {a.img_size} is not divisible by --patch {a.patch}: pick sizes with img_size % patch == 0")
     n = (a.img_size // a.patch) ** 2
-    keep = int(n * (1 - a.mask_ratio))
+    keep = n_visible(n, a.mask_ratio)
     c(1 <= keep < n, f"--mask-ratio {a.mask_ratio} keeps {keep} of {n} patches: at least one must stay and one go")
     for name, width, heads in (("", a.dim, a.heads), ("dec-", a.dec_dim, a.dec_heads)):
         c(width >= 1 and heads >= 1 and width % heads == 0,
@@ -282,11 +282,16 @@ def unpatchify(x, p, c=3):
     return x.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
 
 
+def n_visible(n, mask_ratio):
+    """How many of n patches the encoder sees."""
+    return int(n * (1 - mask_ratio))
+
+
 def random_masking(x, noise, mask_ratio):
-    """Keep the int(N*(1-ratio)) tokens with the smallest noise. Returns the kept tokens (in shuffled order),
+    """Keep the n_visible tokens with the smallest noise. Returns the kept tokens (in shuffled order),
     the mask (B, N; 1 = removed, in the original order) and ids_restore, which undoes the shuffle."""
     b, n, d = x.shape
-    keep = int(n * (1 - mask_ratio))
+    keep = n_visible(n, mask_ratio)
     ids_shuffle = noise.argsort(dim=1)
     ids_restore = ids_shuffle.argsort(dim=1)
     x_vis = x.gather(1, ids_shuffle[:, :keep, None].expand(-1, -1, d))
@@ -353,7 +358,7 @@ class MAE(nn.Module):
         super().__init__()
         grid = img_size // patch
         n = grid * grid
-        if img_size % patch or not 1 <= int(n * (1 - mask_ratio)) < n:  # the loss averages over removed patches
+        if img_size % patch or not 1 <= n_visible(n, mask_ratio) < n:  # the loss averages over removed patches
             raise ValueError(f"MAE: img_size {img_size} must be a multiple of patch {patch}, and mask_ratio "
                              f"{mask_ratio} must keep at least one of the {n} patches and remove one")
         self.patch, self.mask_ratio, self.norm_pix_loss, self.skip = patch, mask_ratio, norm_pix_loss, skip

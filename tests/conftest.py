@@ -81,41 +81,35 @@ def run_script(args, *, env=None, timeout=300, torchrun=0):
 PNG = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
 
 
-def tiny_cifar100(root, n_train=400, n_test=200):
-    """A CIFAR-100 folder (train / test pickles with fine and coarse labels) of generated images, a colour per
-    class plus noise: the data set is not on this machine, its code path is tested on this."""
+def _tiny_cifar(folder, classes, files, labels, seed):
+    """Pickles in CIFAR's format of generated images, a colour per class plus noise: `files` [(name, n)],
+    `labels(y)` the label entries of a file."""
     import pickle
     import numpy as np
-    rng = np.random.default_rng(1)
-    folder = root / "cifar100" / "cifar-100-python"
+    rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
-    colours = rng.integers(0, 256, (100, 3, 1, 1))
-    for split, n in (("train", n_train), ("test", n_test)):
-        y = rng.integers(0, 100, n)
+    colours = rng.integers(0, 256, (classes, 3, 1, 1))
+    for name, n in files:
+        y = rng.integers(0, classes, n)
         x = np.clip(colours[y] + rng.normal(0, 60, (n, 3, 32, 32)), 0, 255).astype(np.uint8)
-        with open(folder / split, "wb") as fh:
-            pickle.dump({b"data": x.reshape(n, -1), b"fine_labels": y.tolist(), b"coarse_labels": (y // 5).tolist()}, fh)
+        with open(folder / name, "wb") as fh:
+            pickle.dump({b"data": x.reshape(n, -1), **labels(y)}, fh)
+
+
+def tiny_cifar100(root, n_train=400, n_test=200):
+    """A CIFAR-100 folder (train / test pickles with fine and coarse labels) of generated images: the data set
+    is not on this machine, its code path is tested on this."""
+    _tiny_cifar(root / "cifar100" / "cifar-100-python", 100, [("train", n_train), ("test", n_test)],
+                lambda y: {b"fine_labels": y.tolist(), b"coarse_labels": (y // 5).tolist()}, seed=1)
     return str(root)
 
 
 def tiny_cifar10(root, n_train=320, n_test=128):
-    """A CIFAR-10 folder in the original pickle format, of n_train + n_test generated images (a colour per class
-    plus noise): what the smoke runs read, without the real data set and its seconds of loading."""
-    import pickle
-    import numpy as np
-    rng = np.random.default_rng(0)
-    folder = root / "cifar10" / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    colours = rng.integers(0, 256, (10, 3, 1, 1))
-
-    def batch(name, n):
-        y = rng.integers(0, 10, n)
-        x = np.clip(colours[y] + rng.normal(0, 60, (n, 3, 32, 32)), 0, 255).astype(np.uint8)
-        with open(folder / name, "wb") as fh:
-            pickle.dump({b"data": x.reshape(n, -1), b"labels": y.tolist()}, fh)
-    for i in range(1, 6):
-        batch(f"data_batch_{i}", n_train // 5)
-    batch("test_batch", n_test)
+    """A CIFAR-10 folder in the original pickle format, of n_train + n_test generated images: what the smoke
+    runs read, without the real data set and its seconds of loading."""
+    _tiny_cifar(root / "cifar10" / "cifar-10-batches-py", 10,
+                [(f"data_batch_{i}", n_train // 5) for i in range(1, 6)] + [("test_batch", n_test)],
+                lambda y: {b"labels": y.tolist()}, seed=0)
     return str(root)
 
 
