@@ -282,10 +282,11 @@ def decay_schedule(depth, alpha_min):
 
 
 def timestep_embedding(t, dim):
-    """Sinusoidal embedding of 1000 t (t in [0, 1]), as for a 1000-step discrete model."""
+    """Sinusoidal embedding of 999 t (t in [0, 1]): U-ViT's continuous-time model feeds its network t * 999,
+    the last index of a 1000-step discrete model. [cos | sin] of 999 t / 10000^(i / half), i < half = dim // 2."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]
+    args = 999.0 * t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
     return F.pad(emb, (0, dim % 2))
 
@@ -529,6 +530,12 @@ def generate(model, cfg, indices, steps, cfg_scale=1.0, seed=0, device="cpu", so
         y = torch.as_tensor(list(indices), device=device) % null
     x = dpm_solver(guided_eps(model, y, cfg_scale, null), x, steps, order=1 if solver == "ddim" else 2,
                    t_end=cfg.get("t_end", T_SAMPLE_END), denoise=cfg.get("denoise", True))
+    return to_uint8(x)
+
+
+def to_uint8(x):
+    """Images in [-1, 1] (clamped) -> uint8, each value rounded to the nearest of the 256 levels (truncation
+    would shift every image down by half a level)."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 # ----------------------------------------------------------------------------------------------------

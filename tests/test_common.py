@@ -284,6 +284,39 @@ def test_knn_hand_case():
     te, tey = torch.tensor([[1.0, 0.0]]), torch.tensor([1])
     assert common.knn_accuracy(tr, ty, te, tey, k=3, T=1.0) == 100.0
     assert common.knn_accuracy(tr, ty, te, tey, k=3, T=0.1) == 0.0
+    # cosine similarity: a neighbour's length does not count (a dot product would make the class-0 row,
+    # shrunk to length 0.1, the farthest of the three, and class 1 would win at T = 0.1)
+    short = tr * torch.tensor([[0.1], [1.0], [1.0]])
+    assert common.knn_accuracy(short, ty, te * 5, tey, k=3, T=0.1) == 0.0
+
+
+def test_linear_probe_follows_the_mae_protocol(monkeypatch):
+    """What the probe trains and how: only a Linear layer's weight and bias (BatchNorm without affine
+    parameters in front), SGD momentum 0.9 at the given lr and weight decay, the lr falling along a half cosine
+    to 0 over every step of every epoch."""
+    seen = {"lrs": []}
+
+    class Recording(torch.optim.SGD):
+        def __init__(self, params, **kw):
+            params = list(params)
+            seen["shapes"], seen["kw"] = sorted(tuple(p.shape) for p in params), kw
+            super().__init__(params, **kw)
+
+        def step(self, closure=None):
+            seen["lrs"].append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(common.torch.optim, "SGD", Recording)
+    tr_f, tr_y = _clusters(300)
+    te_f, te_y = _clusters(100, seed=1)
+    acc = common.linear_probe(tr_f, tr_y, te_f, te_y, epochs=4, lr=0.2, batch_size=64, wd=1e-4)
+    assert acc > 90
+    d, c = tr_f.shape[1], int(tr_y.max()) + 1
+    assert seen["shapes"] == sorted([(c, d), (c,)])  # no BatchNorm weight or bias
+    assert seen["kw"] == {"lr": 0.2, "momentum": 0.9, "weight_decay": 1e-4}
+    steps = 4 * math.ceil(300 / 64)  # the last batch of 300 / 64 has 44 rows: every batch steps
+    assert len(seen["lrs"]) == steps
+    assert seen["lrs"] == pytest.approx([0.2 * 0.5 * (1 + math.cos(math.pi * s / steps)) for s in range(steps)])
 
 
 def test_evaluate_features_is_deterministic():
@@ -552,6 +585,10 @@ def test_spearman_with_ties_and_its_permutation_p():
     _, p = common.spearman(range(40), torch.randn(40, generator=g).tolist())
     assert p > 0.05  # noise: no trend found
     assert common.spearman([1, 2, 3], [5, 5, 5]) == (None, None)
+    # p = (hits + 1) / (P + 1): never 0; for a perfect trend over 10 values (2 of 10! orders reach |rho| = 1)
+    # no shuffle hits, so p is the floor 1 / (P + 1)
+    rho, p = common.spearman(range(10), range(10), permutations=999)
+    assert rho == pytest.approx(1.0) and p == 1 / 1000
 
 
 def test_hms():

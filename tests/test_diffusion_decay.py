@@ -157,6 +157,33 @@ def test_denoise_and_lower_order_final_step():
         assert torch.allclose(xt, ddim, rtol=1e-12, atol=1e-12) == first_order_last, steps
 
 
+def test_timestep_embedding_by_hand():
+    """U-ViT's time token: [cos | sin] of 999 t / 10000^(i / half), zero-padded to an odd width."""
+    t = torch.tensor([0.25, 1.0])
+    e = dd.timestep_embedding(t, 7)
+    assert e.shape == (2, 7) and (e[:, 6] == 0).all()
+    for r, tv in enumerate(t.tolist()):
+        args = [999 * tv / 10000 ** (i / 3) for i in range(3)]
+        ref = [math.cos(a) for a in args] + [math.sin(a) for a in args]
+        assert e[r, :6].tolist() == pytest.approx(ref, abs=2e-4)  # float32 arguments up to 999
+
+
+def test_ema_and_sample_quantisation_by_hand():
+    ema, model = torch.nn.Linear(2, 1).requires_grad_(False), torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.fill_(0.0)
+        for p in model.parameters():
+            p.fill_(1.0)
+    dd.ema_update(ema, model, 0.9)  # ema <- 0.9 ema + 0.1 model
+    assert all(torch.allclose(p, torch.full_like(p, 0.1)) for p in ema.parameters())
+    dd.ema_update(ema, model, 0.9)
+    assert all(torch.allclose(p, torch.full_like(p, 0.19)) for p in ema.parameters())
+    # [-1, 1] -> 0..255, nearest level: 1.6 / 127.5 above -1 is level 2 (truncation: 1); out of range clamps
+    x = torch.tensor([-1.0, -1 + 1.6 / 127.5, 0.0, 1.0, 1.7, -3.0])
+    assert dd.to_uint8(x).tolist() == [0, 2, 128, 255, 255, 0]
+
+
 def test_step_draws_split_by_rank_like_one_process():
     t, n, d = dd.step_draws(3, 7, 8, "cpu")
     for r in range(2):

@@ -131,6 +131,51 @@ def test_plain_residual_is_a_standard_prenorm_block(decay, amin):
         assert not torch.allclose(ref, x, atol=1e-3)  # the branches do contribute
 
 
+@pytest.mark.parametrize("decay", ["linear", "scale-branch", "scale-both"])
+def test_decayed_block_scales_the_shortcut_not_the_branch(decay):
+    """x <- a_att x + b_att attn(LN(x)); x <- a_mlp x + b_mlp mlp(LN(x)) with trained (non-zero) branches; the
+    linear decay leaves the branches unscaled (b = 1), which scaling the block's sum would not."""
+    model = randomize(tiny(decay=decay, alpha_min=0.4))
+    x = torch.randn(3, 5, 32)
+    for blk in model.blocks:
+        h = blk.a_att * x + blk.b_att * blk.attn(blk.norm1(x))
+        assert torch.allclose(blk(x), blk.a_mlp * h + blk.b_mlp * blk.mlp(blk.norm2(h)), rtol=1e-5, atol=1e-6)
+    last = model.blocks[-1]
+    assert (last.a_att, last.a_mlp, last.b_att, last.b_mlp) != (1.0,) * 4 and not torch.allclose(last(x), x, atol=1e-3)
+
+
+def test_patches_round_trip_and_the_loss_counts_removed_patches_only():
+    """patchify / unpatchify invert each other (row-major patches, (row, col, channel) inside); the target is
+    each patch standardised (unbiased variance + 1e-6 under the root, official MAE's); the loss is the mean
+    squared error over the removed patches alone."""
+    imgs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    p = M.patchify(imgs, 8)
+    assert p.shape == (2, 16, 192) and torch.equal(M.unpatchify(p, 8), imgs)
+    assert torch.equal(p[1, 5], imgs[1, :, 8:16, 8:16].permute(1, 2, 0).reshape(-1))  # patch (1, 1)
+    flat = torch.zeros(1, 3, 32, 32)
+    flat[0, 0, 0, 0] = 2.0 ** -10  # a nearly flat patch (variance 5e-9): the 1e-6 inside the root matters
+    t = tiny().target(flat)[0, 0]
+    v = flat[0, :, :8, :8].permute(1, 2, 0).reshape(-1).double()
+    assert torch.allclose(t.double(), (v - v.mean()) / (v.var() + 1e-6).sqrt(), rtol=1e-4, atol=1e-5)
+    model = randomize(tiny(), 0.2)
+    noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(3))
+    loss, pred, mask = model(imgs, noise)
+    err = ((pred - model.target(imgs)) ** 2).mean(-1)
+    assert mask.sum() == 2 * 12 and loss.item() == pytest.approx((err[mask == 1]).mean().item(), rel=1e-6)
+    assert abs(err[mask == 1].mean() - err.mean()) > 1e-5 * err.mean()  # with the visible ones it would differ
+
+
+def test_cls_token_gets_position_zero():
+    """The cls token enters with the pos-embed's row 0: zero in the sincos table, a learned row otherwise."""
+    for pos in ("sincos", "learned"):
+        model = tiny(pos_embed=pos)
+        imgs = torch.randn(2, 3, 32, 32)
+        before = model.encode(imgs)[1][0][:, 0]
+        with torch.no_grad():
+            model.pos_embed[:, 0] += 1.0
+        assert not torch.allclose(model.encode(imgs)[1][0][:, 0], before)
+
+
 def test_init_every_encoder_block_is_its_scaled_identity():
     model = tiny(alpha_min=0.6)
     s = M.decay_schedule(4, 0.6)

@@ -164,6 +164,15 @@ def test_llc_diagnostics_by_hand():
     d = S.llc_diagnostics(ramp, L0, nbeta=10.0)  # nbeta x the rise across draws 100..199 of a 1/199 slope
     assert d["drift"] == pytest.approx(10 * 99 / 199) and d["noise"] == 0 and not d["flat"]
     assert S.llc_diagnostics(ramp[:, :1], L0, nbeta=10.0)["flat"] is None  # one chain: no spread to test against
+    # four chains rising by 1, 1, 2 and 6 across the second half: mean 2.5, standard error 1.19, t = 2.10;
+    # below Student t's 3.18 for 3 degrees of freedom (flat), above the normal 1.96 (it would read "moving")
+    xs = torch.arange(4, dtype=torch.float64) - 1.5
+    four = torch.cat([torch.full((4, 4), 2.0, dtype=torch.float64),
+                      5.0 + xs[:, None] * torch.tensor([1.0, 1.0, 2.0, 6.0], dtype=torch.float64) / 3])
+    four[:3, 0] = torch.tensor([0.0, 0.0, -0.1], dtype=torch.float64)  # two draws at L(w*), one below
+    d = S.llc_diagnostics(four, torch.zeros(8, dtype=torch.float64), nbeta=1.0)
+    assert d["drift"] == pytest.approx(2.5) and d["noise"] == pytest.approx(math.sqrt(17 / 3) / 2)
+    assert d["flat"] and d["frac_below_init"] == 1 / 32  # strictly below counts; equal does not
 
 
 def test_summary_has_student_t_intervals_and_a_rank_trend():

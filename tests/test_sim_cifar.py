@@ -105,6 +105,40 @@ def test_rho_loss_matches_hand_computation(stride):
     assert loss.item() == pytest.approx(hand_distance(zy.detach(), zx.detach()), rel=1e-5)
 
 
+def test_only_the_prediction_side_trains_the_projection():
+    """zx = P(x) is a target: P learns from zy = Q(P(pre(y))) alone. Its gradient equals the hand loss's with
+    zx a constant, and differs from the one a P(x) with gradient would add."""
+    net = wrapped(S.BasicBlock(8, 8, 1))
+    sim = net[0]
+    x = torch.randn(2, 8, 16, 16)
+    torch.manual_seed(5)
+    y = net(x)
+    P = list(sim.proj.parameters())
+    ours = torch.autograd.grad(sim.loss, P, retain_graph=True)
+    n, k = 256, int(0.2 * 256)
+    torch.manual_seed(5)
+    idx = torch.randperm(n)[:k]
+    xt = x.permute(0, 2, 3, 1).reshape(2, n, 8)[:, idx]
+    yt = y.detach().permute(0, 2, 3, 1).reshape(2, n, 8)[:, idx]
+    zy = sim.pred(sim.proj(sim.pre(yt)))
+    const = torch.autograd.grad(S.normalized_distance(zy, sim.proj(xt).detach()), P, retain_graph=True)
+    both = torch.autograd.grad(S.normalized_distance(zy, sim.proj(xt)), P)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(ours, const))
+    assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(ours, both))
+
+
+def test_sim_loss_is_the_mean_over_blocks_and_clears_them():
+    torch.manual_seed(0)
+    net = S.add_sim(nn.Sequential(S.BasicBlock(8, 8, 1), S.BasicBlock(8, 16, 2), S.BasicBlock(16, 16, 1)),
+                    S.BasicBlock, torch.zeros(2, 8, 16, 16), "rho", 0.2, 16)
+    net(torch.randn(2, 8, 16, 16))
+    each = [m.loss.item() for m in net.modules() if isinstance(m, S.SIM)]
+    assert len(each) == 3 and len(set(each)) == 3
+    assert S.sim_loss(net).item() == pytest.approx(sum(each) / 3, rel=1e-6)
+    assert all(m.loss is None for m in net.modules() if isinstance(m, S.SIM))
+    assert S.sim_loss(net).item() == 0.0  # nothing left from the step before
+
+
 def test_token_take_is_indexing_with_a_copying_backward():
     """_TakeTokens (rho-SIM's gather of the kept tokens): the forward is t[:, idx]; the backward, a copy per
     kept token instead of autograd's accumulating scatter, gives the same gradient for distinct ids (the
