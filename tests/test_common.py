@@ -224,6 +224,17 @@ def test_batches_crop_and_flip_are_real_augmentations():
         shifted += hits[0][:2] != (2, 2)
         flipped += hits[0][2]
     assert shifted > n // 2 and 10 < flipped < n - 10
+    # offsets 0..2p inclusive: the crop reaches a full `pad` pixels of border on every side
+    dy, dx, _ = b._draw(4096, torch.Generator().manual_seed(0))
+    assert set(dy.tolist()) == set(dx.tolist()) == set(range(5))
+
+
+def test_peak_flops_table(monkeypatch):
+    """Dense bf16 peaks (MFU's denominator): the H200 has the H100 SXM's tensor cores; unknown devices get None."""
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                       ("NVIDIA L4", 121e12), ("NVIDIA GeForce RTX 4090", 165e12), ("cpu (2 cores)", None)):
+        monkeypatch.setattr(common, "device_name", lambda device, name=name: name)
+        assert common.peak_flops(torch.device("cpu")) == peak, name
 
 
 def test_batches_eval_keeps_order_and_last_batch():

@@ -184,12 +184,51 @@ def test_ema_and_sample_quantisation_by_hand():
     assert dd.to_uint8(x).tolist() == [0, 2, 128, 255, 255, 0]
 
 
+class Recorder(torch.nn.Module):
+    """A stand-in network that predicts eps = 0 and records what it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, y=None, feature_layers=None):
+        self.calls.append((x.detach().clone(), t, y))
+        if feature_layers:
+            return {l: x.flatten(1)[:, :4] for l in feature_layers}
+        return torch.zeros_like(x)
+
+
+def test_sample_noise_classes_and_probe_inputs():
+    """x_T of sample i depends on (seed, i) alone; a conditional model's sample i gets class i % C; probes
+    see the data-set-normalised images mapped back to [-1, 1] and then noised to level t."""
+    a = dd.initial_noise(range(6), seed=3)
+    assert torch.equal(dd.initial_noise([4, 1], seed=3), a[[4, 1]]) and not torch.equal(a[0], a[1])
+    assert not torch.equal(dd.initial_noise([0], seed=4)[0], a[0])
+    rec = Recorder()
+    cfg = dict(TINY, cond=True, dataset="cifar100")
+    dd.generate(rec, cfg, [98, 99, 100, 101], steps=2)
+    assert all(torch.equal(y, torch.tensor([98, 99, 0, 1])) for _, _, y in rec.calls)
+    rec = Recorder()
+    mean, std = common.DATASET_STATS["cifar10"]
+    raw = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # images in [0, 1]
+    x = (raw - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    g = torch.Generator().manual_seed(5)
+    dd.probe_features(rec, x, dict(TINY, probe_t=[0.3]), [1], generator=g)
+    xt, t, _ = rec.calls[0]
+    al, sg = dd.vp_alpha_sigma(torch.tensor(0.3))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(t, torch.full((2,), 0.3))
+    assert torch.allclose(xt, al * (2 * raw - 1) + sg * noise, atol=1e-5)
+
+
 def test_step_draws_split_by_rank_like_one_process():
     t, n, d = dd.step_draws(3, 7, 8, "cpu")
     for r in range(2):
         tr, nr, dr = dd.step_draws(3, 7, 8, "cpu", rank=r, world=2)
         assert torch.equal(tr, t[r::2]) and torch.equal(nr, n[r::2]) and torch.equal(dr, d[r::2])
     assert not torch.equal(dd.step_draws(3, 8, 8, "cpu")[1], n) and (t >= dd.T_TRAIN_MIN).all() and (t <= 1).all()
+    u = dd.step_draws(0, 0, 4096, "cpu")[0]  # uniform on [T_TRAIN_MIN, 1]: every noise level is trained
+    assert u.min() < 0.01 and u.max() > 0.99 and abs(u.mean().item() - 0.5) < 0.02
     # DDP averages per-rank gradients: the mean of the two half-batch losses/gradients equals the full batch
     model = randomize(tiny())
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
@@ -333,6 +372,16 @@ def test_short_training_lowers_denoising_loss(data_dir):
     assert after < 0.75 * before
 
 # ---------------------------------------------------------------------------------------------- FID pipeline
+
+
+def test_fid_input_is_bilinear_resized_and_centred():
+    """32 px -> 299 px bilinear (half-pixel, as pytorch-fid), then (x - 128) / 128: a black | white pair of
+    pixels meets in a ramp through mid-grey, not a hard edge."""
+    img = torch.tensor([[[[0.0, 255.0]]]]).expand(1, 3, 1, 2)
+    x = dd.fid_preprocess(img)
+    assert x.shape == (1, 3, 299, 299) and x.min() == -1.0 and x.max() == pytest.approx(127 / 128)
+    mid = x[0, 0, 0, 149].item()
+    assert mid == pytest.approx((127.5 - 128) / 128, abs=0.01)
 
 
 def test_fid_pipeline_end_to_end(data_dir, tmp_path):

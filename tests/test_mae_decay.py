@@ -176,6 +176,15 @@ def test_cls_token_gets_position_zero():
         assert not torch.allclose(model.encode(imgs)[1][0][:, 0], before)
 
 
+def test_lr_scales_with_the_batch_warms_up_and_decays():
+    """MAE's rule lr = blr * batch / 256, per-iteration linear warm-up over warmup_epochs, then a half cosine."""
+    a = M.parse_args(["--smoke", "--blr", "1.5e-4", "--batch-size", "512", "--warmup-epochs", "1", "--epochs", "3"])
+    peak = 1.5e-4 * 2
+    assert [M.lr_at(s, a, 4) for s in range(4)] == pytest.approx([peak * k / 4 for k in (1, 2, 3, 4)])
+    assert [M.lr_at(s, a, 4) for s in range(4, 12)] == pytest.approx(
+        [peak * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])
+
+
 def test_init_every_encoder_block_is_its_scaled_identity():
     model = tiny(alpha_min=0.6)
     s = M.decay_schedule(4, 0.6)
@@ -237,6 +246,23 @@ def test_feature_kinds_cls_after_norm_and_mean_of_raw_tokens():
     assert list(one) == [4] and torch.equal(one[4], f[("mean", 4)])
     with pytest.raises(common.UserError, match="feature"):
         M.probe_features(model, x, cfg, [4], feature="avg")
+
+
+def test_eval_raw_norm_is_the_test_images():
+    """evaluate()'s raw_norm: the mean over the TEST images of each image's mean token norm after the last block."""
+    model = randomize(tiny(), 0.1)
+    cfg = dict(TINY, seed=0, probe_epochs=1)
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8) // 8  # dark: other norms
+    test = torch.randint(0, 256, (8, 3, 32, 32), generator=g, dtype=torch.uint8)
+    labels = lambda n: torch.arange(n) % 2
+    batches = lambda x: common.GPUBatches(x, labels(len(x)), 8, train=False)
+    m = M.evaluate(model, cfg, batches(train), batches(test), True)
+    xt = next(iter(batches(test)))[0]
+    want = M.probe_features(model, xt, cfg, [4], norms=True)[("raw_norm", 4)].mean().item()
+    other = M.probe_features(model, next(iter(batches(train)))[0], cfg, [4], norms=True)[("raw_norm", 4)]
+    assert m["raw_norm"] == pytest.approx(want, rel=1e-6) and abs(other.mean().item() - want) > 1e-3 * want
+    assert (m["n_train"], m["n_test"]) == (16, 8)
 
 
 def test_random_masking_keeps_the_right_tokens_and_unshuffle_restores_order():

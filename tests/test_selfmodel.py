@@ -175,6 +175,23 @@ def test_llc_diagnostics_by_hand():
     assert d["flat"] and d["frac_below_init"] == 1 / 32  # strictly below counts; equal does not
 
 
+def test_paper_settings_normalisation_nbeta_and_augmentation_ranges():
+    """Normalize(0.5, 0.5) unless --normalize dataset; nbeta = B / ln B of the SGLD batch; CIFAR-10's
+    RandomAffine: angles within +-15 degrees, shifts within 10% of the image (affine_grid's units span 2)."""
+    assert S.input_stats({"normalize": "paper"}, "mnist") == ((0.5,), (0.5,))
+    assert S.input_stats({}, "cifar10") == ((0.5,) * 3, (0.5,) * 3)
+    assert S.input_stats({"normalize": "dataset"}, "cifar10") == common.DATASET_STATS["cifar10"]
+    for argv, b in ((["--task", "mnist"], 512), (["--task", "imdb", "--sgld-batch", "100"], 100)):
+        assert S.get_args(argv).sgld_nbeta == pytest.approx(b / math.log(b))
+    imgs = torch.zeros(2048, 3, 32, 32, dtype=torch.uint8)
+    aug = S.AffineBatches(common.GPUBatches(imgs, torch.zeros(2048, dtype=torch.long), 2048, train=True, pad=0),
+                          (0.5,) * 3, (0.5,) * 3)
+    theta = aug._theta(0, 0)
+    angle, shift = torch.atan2(theta[:, 1, 0], theta[:, 0, 0]).abs(), theta[:, :, 2].abs()
+    assert math.radians(14) < angle.max() <= math.radians(15) + 1e-6
+    assert 0.19 < shift.max() <= 0.2 + 1e-6
+
+
 def test_summary_has_student_t_intervals_and_a_rank_trend():
     cfg = {"aw": "0,10", "task": "mnist", "preset": "paper", "hidden": 64, "epochs": 50}
     done = {}

@@ -246,6 +246,30 @@ def backbone(state):
             if not (k.startswith("blocks.") and k.split(".")[2] in heads)}
 
 
+def test_recipe_loss_optimizer_and_schedule_by_hand():
+    """total = CE with the configured label smoothing + lam * SIM; SGD with Nesterov momentum and weight
+    decay; lr: linear warm-up to the peak over `warmup` steps (step s gets (s + 1) / warmup), then a cosine
+    from the peak at step `warmup` to 0 at `total`."""
+    cfg = dict(S.parse_args(["--smoke"]).__dict__, label_smoothing=0.2, lam=0.5, lr=0.4, momentum=0.9, wd=5e-4)
+    torch.manual_seed(0)
+    net = S.build_model(cfg)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(1)
+    total, ce, sim = S.training_loss(net, x, y, cfg)
+    torch.manual_seed(1)
+    logits = net(x)
+    S.sim_loss(net)
+    assert ce.item() == pytest.approx(F.cross_entropy(logits, y, label_smoothing=0.2).item(), rel=1e-6)
+    assert ce.item() != pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-3)
+    assert sim.item() > 0 and total.item() == pytest.approx(ce.item() + 0.5 * sim.item(), rel=1e-6)
+    g = S.make_optimizer(net, cfg, torch.device("cpu")).defaults
+    assert (g["lr"], g["momentum"], g["nesterov"], g["weight_decay"]) == (0.4, 0.9, True, 5e-4)
+    assert not S.make_optimizer(net, dict(cfg, momentum=0.0), torch.device("cpu")).defaults["nesterov"]
+    lrs = [S.lr_at(s, 10, 4, 0.4) for s in range(10)]
+    assert lrs[:4] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert lrs[4:] == pytest.approx([0.4 * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)])
+
+
 def test_wrapper_is_transparent_and_free_at_eval():
     cfg = dict(sim="rho", rho=0.2, latent_dim=32, width=8, dataset="cifar10")
     for mode in ("rho", "full"):
