@@ -355,6 +355,9 @@ def test_checkpoint_round_trip_compiled_and_ddp_names(tmp_path):
     fresh.load_state_dict(ck["model"])  # strict: every key matched after stripping
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
     assert ck["step"] == 7 and ck["config"] == {"lr": 0.1} and os.listdir(tmp_path) == ["ckpt.pt"]
+    # a compiled submodule inside a DDP-wrapped model (torch.compile on one block) loses its prefix too
+    sd = common.clean_state_dict({"module._orig_mod.blocks.0._orig_mod.fc.weight": 1, "head.bias": 2})
+    assert sd == {"blocks.0.fc.weight": 1, "head.bias": 2}
 
 
 def test_checkpoint_atomic_and_corrupt(tmp_path, monkeypatch):
@@ -384,6 +387,14 @@ def test_nan_guard_and_parse_list(tmp_path):
     common.nan_guard(torch.tensor(1.5), 3, None)
     with pytest.raises(common.UserError, match="step 12.*none written yet"):
         common.nan_guard(float("nan"), 12, str(tmp_path / "ckpt.pt"))
+    for bad in (float("inf"), float("-inf"), torch.tensor(float("inf"))):  # overflow stops the run as NaN does
+        with pytest.raises(common.UserError, match="at step 4"):
+            common.nan_guard(bad, 4, None)
+    # --resume refuses any differing flag outside the safe set, also one only the run or only this call has
+    common.check_resume_config({"lr": 0.1, "out": "a"}, {"lr": 0.1, "out": "b"}, {"out"}, "RUN")
+    for saved, now in (({"lr": 0.1}, {"lr": 0.2}), ({"lr": 0.1}, {"lr": 0.1, "rho": 0.2}), ({"lr": 0.1, "rho": 0.2}, {"lr": 0.1})):
+        with pytest.raises(common.UserError, match="--resume: RUN was made with other settings"):
+            common.check_resume_config(saved, now, {"out"}, "RUN")
     assert common.parse_list("0, 1,10", float, "--aw") == [0.0, 1.0, 10.0]
     with pytest.raises(common.UserError, match="--aw is empty"):
         common.parse_list(" , ", float, "--aw")

@@ -382,6 +382,9 @@ def test_fid_input_is_bilinear_resized_and_centred():
     assert x.shape == (1, 3, 299, 299) and x.min() == -1.0 and x.max() == pytest.approx(127 / 128)
     mid = x[0, 0, 0, 149].item()
     assert mid == pytest.approx((127.5 - 128) / 128, abs=0.01)
+    red = torch.zeros(1, 3, 32, 32)
+    red[:, 0] = 255  # RGB in, RGB out: the TF Inception graph takes RGB
+    assert dd.fid_preprocess(red).mean((0, 2, 3)).tolist() == [127 / 128, -1.0, -1.0]
 
 
 def test_fid_pipeline_end_to_end(data_dir, tmp_path):

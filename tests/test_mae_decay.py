@@ -281,6 +281,8 @@ def test_random_masking_keeps_the_right_tokens_and_unshuffle_restores_order():
     assert full.shape == (b, n + 1, d) and torch.equal(full[:, :1], cls)
     keep = mask == 0
     assert torch.equal(full[:, 1:][keep], x[keep]) and (full[:, 1:][~keep] == -1).all()
+    # kept = int(N * (1 - ratio)), truncated as official MAE's len_keep: 196 -> 49, 14 -> 3 (3.5), 50 -> 12 (12.5)
+    assert [M.n_visible(n, 0.75) for n in (196, 64, 14, 50)] == [49, 16, 3, 12]
     # ratio 0.5 of 64 patches keeps 32
     vis, mask, _ = M.random_masking(torch.randn(2, 64, 8), torch.rand(2, 64), 0.5)
     assert vis.shape == (2, 32, 8) and (mask.sum(1) == 32).all()

@@ -147,6 +147,7 @@ def test_errors_are_one_line(ckpts, data_dir, tmp_path):
     cases = [([junk], "not a readable checkpoint"),
              ([other], "'train_gpt'"),
              ([mae, "--layers", "99"], "--layers 99"),
+             ([mae, "--layers", "0"], "--layers 0"),  # layers count from 1
              ([mae, "--layers", "0,x"], "--layers"),
              ([mnist_model, "--dataset", "cifar10"], "--dataset cifar10"),
              ([mae, "--t", "0.1"], "--t"),

@@ -216,6 +216,9 @@ def test_summary_has_student_t_intervals_and_a_rank_trend():
     assert [r["collapsed"] for r in table["rows"]] == [0, 1]
     assert table["trend"]["llc"]["n"] == 7 and table["trend_learned"]["llc"]["n"] == 6
     assert S.collapsed({"test_acc": 19.9}, {"dataset": "mnist"}) and not S.collapsed({"test_acc": 61}, {"dataset": "imdb"})
+    # AW labels: short where that is exact, the full repr where %g would merge two AWs into one cell key
+    assert [S.fmt_aw(a) for a in (0.0, 0.5, 10.0, 1e-7, 0.1 + 0.2)] == ["0", "0.5", "10", "1e-07", "0.30000000000000004"]
+    assert S.cell_key(0.1 + 0.2, 1) != S.cell_key(0.3, 1)
 
 
 def test_llc_on_minibatches_leaves_model_and_rng_alone():
@@ -319,6 +322,7 @@ def test_imdb_runs_end_to_end_with_its_rlct(data_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     runs = json.load(open(out / "results.json"))["metrics"]["runs"]
     assert len(runs) == 2 and all(math.isfinite(r["llc"]) and r["llc_trace"]["loss_trace"] for r in runs.values())
+    assert all(50 < r["test_acc"] <= 100 for r in runs.values())  # counted per review, not per (tokens, offsets)
 
 
 def test_imdb_tokens_batches_and_model_on_real_reviews(imdb_sweep):
