@@ -330,6 +330,17 @@ def test_linear_probe_follows_the_mae_protocol(monkeypatch):
     assert seen["lrs"] == pytest.approx([0.2 * 0.5 * (1 + math.cos(math.pi * s / steps)) for s in range(steps)])
 
 
+def test_extract_features_noise_comes_from_the_seed():
+    """feature_fn's generator is seeded by `seed`: the same seed gives the same noisy features, another seed other
+    ones (diffusion probes noise their inputs with it)."""
+    b = common.GPUBatches(torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8), torch.arange(6), 4, train=False)
+    fn = lambda x, g: {"f": x.flatten(1) + torch.randn(x.flatten(1).shape, generator=g)}
+    (a, y), (a2, _), (c, _) = (common.extract_features(fn, b, seed=s) for s in (3, 3, 4))
+    assert torch.equal(a["f"], a2["f"]) and not torch.equal(a["f"], c["f"]) and torch.equal(y, torch.arange(6))
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(a["f"][:4], next(iter(b))[0].flatten(1) + torch.randn(4, 48, generator=g))
+
+
 def test_evaluate_features_is_deterministic():
     tr_f, tr_y = _clusters(500)
     te_f, te_y = _clusters(200, seed=1)

@@ -374,6 +374,18 @@ def test_short_training_lowers_denoising_loss(data_dir):
 # ---------------------------------------------------------------------------------------------- FID pipeline
 
 
+def test_fid_samples_are_split_by_rank(monkeypatch):
+    """Rank r of w generates samples r, r + w, ...: together the ranks make samples 0..n-1 once each."""
+    made = []
+    monkeypatch.setattr(dd, "generate", lambda model, cfg, idx, *a, **k: made.append(list(idx)) or
+                        torch.zeros(len(idx), 3, 32, 32, dtype=torch.uint8))
+    net = lambda x: x.mean((2, 3))  # 3 features
+    stats = (np.zeros(3), np.eye(3))
+    for rank in (0, 1, 2):
+        dd.compute_fid(None, {}, net, stats, 8, 2, rank=rank, world=3, batch=2)
+    assert made == [[0, 3], [6], [1, 4], [7], [2, 5]]
+
+
 def test_fid_input_is_bilinear_resized_and_centred():
     """32 px -> 299 px bilinear (half-pixel, as pytorch-fid), then (x - 128) / 128: a black | white pair of
     pixels meets in a ramp through mid-grey, not a hard edge."""

@@ -323,6 +323,11 @@ def test_sim_blocks_all_or_stride1(mode):
         flops[blocks] = common.count_flops(lambda: S.training_loss(net, x, y, cfg)[0].backward())
         assert sum(m.loss is None for m in net.modules() if isinstance(m, S.SIM)) == len(want)  # all collected
     assert flops["stride1"] < flops["all"]
+    # what counts is the map size, not the width: a stride-1 block that widens 8 -> 16 channels is wrapped
+    torch.manual_seed(0)
+    seq = nn.Sequential(S.BasicBlock(8, 16, 1), S.BasicBlock(16, 16, 2))
+    S.add_sim(seq, S.BasicBlock, torch.zeros(2, 8, 8, 8), mode, 0.2, 16, blocks="stride1")
+    assert [isinstance(b, S.SIM) for b in seq] == [True, False]
     # the same backbone either way; checkpoints from before the flag build as "all"
     legacy = dict(cfg)
     del legacy["sim_blocks"]
