@@ -467,6 +467,9 @@ def test_smoke_run_and_probe_protocol(full_run, data_dir):
     assert all(math.isfinite(l) for _, l in m["loss_history"])
     assert len(m["probe"]) == 3 and m["probe_n_train"] == 512 and m["probe_n_test"] == 256
     assert all(0 <= r["linear_probe"] <= 100 and 0 <= r["knn"] <= 100 for r in m["probe"].values())
+    for what, key in (("linear_probe", "best_linear_probe"), ("knn", "best_knn")):  # each best by its own measure
+        assert m[key] == max(r[what] for r in m["probe"].values())
+    assert [r["knn"] for r in m["probe"].values()] != [r["linear_probe"] for r in m["probe"].values()]
     # probe.py's path: rebuild from the checkpoint's config + EMA weights, same protocol, same numbers
     ck = common.load_checkpoint(str(out / "ckpt.pt"))
     cfg = ck["config"]

@@ -70,7 +70,7 @@ def edited(src, dst, fn):
     return str(dst)
 
 
-def test_merge_means_intervals_and_paired_gain(folders):
+def test_merge_means_intervals_and_paired_gain(folders, tmp_path):
     tmp, outs = folders
     s = F.merge("tiny", outs[::-1])  # the order of the folders does not matter
     assert list(s["variants"]) == ["off", "rho"]
@@ -104,6 +104,12 @@ def test_merge_means_intervals_and_paired_gain(folders):
                                                          for k in (0, 1, 2)))
     assert s["device"].startswith("cpu") and s["processes"] == 1 and s["compile"] is False
     assert s["torch"] == run_json(outs, "off", 0)["torch"] and s["paper_comparable"] is False
+    # comparable with the paper: the real width on all of CIFAR-10, nothing less
+    for i, (change, want) in enumerate(((dict(width=64, train_subset=0, test_subset=0), True),
+                                        (dict(width=64, train_subset=0, test_subset=100), False),
+                                        (dict(width=64, train_subset=100, test_subset=0), False))):
+        copies = [edited(o, tmp_path / f"w{i}_{j}", lambda r: r["config"].update(change)) for j, o in enumerate(outs)]
+        assert F.merge("x", copies)["paper_comparable"] is want, change
     # the commands: parsed again, they give back every setting that is not run-only
     assert s["commands"][1].startswith("python sim_cifar.py --smoke --rho 0.2 --lam 0.005 --seed 0 --seeds 1 ")
     for cmd, out in zip(s["commands"], outs[::-1]):

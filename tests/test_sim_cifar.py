@@ -424,7 +424,7 @@ def test_summary_intervals_and_paired_gain():
     assert "paired_gain" not in alone and alone["test_acc_mean"]["rho"] == pytest.approx(93.5)
 
 
-def test_target_acc_time_null_and_resume(cifar, tmp_path):
+def test_target_acc_time_null_and_resume(cifar, tmp_path, monkeypatch):
     """--target-acc: the seconds from the clock to the first evaluation at or above it (0: the first one), null if
     never reached (101); kept across a --resume when measured before the interruption, null (epoch kept) when
     the target is reached only after one. Throughput: the steady-state mean step time over both processes."""
@@ -439,6 +439,15 @@ def test_target_acc_time_null_and_resume(cifar, tmp_path):
     assert hit["device"].startswith("cpu") and hit["torch"] == torch.__version__ and hit["world_size"] == 1
     never = _train_in_process(args, dict(cfg, target_acc=101.0), data, str(tmp_path / "never"), cold=True)
     assert never["time_to_target"] is None and never["time_to_target_epoch"] is None
+    # the target is on single-view accuracy, not flip TTA: with evaluations reading (TTA, single view) (60, 40)
+    # after epoch 1 and (70, 55) after epoch 2, a 50% target is reached at epoch 2 (the tiny run sits at chance,
+    # where the two agree, so the evaluation is stood in for)
+    real = S.evaluate
+    scripted = iter([(60.0, 40.0), (70.0, 55.0)] * 3)
+    monkeypatch.setattr(S, "evaluate", lambda model, b, dev: (*next(scripted), real(model, b, dev)[2]))
+    mid = _train_in_process(args, dict(cfg, target_acc=50.0), data, str(tmp_path / "mid"), cold=True)
+    assert mid["time_to_target_epoch"] == 2 and mid["history"]["eval"] == [[1, 60.0, 40.0], [2, 70.0, 55.0]]
+    monkeypatch.setattr(S, "evaluate", real)
 
     # stopped at step 3 (after the epoch-1 evaluation): reached before the stop, so the time is end-to-end
     out = str(tmp_path / "cut")
@@ -458,6 +467,13 @@ def test_target_acc_time_null_and_resume(cifar, tmp_path):
     assert ck["to_target"] is None
     res = _train_in_process(args, cfg, data, out, ck=ck)
     assert res["time_to_target"] is None and res["time_to_target_epoch"] == 1 and res["time_to_target_cold"] is False
+    # ... found in the saved history by the same rule: the first epoch whose single view reaches it
+    ck["history"]["eval"] = [[1, 60.0, 40.0]] + ck["history"]["eval"][1:]
+    res = _train_in_process(args, dict(cfg, target_acc=50.0), data, out, ck=ck)
+    assert res["time_to_target_epoch"] is None  # epoch 2, trained after the resume, is at chance
+    ck["history"]["eval"] = [[1, 40.0, 60.0]]
+    res = _train_in_process(args, dict(cfg, target_acc=50.0), data, out, ck=ck)
+    assert res["time_to_target_epoch"] == 1 and res["time_to_target"] is None
 
 
 def test_lam0_gives_the_baseline_trajectory(cifar, tmp_path):
