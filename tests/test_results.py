@@ -304,7 +304,7 @@ def test_published_commands_still_mean_the_published_settings(name, command):
     mod = importlib.import_module(script)
     args = vars(mod.get_args(argv[2:]) if script == "selfmodel" else mod.parse_args(argv[2:]))
     config = json.load(open(os.path.join(ROOT, "results", name)))["config"]
-    ignore = {"llc_grid", "num_tokens", "vocab_size"}  # derived when the data are read, or reported not set
+    ignore = {"llc_grid", "num_tokens", "vocab_size"}  # results (the calibration grid) or set from the data (IMDB)
     if script == "sim_cifar":
         ignore.add("dataset")  # CIFAR-10 always: recorded, not a flag
     differ = {k: (config[k], args.get(k)) for k in config
