@@ -26,7 +26,8 @@ def _rank():
 
 def run_main(main):
     """Run `main()`, turning UserError into a one-line message and exit code 2. Under torchrun every rank
-    hits the same mistake; only rank 0 says it (one write, so lines never interleave), all exit 2.
+    hits the same mistake; only rank 0 says it (one write, so lines never interleave), all exit 2. The other
+    ranks first wait for rank 0 to end the job (`_job_ended_within`) and speak only if it does not.
 
     A process that joined a gloo (CPU) process group then leaves through `leave_process`, after an uncaught
     exception too (its traceback printed, exit code 1, as Python's own exit would give). With the normal
@@ -42,6 +43,9 @@ def run_main(main):
     except UserError as e:
         if _rank() == 0:
             sys.stderr.write(f"error: {e}\n")
+            sys.stderr.flush()
+        elif not _job_ended_within(RANK_GRACE_S):  # rank 0 did not end the job: its message may never come
+            sys.stderr.write(f"error (rank {_rank()}): {e}\n")
             sys.stderr.flush()
         code = 2
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints and exits cleanly)
@@ -59,6 +63,33 @@ def run_main(main):
 
 
 _gloo_joined = False  # set by setup_distributed: this process joined a gloo process group
+
+# How long a rank other than 0 waits, after a UserError, for rank 0 to say it. Exiting at once let torchrun stop
+# rank 0 (SIGTERM) before its line was out, when rank 0 was a little behind: the user saw no message at all.
+RANK_GRACE_S = 10.0
+
+
+def _job_ended_within(seconds):
+    """Under torchrun, wait up to `seconds` for the SIGTERM torchrun sends the other ranks once one has exited
+    (normally rank 0, after printing the same mistake). True if it came; then this rank exits quietly, with
+    its atexit handlers, instead of dying mid-wait."""
+    if int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        return False
+
+    class Ended(Exception):
+        pass
+
+    def ended(*_):
+        raise Ended
+
+    old = signal.signal(signal.SIGTERM, ended)
+    try:
+        time.sleep(seconds)
+        return False
+    except Ended:
+        return True
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def leave_process(code):

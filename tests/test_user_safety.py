@@ -357,13 +357,27 @@ def test_corrupt_data_file_from_the_command_line(tmp_path):
 
 
 def test_run_main_prints_on_rank0_only(monkeypatch, capsys):
+    """Rank 0 says the mistake; another rank stays quiet when torchrun ends the job (its SIGTERM, sent once
+    rank 0 has exited) within the grace, and says it itself, marked with its rank, when that does not come."""
+    import threading
+
     def bad():
         raise common.UserError("missing x in /data: put it there")
-    for rank, printed in (("1", ""), ("0", "error: missing x in /data: put it there\n")):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(common, "RANK_GRACE_S", 5.0)
+    before = signal.getsignal(signal.SIGTERM)
+    for rank, sigterm_after, printed in (("1", 0.2, ""), ("1", None, "error (rank 1): missing x in /data: put it there\n"),
+                                         ("0", None, "error: missing x in /data: put it there\n")):
         monkeypatch.setenv("RANK", rank)
+        if sigterm_after is None:
+            monkeypatch.setattr(common, "RANK_GRACE_S", 0.2)
+        else:
+            threading.Timer(sigterm_after, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        t0 = time.time()
         with pytest.raises(SystemExit) as e:
             common.run_main(bad)
-        assert e.value.code == 2 and capsys.readouterr().err == printed
+        assert e.value.code == 2 and capsys.readouterr().err == printed and time.time() - t0 < 3
+        assert signal.getsignal(signal.SIGTERM) is before  # the wait's handler is gone again
 
 
 def test_torchrun_missing_data_is_one_line(tmp_path):
@@ -373,6 +387,38 @@ def test_torchrun_missing_data_is_one_line(tmp_path):
     errors = [l for l in p.stderr.splitlines() if "error: missing" in l]
     assert len(errors) == 1 and errors[0].startswith("error: missing") and errors[0].count("error:") == 1, p.stderr
     assert "exitcode  : 2" in p.stderr or "exit code 2" in p.stderr or "exitcode: 2" in p.stderr.replace(" ", "")
+
+RACE_SCRIPT = r"""
+import os, sys, time
+sys.path.insert(0, os.getcwd())
+import common
+common.RANK_GRACE_S = float(sys.argv[2])
+
+
+def main():
+    if os.environ["RANK"] == "0":
+        time.sleep(float(sys.argv[1]))  # rank 0 behind the others (imports, a loaded machine)
+        if sys.argv[1] != "60":
+            raise common.UserError("the same mistake on every rank")
+    else:
+        raise common.UserError("the same mistake on every rank")
+
+
+common.run_main(main)
+"""
+
+
+@pytest.mark.parametrize("rank0_delay, grace, says", [("3", "20", "error: "), ("60", "2", "error (rank 1): ")])
+def test_a_late_rank_0_still_says_the_mistake(tmp_path, rank0_delay, grace, says):
+    """Rank 1 fails at once, rank 0 seconds later: rank 1 waits for rank 0 to end the job, so torchrun does not
+    stop rank 0 before its line is out (it did: the user saw only torchrun's summary). A rank 0 that does not end
+    the job within the grace (here: never fails) leaves the message to rank 1."""
+    script = tmp_path / "race.py"
+    script.write_text(RACE_SCRIPT)
+    p = run_script([script, rank0_delay, grace], torchrun=2, timeout=120)
+    lines = [l for l in p.stderr.splitlines() if "the same mistake" in l]
+    assert p.returncode != 0 and lines == [says + "the same mistake on every rank"], p.stderr[-3000:]
+
 
 # ------------------------------------------------------------------------------------------------
 # contradictory flags, and every default in --help
