@@ -1,8 +1,9 @@
 """results/: the self-modeling publisher merges split sweeps, recomputes the trace check, writes the JSON
 and (with matplotlib) the figures, and refuses runs that do not belong together."""
-import importlib.util, json, os, sys
+import importlib.util, json, os, platform, shlex, sys
 
 import pytest
+import torch
 
 import common
 from conftest import need, run_script
@@ -10,6 +11,7 @@ from conftest import need, run_script
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "results"))
 import selfmodel_figures as F  # noqa: E402
+from publish import rounded  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -260,10 +262,6 @@ def test_a_published_cell_reproduces_bit_for_bit(data_dir, tmp_path):
     run from its own command (that one cell: each cell draws from its own (AW, seed)), with the published
     runs' torch release, one thread and the AVX2 kernels they ran on (README, Determinism), equals the
     committed values to the JSON's 5 digits, its RLCT trace included. About 45 s."""
-    import platform
-    import shlex
-    import torch
-    from publish import rounded
     need(data_dir, "mnist", "MNIST", "raw", "t10k-images-idx3-ubyte.gz")
     pub = json.load(open(os.path.join(ROOT, "results", "selfmodel_mnist_h128.json")))
     made_with = {v.split("+")[0] for v in pub["torch"].split(", ")}
@@ -297,8 +295,6 @@ def published_commands():
 def test_published_commands_still_mean_the_published_settings(name, command):
     """Each published command, parsed by today's script, resolves to the settings its table records: a
     changed default or preset would make the README's command run something else than the table shows."""
-    import shlex
-    import publish
     argv = shlex.split(command)
     script = argv[1][:-3]
     mod = importlib.import_module(script)
@@ -308,5 +304,5 @@ def test_published_commands_still_mean_the_published_settings(name, command):
     if script == "sim_cifar":
         ignore.add("dataset")  # CIFAR-10 always: recorded, not a flag
     differ = {k: (config[k], args.get(k)) for k in config
-              if k not in ignore and publish.rounded(args.get(k)) != publish.rounded(config[k])}
+              if k not in ignore and rounded(args.get(k)) != rounded(config[k])}
     assert not differ, f"{name}: {command}\n(published, parsed today): {differ}"
