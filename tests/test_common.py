@@ -121,6 +121,12 @@ def test_imdb_from_generated_archive_readonly(tmp_path, monkeypatch):
     assert not (data / "aclImdb").exists()
     neg0 = [d.vocab[i] for i in d.train_x[0]]
     assert neg0 == ["a", "awful", "movie", ".", "truly", "awful", "0", "!"]
+    # a small vocabulary: id 0 pads, id 1 is every word left out, then the most frequent words
+    small = common.load_imdb(str(tmp_path / "data"), vocab_size=5)
+    assert small.vocab[:2] == ["<pad>", "<unk>"] and len(small.vocab) == 5
+    words = [small.vocab[i] for i in small.train_x[0]]
+    assert words == [w if w in small.vocab else "<unk>" for w in neg0] and "<unk>" in words
+    assert all(0 < i < 5 for t in small.train_x + small.test_x for i in t.tolist())
 
 
 def test_imdb_two_runs_unpacking_at_once(tmp_path, monkeypatch):

@@ -165,6 +165,28 @@ def test_patches_round_trip_and_the_loss_counts_removed_patches_only():
     assert abs(err[mask == 1].mean() - err.mean()) > 1e-5 * err.mean()  # with the visible ones it would differ
 
 
+def test_sincos_pos_embed_by_hand():
+    """MAE's fixed table: frequencies w_k = 1 / 10000^(k / (D/4)), k < D/4; the patch in row y, column x (row-major
+    order) gets [sin(y w), cos(y w), sin(x w), cos(x w)]."""
+    e = M.sincos_pos_embed(8, 3)
+    w = torch.tensor([1.0, 0.01], dtype=torch.float64)  # D = 8: 10000^0 and 10000^(-1/2)
+    y, x = 2, 1
+    expect = torch.cat([torch.sin(y * w), torch.cos(y * w), torch.sin(x * w), torch.cos(x * w)]).float()
+    assert e.shape == (9, 8) and torch.allclose(e[3 * y + x], expect)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_decoder_tells_removed_patches_apart_by_position(skip):
+    """Every removed patch enters the decoder as the same mask token, so only the decoder's positional embedding
+    can make their predictions differ: without it the decoder could not say where a patch goes."""
+    model = randomize(tiny(skip=skip)).eval()
+    with torch.no_grad():
+        _, pred, mask = model(torch.randn(1, 3, 32, 32), torch.rand(1, 16))
+    removed = pred[0][mask[0].bool()]
+    assert len(removed) == 12
+    assert (torch.cdist(removed, removed) + torch.eye(12) * 1e9).min() > 1e-3
+
+
 def test_cls_token_gets_position_zero():
     """The cls token enters with the pos-embed's row 0: zero in the sincos table, a learned row otherwise."""
     for pos in ("sincos", "learned"):

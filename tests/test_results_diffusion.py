@@ -194,3 +194,64 @@ def test_json_and_images_without_matplotlib(runs, tmp_path, monkeypatch, capsys)
     assert sorted(os.listdir(tmp_path)) == ["diffusion_nofig.json", "diffusion_nofig_samples_a0.7_s0.png",
                                             "diffusion_nofig_samples_a1_s0.png"]
     assert "matplotlib is not installed: figure skipped" in capsys.readouterr().out
+
+# ------------------------------------------------------------------------ results/fid_reference.py
+
+
+def test_fid_reference_is_the_pipelines_fid_of_real_test_images(tmp_path):
+    """Each row is the FID of the first N test images against the whole training split, the very numbers
+    diffusion_decay.py's functions give by hand; the training statistics land in (and are then read from) the
+    cache a diffusion_decay.py run would use; the recorded command omits the reader's paths."""
+    data_dir = tiny_cifar10(tmp_path / "data", n_train=60, n_test=40)
+    weights = save_fid_standin(str(tmp_path / "standin.pt"), channels=8, kernel=23)
+    argv = ["results/fid_reference.py", "--data-dir", data_dir, "--fid-weights", weights, "--n", "40,12",
+            "--fid-cache", tmp_path / "cache", "--batch", "16", "--no-download"]
+    p = run_script(argv + ["--out", tmp_path / "ref.json"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    ref = json.load(open(tmp_path / "ref.json"))
+    assert ref["train_stats"] == "computed" and ref["n_train"] == 60 and ref["dataset"] == "cifar10"
+    assert ref["command"] == "python results/fid_reference.py --n 40,12 --fid-weights PATH/default_1.pt"
+    net = D.load_fid_net(weights, "cpu")
+    x_train, _ = common.load_cifar10(data_dir, train=True)
+    x_test, _ = common.load_cifar10(data_dir, train=False)
+    real = D.feature_stats(D.fid_features(net, x_train))
+    by_hand = {n: D.frechet_distance(*D.feature_stats(D.fid_features(net, x_test[:n])), *real) for n in (12, 40)}
+    assert [r["n"] for r in ref["rows"]] == [12, 40]  # ascending, whatever order --n gave
+    for r in ref["rows"]:
+        assert r["fid"] == pytest.approx(by_hand[r["n"]], rel=1e-4), r
+    assert by_hand[12] != pytest.approx(by_hand[40], rel=1e-3)  # the rows really use N images each
+    assert os.path.isfile(D.fid_cache_path(str(tmp_path / "cache"), "cifar10", "train", 60, weights))
+
+    p = run_script(argv + ["--out", tmp_path / "again.json"])
+    again = json.load(open(tmp_path / "again.json"))
+    assert p.returncode == 0 and again["train_stats"] == "cache" and again["rows"] == ref["rows"]
+
+
+def test_fid_reference_bad_input_is_one_line(tmp_path):
+    data_dir = tiny_cifar10(tmp_path / "data", n_train=20, n_test=10)
+    weights = save_fid_standin(str(tmp_path / "standin.pt"), channels=4, kernel=23)
+    base = ["results/fid_reference.py", "--data-dir", data_dir, "--no-download", "--out", tmp_path / "r.json"]
+    assert_clean_error(run_script(base + ["--fid-weights", weights, "--n", "11"]), "--n 11", "10 test images")
+    assert_clean_error(run_script(base + ["--fid-weights", weights, "--n", "1"]), "--n")
+    assert_clean_error(run_script(base + ["--fid-weights", tmp_path / "none.pt"]), "--fid-weights", "not found")
+    assert not os.path.exists(tmp_path / "r.json")
+
+
+def test_published_fid_reference_matches_todays_command():
+    """A committed results/fid_reference_*.json: its command parses to the data set and counts of its rows,
+    and FID falls as N grows (the small-sample bias of real-against-real FID, which only shrinks with N)."""
+    files = [f for f in os.listdir(os.path.join(ROOT, "results")) if f.startswith("fid_reference_")
+             and f.endswith(".json")]
+    if not files:
+        pytest.skip("no published FID reference yet")
+    sys.path.insert(0, os.path.join(ROOT, "results"))
+    import fid_reference as R
+    for f in files:
+        ref = json.load(open(os.path.join(ROOT, "results", f)))
+        argv = shlex.split(ref["command"])[2:]
+        weights_at = argv.index("--fid-weights")
+        # any existing file stands in for the reader's weights: parsing checks that it exists, never loads it
+        a = R.parse_args(argv[:weights_at] + ["--fid-weights", D.__file__] + argv[weights_at + 2:])
+        assert a.dataset == ref["dataset"] and sorted(a.n) == [r["n"] for r in ref["rows"]], f
+        fids = [r["fid"] for r in ref["rows"]]
+        assert fids == sorted(fids, reverse=True), f
