@@ -584,19 +584,10 @@ def fid_preprocess(images):
 
 
 @torch.no_grad()
-def fid_features(net, images, batch=200, progress=False):
-    """(N, D) float64 pool features of uint8-valued images, on the images' device. progress=True shows a bar
-    on a terminal, else a line a minute with the rate and the time left (a CPU takes an hour for 60k images)."""
-    tty, out, t0 = sys.stderr.isatty(), [], time.time()
-    last = t0
-    for i in tqdm(range(0, len(images), batch), desc="Inception features", disable=not (progress and tty), leave=False):
-        out.append(net(fid_preprocess(images[i:i + batch])).flatten(1).double())
-        done, now = min(i + batch, len(images)), time.time()
-        if progress and not tty and (now - last > 60 or done == len(images)):
-            print(f"Inception features: {done}/{len(images)} images, {done / (now - t0):.1f} img/s, "
-                  f"ETA {common.eta(done, len(images), now - t0)}", flush=True)
-            last = now
-    return torch.cat(out)
+def fid_features(net, images, batch=200):
+    """(N, D) float64 pool features of uint8-valued images, on the images' device."""
+    return torch.cat([net(fid_preprocess(images[i:i + batch])).flatten(1).double()
+                      for i in range(0, len(images), batch)])
 
 
 def feature_stats(f):
@@ -619,14 +610,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return max(0.0, float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt))  # >= 0 up to rounding
 
 
-def fid_cache_path(root, dataset, split, n, weights):
-    """Where the FID statistics of the first n images of a split are cached: keyed by data set, split, image
-    count and the Inception file's content (results/fid_reference.py shares the cache)."""
-    root = root or os.path.join(common.cache_dir(), "fid_stats")
-    return os.path.join(root, f"{dataset}_{split}{n}_{file_tag(weights)}.npz")
-
-
-def real_fid_stats(net, images, cache_path, batch=200, rank=0, world=1, progress=False):
+def real_fid_stats(net, images, cache_path, batch=200, rank=0, world=1):
     """Statistics of uint8 images (sharded rows r::world, gathered), read from / written to cache_path."""
     have = torch.tensor([float(bool(cache_path) and os.path.isfile(cache_path))], device=images.device)
     if dist.is_initialized() and world > 1:
@@ -634,7 +618,7 @@ def real_fid_stats(net, images, cache_path, batch=200, rank=0, world=1, progress
     if have.item():
         z = np.load(cache_path)
         return z["mu"], z["sigma"]
-    mu, sigma = feature_stats(common.all_gather_cat(fid_features(net, images[rank::world], batch, progress)))
+    mu, sigma = feature_stats(common.all_gather_cat(fid_features(net, images[rank::world], batch)))
     if rank == 0 and cache_path:
         try:
             os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
@@ -859,7 +843,9 @@ def run(args, d, t_start=None):
                    fid_t_end=args.t_end, fid_denoise=args.denoise, fid_skipped=args.fid_skipped)
     if args.fid_n:
         net = fid_net
-        cache = lambda split, n: fid_cache_path(args.fid_cache, args.dataset, split, n, args.fid_weights_found)
+        cache_root = args.fid_cache or os.path.join(common.cache_dir(), "fid_stats")
+        tag = file_tag(args.fid_weights_found)
+        cache = lambda split, n: os.path.join(cache_root, f"{args.dataset}_{split}{n}_{tag}.npz")
         t0 = time.time()
         real = real_fid_stats(net, batches.x, cache("train", len(x_train)), rank=rank, world=world)
         fid, sample_rate = compute_fid(ema, cfg, net, real, args.fid_n, args.steps, args.cfg_scale, args.seed + 2,
