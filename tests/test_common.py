@@ -175,6 +175,9 @@ def test_imagenet100_folder(tmp_path):
     assert tr.classes == ["n01", "n02"] and len(tr) == 4 and len(va) == 4
     x, y = va[3]
     assert x.shape == (3, 32, 32) and y == 1
+    # evaluation as MAE: the shorter side resized to 256/224 of the crop, then the centre crop
+    resize, crop = va.transform.transforms[:2]
+    assert resize.size == int(32 * 256 / 224) == 36 and crop.size == (32, 32)
     (tmp_path / "imagenet100.txt").write_text("n09\n")
     with pytest.raises(common.UserError, match="n09"):
         common.imagenet100_datasets(str(tmp_path), img_size=32)
@@ -354,6 +357,9 @@ def test_evaluate_features_is_deterministic():
     b = common.evaluate_features(tr_f, tr_y, te_f, te_y, seed=3, probe_epochs=3)
     assert a == b and set(a) == {"linear_probe", "knn", "erank", "erank_exp", "feat_norm"}
     assert a["erank_exp"] == pytest.approx(math.exp(a["erank"]))
+    # the rank and the norm describe the test features (the ones every table reports), not the training ones
+    c = common.evaluate_features(tr_f * 3, tr_y, te_f, te_y, seed=3, probe_epochs=3)
+    assert c["feat_norm"] == pytest.approx(te_f.norm(dim=1).mean().item()) and c["erank"] == a["erank"]
 
 # ---------------------------------------------------------------------------------- checkpoints, misc
 

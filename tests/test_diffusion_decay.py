@@ -20,6 +20,19 @@ def tiny(**kw):
     return dd.build_model(dict(TINY, **kw))
 
 
+def test_auto_probe_layers_are_the_middle_of_the_u():
+    """'auto': the last in-block, the mid block and the first out-block (depth 13: in 1-6, mid 7, out 8-13)."""
+    assert dd.resolve_layers("auto", 13) == [6, 7, 8] and dd.resolve_layers("auto", 3) == [1, 2, 3]
+    assert dd.resolve_layers("auto", 1) == [1] and dd.resolve_layers("all", 3) == [1, 2, 3]
+
+
+def test_position_embedding_starts_as_uvit_does():
+    """U-ViT draws its learned position embedding from a normal of std 0.02 (truncated at +-2, 100 std away)."""
+    pos = tiny(patch=2, dim=64).pos_embed.detach()
+    assert pos.numel() == (1 + 256) * 64
+    assert pos.std().item() == pytest.approx(0.02, rel=0.03) and pos.abs().max() <= 2
+
+
 
 # ---------------------------------------------------------------------------------------------- FID maths
 

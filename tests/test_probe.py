@@ -10,8 +10,8 @@ import probe
 from conftest import assert_clean_error, need, run_script
 
 SMOKE = {  # script -> extra smoke flags; each writes OUT/ckpt.pt
-    "mae_decay": [],
-    "diffusion_decay": [],
+    "mae_decay": ["--seed", "1"],  # seeds other than 0: probe.py must evaluate with the run's own seed
+    "diffusion_decay": ["--seed", "2"],
     "sim_cifar": [],
     "selfmodel": ["--task", "mnist"],
 }

@@ -134,6 +134,19 @@ def test_table_shows_fid_or_why_not(runs, published, tmp_path):
     assert "| 0.7 | 0 | - | " in t2 and "FID - for alpha_min 0.7 seed 0: --fid-n 0" in t2
 
 
+def test_two_fid_sizes_of_one_run_in_order_the_largest_timing_sampling(runs, tmp_path):
+    """Re-evaluations of one run at FID-8 and FID-16 (a stand-in copy): both columns, in the order of N (not of
+    the text: '16' < '8'); samples/s is the larger one's, the longest measurement."""
+    m = results(runs[2])["metrics"]
+    big = variant(runs[2], tmp_path / "fid16", {"fid_n": 16}, {"fid_n": 16, "fid": m["fid"] / 2, "sample_img_per_s": 123.0})
+    s = F.build("two", P.load_runs([*runs, big], "diffusion_decay"), str(tmp_path))
+    decayed = s["runs"][1]
+    assert list(decayed["fid"]) == ["8", "16"] and decayed["samples_per_s"] == 123.0
+    assert decayed["fid"]["16"]["fid"] == P.rounded(m["fid"] / 2)
+    head = next(l for l in F.text(s).splitlines() if l.startswith("| alpha_min"))
+    assert head.startswith("| alpha_min | seed | FID-8 | FID-16 | best probe (%)")
+
+
 def test_seeds_get_mean_and_student_t_interval(runs, tmp_path):
     best = lambda d: results(d)["metrics"]["best_linear_probe"]
     extra = [variant(d, tmp_path / f"s1_{i}", {"seed": 1}, {"best_linear_probe": best(d) + 2})

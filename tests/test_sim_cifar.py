@@ -357,8 +357,16 @@ def test_probe_protocol():
     cfg = dict(sim="rho", rho=0.2, latent_dim=32, width=8, dataset="cifar10")
     net = S.build_model(cfg).eval()
     assert S.probe_layers(cfg) == 8
-    f = S.probe_features(net, torch.randn(3, 3, 32, 32), cfg, [1, 3, 8])
+    x = torch.randn(3, 3, 32, 32)
+    f = S.probe_features(net, x, cfg, [1, 3, 8])
     assert {k: tuple(v.shape) for k, v in f.items()} == {1: (3, 8), 3: (3, 16), 8: (3, 64)}
+    with torch.no_grad():  # block l's output, averaged over the map: layer 8 is what the classifier reads
+        outs = [net.stem(x)]
+        for blk in net.blocks:
+            outs.append(blk(outs[-1]))
+        outs = outs[1:]
+        assert torch.allclose(f[3], outs[2].mean((2, 3)), atol=1e-6)
+        assert torch.allclose(net.fc(f[8]), net(x), atol=1e-5)
 
 
 def test_evaluate_counts_flip_tta_and_plain():
