@@ -399,6 +399,17 @@ def test_fid_samples_are_split_by_rank(monkeypatch):
     assert made == [[0, 3], [6], [1, 4], [7], [2, 5]]
 
 
+def test_real_statistics_are_split_by_rank(monkeypatch):
+    """Rank r of w runs the Inception network on real images r, r + w, ... only (then all ranks gather)."""
+    seen = []
+    monkeypatch.setattr(dd, "fid_features", lambda net, x, batch=200: seen.append(x[:, 0, 0, 0].tolist()) or
+                        x.flatten(1)[:, :3].double())
+    images = torch.arange(7, dtype=torch.uint8).view(7, 1, 1, 1).expand(7, 3, 2, 2)
+    for rank in (0, 1):
+        dd.real_fid_stats(None, images, None, rank=rank, world=2)
+    assert seen == [[0, 2, 4, 6], [1, 3, 5]]
+
+
 def test_fid_input_is_bilinear_resized_and_centred():
     """32 px -> 299 px bilinear (half-pixel, as pytorch-fid), then (x - 128) / 128: a black | white pair of
     pixels meets in a ramp through mid-grey, not a hard edge."""

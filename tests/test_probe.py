@@ -163,12 +163,19 @@ def test_errors_are_one_line(ckpts, data_dir, tmp_path):
     assert_clean_error(p, "not a readable checkpoint")
 
 
-def test_selfmodel_checkpoint_names_its_cell_and_normalisation(ckpts, data_dir, tmp_path, capsys):
+def test_selfmodel_checkpoint_names_its_cell_and_normalisation(ckpts, data_dir, tmp_path, capsys, monkeypatch):
     ck, _ = ckpts["selfmodel"]
     cfg = common.load_checkpoint(str(ck))["config"]
+    S = importlib.import_module("selfmodel")
+    # the images are normalised as the script says its run was (input_stats), here a recognisable stand-in
+    monkeypatch.setattr(S, "input_stats", lambda c, dataset: ((0.25,), (0.75,)) if c == cfg else None)
+    batches, norms = common.GPUBatches, []
+    monkeypatch.setattr(common, "GPUBatches", lambda *a, **k: norms.append((k["mean"], k["std"])) or batches(*a, **k))
     (row,) = _probe(ck, "--data-dir", data_dir, "--out", tmp_path / "p.json")
+    assert norms == [((0.25,), (0.75,))] * 2
+    monkeypatch.undo()
     assert row["cell"] == {"aw": cfg["model_aw"], "seed": cfg["model_seed"]}
     assert f"probing AW {cfg['model_aw']:g}, seed {cfg['model_seed']}" in capsys.readouterr().out
-    S = importlib.import_module("selfmodel")  # probes normalise as the run trained: the authors' 0.5 / 0.5
+    # probes normalise as the run trained: by default the authors' 0.5 / 0.5
     assert S.input_stats({"normalize": "paper"}, "cifar10") == ((0.5,) * 3, (0.5,) * 3)
     assert S.input_stats({"normalize": "dataset"}, "cifar10") == common.DATASET_STATS["cifar10"]

@@ -195,6 +195,20 @@ def test_readme_tables_are_the_committed_json(name):
     assert rows and [r for r in rows if r not in readme] == []
 
 
+@pytest.mark.parametrize("name", published_sweeps())
+def test_a_published_sweep_merges_back_to_itself(name):
+    """A published JSON fed back to the publisher (how a sweep grows by later seeds) gives back its provenance and
+    its cost: the cells' training + RLCT minutes, the processes' wall minutes, commands, commits, torch, device."""
+    with open(os.path.join(ROOT, "results", name)) as fh:
+        pub = json.load(fh)
+    again = F.merge(pub["name"], [os.path.join(ROOT, "results", name)])
+    for k in ("wall_minutes", "commands", "git_commits", "torch", "device", "cpu_kernels"):
+        assert again[k] == pub.get(k, []), k  # cpu_kernels: [] for the sweeps published before it was recorded
+    if "cell_minutes" in pub:  # since the sweeps recorded it
+        assert again["cell_minutes"] == pub["cell_minutes"]
+        assert again["cell_minutes"] > round(sum(c["train_seconds"] for c in pub["runs"].values()) / 60, 1)
+
+
 def test_readme_cites_only_files_that_exist():
     import re
     with open(os.path.join(ROOT, "README.md")) as fh:

@@ -147,6 +147,19 @@ def test_two_fid_sizes_of_one_run_in_order_the_largest_timing_sampling(runs, tmp
     assert head.startswith("| alpha_min | seed | FID-8 | FID-16 | best probe (%)")
 
 
+def test_best_cells_are_located_each_by_its_own_measure(runs, tmp_path):
+    """The table names where each best cell lies: the best probe's block and t, and the best kNN's, apart."""
+    m = results(runs[0])["metrics"]
+    other = next(k for k in m["probe"] if (m["probe"][k]["layer"], m["probe"][k]["t"]) !=
+                 (m["best_probe_layer"], m["best_probe_t"]))
+    a = variant(runs[0], tmp_path / "a", metrics={"best_knn_layer": m["probe"][other]["layer"],
+                                                   "best_knn_t": m["probe"][other]["t"]})
+    s = F.build("where", P.load_runs([a], "diffusion_decay"), str(tmp_path))
+    rec, row = s["runs"][0], next(l for l in F.text(s).splitlines() if l.startswith("| 1 | 0 |"))
+    assert f"{rec['best_probe']['acc']:.2f} (block {m['best_probe_layer']}, t {m['best_probe_t']:g})" in row
+    assert f"{rec['best_knn']['acc']:.2f} (block {m['probe'][other]['layer']}, t {m['probe'][other]['t']:g})" in row
+
+
 def test_seeds_get_mean_and_student_t_interval(runs, tmp_path):
     best = lambda d: results(d)["metrics"]["best_linear_probe"]
     extra = [variant(d, tmp_path / f"s1_{i}", {"seed": 1}, {"best_linear_probe": best(d) + 2})
