@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import common
 import diffusion_decay as dd
-from conftest import assert_clean_error, need, randomize, run_script, save_fid_standin, tiny_cifar100
+from conftest import assert_clean_error, need, randomize, run_script, save_fid_standin, tiny_cifar10, tiny_cifar100
 
 
 TINY = dict(patch=4, dim=32, depth=5, heads=2, mlp_ratio=2.0, dataset="cifar10", cond=False, alpha_min=0.7)
@@ -619,6 +619,37 @@ def test_unwritable_out_and_resume_mismatch(full_run, data_dir, tmp_path):
     shutil.copy(full_run[0] / "ckpt.pt", tmp_path / "ckpt.pt")
     with pytest.raises(common.UserError, match=r"--resume: .* other settings: --alpha-min 0.7 \(run: 1.0\)"):
         dd.main([*SMOKE, "--data-dir", data_dir, "--out", str(tmp_path), "--resume", "--alpha-min", "0.7"])
+
+
+def test_training_loop_step_by_step(tmp_path, monkeypatch):
+    """What each step of the loop uses: the draws keyed by (seed, step) for steps 0, 1, ...; the null class exactly
+    where the step's drop draw is below --p-uncond; the EMA decay min(ema, (1 + s) / (10 + s)); an lr warming up
+    linearly over --warmup steps, then constant (the log's lr, after each step)."""
+    draws, labels, decays = [], [], []
+    step_draws, loss, ema_update = dd.step_draws, dd.diffusion_loss, dd.ema_update
+
+    def recorded_draws(seed, step, *a, **k):
+        out = step_draws(seed, step, *a, **k)
+        draws.append((seed, step, out[2]))
+        return out
+    monkeypatch.setattr(dd, "step_draws", recorded_draws)
+    monkeypatch.setattr(dd, "diffusion_loss", lambda m, x, t, n, y=None: (len(x) == 16 and labels.append(y)) or
+                        loss(m, x, t, n, y))  # the training batches (the FLOP count runs a batch of 2)
+    monkeypatch.setattr(dd, "ema_update", lambda e, m, decay: decays.append(decay) or ema_update(e, m, decay))
+    out = tmp_path / "run"
+    dd.main(["--smoke", "--data-dir", tiny_cifar10(tmp_path / "data", n_train=64, n_test=32), "--no-download",
+             "--out", str(out), "--iters", "6", "--warmup", "4", "--lr", "1e-3", "--batch-size", "16", "--cond",
+             "--p-uncond", "0.5", "--seed", "3", "--log-every", "1", "--grid", "0", "--probe-epochs", "1"])
+    assert [(seed, step) for seed, step, _ in draws] == [(3, s) for s in range(6)] and len(labels) == 6
+    for (_, _, drop), y in zip(draws, labels):
+        assert torch.equal(y == 10, drop < 0.5)  # CIFAR-10's null class is 10
+    assert 0 < sum(int((y == 10).sum()) for y in labels) < 6 * 16
+    assert decays == pytest.approx([(1 + s) / (10 + s) for s in range(6)])  # below the smoke preset's 0.9
+    lrs = [float(l.split(" | lr ")[1].split()[0]) for l in open(out / "log.txt") if l.startswith("iter ")]
+    assert lrs == pytest.approx([1e-3 * min(1, (s + 1) / 4) for s in range(1, 7)])
+    # the draws differ by step and by seed
+    d = lambda seed, step: dd.step_draws(seed, step, 4, "cpu")[1]
+    assert not torch.equal(d(0, 5), d(0, 6)) and not torch.equal(d(0, 5), d(1, 5)) and torch.equal(d(0, 5), d(0, 5))
 
 
 def test_main_reports_fid_with_weights_file(data_dir, tmp_path):

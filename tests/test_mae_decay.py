@@ -1,7 +1,7 @@
 """mae_decay.py: the shortcut schedule and blocks against hand computations, masking and skips, the GPU
 crop, a short real CIFAR-10 run that must learn, the probe.py protocol, and issue 8's reliability checks
 (resume bitwise, torchrun 2 processes vs 1, NaN guard, bad flags)."""
-import contextlib, json, math, os, signal
+import contextlib, json, math, os, signal, types
 from collections import namedtuple
 
 import pytest
@@ -470,6 +470,30 @@ def test_imagenet100_folder_path(data_dir, tmp_path):
     m = json.load(open(out / "results.json"))["metrics"]
     assert m["steps"] == 4 and m["final"]["n_train"] == 32 and m["final"]["n_test"] == 8
     assert math.isfinite(m["final"]["knn"]) and os.path.exists(out / "reconstructions.png")
+
+
+def test_training_loop_step_by_step(tmp_path, monkeypatch):
+    """Step s trains at lr_at(s) and masks with noise keyed by (seed, s): a fresh mask each step and each seed; an
+    epoch's train_loss is the mean of its steps' losses (the per-step values of the log)."""
+    mask_steps, lr_steps = [], []
+    mask_noise, lr_at = M.mask_noise, M.lr_at
+    monkeypatch.setattr(M, "mask_noise", lambda a, step, *r: mask_steps.append(step) or mask_noise(a, step, *r))
+    monkeypatch.setattr(M, "lr_at", lambda step, *r: lr_steps.append(step) or lr_at(step, *r))
+    out = tmp_path / "out"
+    run_inproc(["--smoke", "--data-dir", tiny_cifar10(tmp_path / "data"), "--out", out, "--epochs", 2,
+                "--log-every", 1, "--no-download"])
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    hist, total = ck["history"], ck["step"]
+    assert total >= 4 and mask_steps == lr_steps == list(range(total))
+    logged = [float(l.split(" loss ")[1].split()[0]) for l in open(out / "log.txt") if l.startswith("step ")]
+    spe = total // 2
+    assert len(logged) == total and hist["train_loss"] == pytest.approx(
+        [sum(logged[:spe]) / spe, sum(logged[spe:]) / spe], abs=1e-4)
+
+    one = FakeDist(0, 1, torch.device("cpu"))
+    noise = lambda seed, step: M.mask_noise(types.SimpleNamespace(seed=seed, batch_size=4), step, 16, one)
+    assert not torch.equal(noise(0, 3), noise(0, 4)) and not torch.equal(noise(0, 3), noise(1, 3))
+    assert torch.equal(noise(0, 3), noise(0, 3))
 
 
 def test_cifar100_path(tmp_path):

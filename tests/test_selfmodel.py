@@ -479,6 +479,28 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(mnist, tmp_path):
     assert list(ck["done"]) == ["aw=0,seed=0"] and all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
+def test_each_seed_has_its_own_init_and_batches(mnist, tmp_path, monkeypatch):
+    """Cell (AW, seed) starts from torch.manual_seed(seed)'s weights and trains on seed's batch order: two seeds
+    differ in both; the AW 0 and AW 1 cells of one seed share the initial weights of the plain rows."""
+    inits, batch_seeds = [], []
+    build, train = S.build_model, S.Data.train
+
+    def recorded_build(cfg, self_model=None):
+        model = build(cfg, self_model)
+        inits.append(model.body.fc.weight.detach().clone())
+        return model
+    monkeypatch.setattr(S, "build_model", recorded_build)
+    monkeypatch.setattr(S.Data, "train", lambda self, seed: batch_seeds.append(seed) or train(self, seed))
+    S.main(SMOKE[1:] + ["--data-dir", mnist, "--out", str(tmp_path / "run"), "--aw", "0,1", "--seed", "4",
+                        "--seeds", "2"])
+    cells = list(json.load(open(tmp_path / "run" / "results.json"))["metrics"]["runs"])
+    assert len(inits) == len(batch_seeds) == len(cells) == 4
+    by_cell = dict(zip(cells, zip(inits, batch_seeds)))
+    assert [by_cell[f"aw=0,seed={s}"][1] for s in (4, 5)] == [4, 5]
+    assert not torch.equal(by_cell["aw=0,seed=4"][0], by_cell["aw=0,seed=5"][0])
+    assert torch.equal(by_cell["aw=0,seed=4"][0], by_cell["aw=1,seed=4"][0])
+
+
 def run_in_process(argv, capsys):
     """main() as the CLI runs it (common.run_main): the exit code and the stderr text."""
     with pytest.raises(SystemExit) as e:

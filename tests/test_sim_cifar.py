@@ -432,6 +432,38 @@ def test_summary_intervals_and_paired_gain():
     assert "paired_gain" not in alone and alone["test_acc_mean"]["rho"] == pytest.approx(93.5)
 
 
+def test_training_loop_step_by_step(cifar, tmp_path, monkeypatch):
+    """What train_run does each step: step s (0, 1, ...) trains at lr_at(s); a logged loss is the mean of the
+    steps since the last line (the short last interval too); the step timing leaves out this process's first
+    epoch (compile and warm-up); a stop charges the time trained so far to the checkpoint."""
+    argv = TINY + ["--data-dir", cifar, "--train-subset", "448", "--log-every", "3"]  # 7 steps per epoch, 2 epochs
+    args = S.parse_args(argv)
+    data = S.load_data(args, CPU)
+    cfg = dict(vars(args), dataset="cifar10")
+    lr_steps, losses = [], []
+    lr_at, loss_of = S.lr_at, S.training_loss
+    monkeypatch.setattr(S, "lr_at", lambda step, *a: lr_steps.append(step) or lr_at(step, *a))
+
+    def recorded_loss(*a):
+        out = loss_of(*a)
+        losses.append(out[0].item())
+        return out
+    monkeypatch.setattr(S, "training_loss", recorded_loss)
+    out = str(tmp_path / "run")
+    _train_in_process(args, cfg, data, out)
+    ck = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert lr_steps == list(range(14)) and len(losses) == 14
+    assert [h[0] for h in ck["history"]["loss"]] == [3, 6, 9, 12, 14]
+    for (step, mean, *_), first in zip(ck["history"]["loss"], [0, 3, 6, 9, 12]):
+        assert mean == pytest.approx(sum(losses[first:step]) / (step - first), rel=1e-5), step
+    # timed intervals: those ending after step 7 (the first epoch) and after a previous line: steps 9, 12, 14
+    assert [n for _, n in ck["timing"]] == [3, 3, 2]
+
+    stopped = str(tmp_path / "stopped")
+    assert _train_in_process(args, cfg, data, stopped, stop_at=2) is None
+    assert common.load_checkpoint(os.path.join(stopped, "ckpt.pt"))["seconds"] > 0
+
+
 def test_target_acc_time_null_and_resume(cifar, tmp_path, monkeypatch):
     """--target-acc: the seconds from the clock to the first evaluation at or above it (0: the first one), null if
     never reached (101); kept across a --resume when measured before the interruption, null (epoch kept) when
