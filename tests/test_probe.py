@@ -11,7 +11,7 @@ from conftest import assert_clean_error, need, run_script
 
 SMOKE = {  # script -> extra smoke flags; each writes OUT/ckpt.pt
     "mae_decay": ["--seed", "1"],  # seeds other than 0: probe.py must evaluate with the run's own seed
-    "diffusion_decay": ["--seed", "2"],
+    "diffusion_decay": ["--seed", "2", "--knn-k", "7"],  # and a k of its own: probe.py must use it too
     "sim_cifar": [],
     "selfmodel": ["--task", "mnist"],
 }
