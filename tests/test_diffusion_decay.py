@@ -647,6 +647,12 @@ def test_training_loop_step_by_step(tmp_path, monkeypatch):
     assert decays == pytest.approx([(1 + s) / (10 + s) for s in range(6)])  # below the smoke preset's 0.9
     lrs = [float(l.split(" | lr ")[1].split()[0]) for l in open(out / "log.txt") if l.startswith("iter ")]
     assert lrs == pytest.approx([1e-3 * min(1, (s + 1) / 4) for s in range(1, 7)])
+    # the training step's FLOPs per image (fwd + bwd), as counted on one image of the same model
+    res = json.load(open(out / "results.json"))
+    model = dd.build_model(res["config"])
+    one = common.count_flops(lambda: loss(model, torch.zeros(1, 3, 32, 32), torch.full((1,), 0.5),
+                                          torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)).backward())
+    assert res["metrics"]["flops_per_img"] == one > 0
     # the draws differ by step and by seed
     d = lambda seed, step: dd.step_draws(seed, step, 4, "cpu")[1]
     assert not torch.equal(d(0, 5), d(0, 6)) and not torch.equal(d(0, 5), d(1, 5)) and torch.equal(d(0, 5), d(0, 5))

@@ -432,6 +432,24 @@ def test_summary_intervals_and_paired_gain():
     assert "paired_gain" not in alone and alone["test_acc_mean"]["rho"] == pytest.approx(93.5)
 
 
+def test_cost_of_a_step_scales_exactly_and_ratios_are_against_off(cifar):
+    """measure_cost counts the FLOPs of 2 images and scales them to the batch: exactly the count of a whole
+    batch's step; step times are timed per mode and put against off's (rho / off, not off / rho)."""
+    args = S.parse_args(TINY + ["--data-dir", cifar, "--batch-size", "8", "--bench-steps", "1"])
+    data = S.load_data(args, CPU)
+    cost = S.measure_cost(args, CPU, data, log=lambda *a: None)
+    x, y = next(S.make_batches(data, dict(vars(args), sim="off", dataset="cifar10"), CPU)[0].epoch(0))
+    for mode in S.MODES:
+        cfg = dict(vars(args), sim=mode, dataset="cifar10")
+        net = S.new_model(cfg, CPU)
+        whole = common.count_flops(lambda: S.training_loss(net, x, y, cfg)[0].backward())
+        assert len(x) == 8 and cost["flops_per_step"][mode] == whole, mode
+    assert cost["flops_ratio"]["rho"] == cost["flops_per_step"]["rho"] / cost["flops_per_step"]["off"] > 1
+    ms = cost["step_ms"]
+    assert set(ms) == set(S.MODES) and all(v > 0 for v in ms.values())
+    assert cost["step_ratio"] == {m: ms[m] / ms["off"] for m in S.MODES}
+
+
 def test_training_loop_step_by_step(cifar, tmp_path, monkeypatch):
     """What train_run does each step: step s (0, 1, ...) trains at lr_at(s); a logged loss is the mean of the
     steps since the last line (the short last interval too); the step timing leaves out this process's first
