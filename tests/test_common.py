@@ -234,8 +234,9 @@ def test_batches_crop_and_flip_are_real_augmentations():
         flipped += hits[0][2]
     assert shifted > n // 2 and 10 < flipped < n - 10
     # offsets 0..2p inclusive: the crop reaches a full `pad` pixels of border on every side
-    dy, dx, _ = b._draw(4096, torch.Generator().manual_seed(0))
+    dy, dx, flip = b._draw(4096, torch.Generator().manual_seed(0))
     assert set(dy.tolist()) == set(dx.tolist()) == set(range(5))
+    assert 0.47 < flip.float().mean() < 0.53  # each image mirrored with probability 1/2
 
 
 def test_peak_flops_table(monkeypatch):
@@ -348,6 +349,9 @@ def test_extract_features_noise_comes_from_the_seed():
     assert torch.equal(a["f"], a2["f"]) and not torch.equal(a["f"], c["f"]) and torch.equal(y, torch.arange(6))
     g = torch.Generator().manual_seed(3)
     assert torch.equal(a["f"][:4], next(iter(b))[0].flatten(1) + torch.randn(4, 48, generator=g))
+    # one stream for the whole pass: the second batch's noise goes on from the first's, it does not repeat it
+    noise = common.extract_features(lambda x, g: {"n": torch.randn(len(x), 48, generator=g)}, b, seed=3)[0]["n"]
+    assert not torch.equal(noise[4:6], noise[:2])
 
 
 def test_evaluate_features_is_deterministic():

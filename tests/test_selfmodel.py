@@ -190,6 +190,10 @@ def test_paper_settings_normalisation_nbeta_and_augmentation_ranges():
     angle, shift = torch.atan2(theta[:, 1, 0], theta[:, 0, 0]).abs(), theta[:, :, 2].abs()
     assert math.radians(14) < angle.max() <= math.radians(15) + 1e-6
     assert 0.19 < shift.max() <= 0.2 + 1e-6
+    assert not torch.equal(theta, aug._theta(1, 0))  # new draws every epoch
+    rot = theta[:, :, :2]  # a rotation (no shear, no mirror): orthogonal with determinant 1
+    assert torch.allclose(rot @ rot.transpose(1, 2), torch.eye(2).expand(2048, 2, 2), atol=1e-6)
+    assert torch.allclose(torch.linalg.det(rot), torch.ones(2048), atol=1e-6)
 
 
 def test_summary_has_student_t_intervals_and_a_rank_trend():
@@ -477,6 +481,21 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(mnist, tmp_path):
     assert_clean_error(p, "step 96", str(tmp_path / "ckpt.pt"))
     ck = common.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert list(ck["done"]) == ["aw=0,seed=0"] and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_text_batches_drop_the_short_train_batch_and_reshuffle_each_epoch():
+    """IMDB batches: training drops the short last batch and draws a new order every epoch; evaluation keeps
+    every review in order; each batch's (tokens, offsets) rebuilds exactly its reviews."""
+    seqs = [torch.arange(i % 3 + 1) + 10 * i for i in range(10)]  # reviews of 1 to 3 tokens, review i = label i
+    labels = torch.arange(10)
+    train = S.TextBatches(seqs, labels, 4, train=True, device="cpu", seed=0)
+    e0, e1 = ([y for _, y in train.epoch(e)] for e in (0, 1))
+    assert len(train) == 2 and [len(y) for y in e0] == [4, 4] and not torch.equal(torch.cat(e0), torch.cat(e1))
+    ev = S.TextBatches(seqs, labels, 4, train=False, device="cpu")
+    assert len(ev) == 3 and torch.equal(torch.cat([y for _, y in ev]), labels)
+    for (tokens, offsets), y in [*train.epoch(1), *ev]:
+        ends = offsets[1:].tolist() + [len(tokens)]
+        assert [tokens[a:b].tolist() for a, b in zip(offsets.tolist(), ends)] == [seqs[i].tolist() for i in y]
 
 
 def test_each_seed_has_its_own_init_and_batches(mnist, tmp_path, monkeypatch):
