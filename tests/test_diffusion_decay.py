@@ -1,6 +1,6 @@
 """Tests for diffusion_decay.py: the FID maths, the solver, the U-ViT structure and the reliability
 behaviours of issue 8 (resume, torchrun, NaN guard, bad input)."""
-import json, math, os, shutil, signal
+import json, math, os, shutil, signal, time
 
 import numpy as np
 import pytest
@@ -653,6 +653,15 @@ def test_training_loop_step_by_step(tmp_path, monkeypatch):
     one = common.count_flops(lambda: loss(model, torch.zeros(1, 3, 32, 32), torch.full((1,), 0.5),
                                           torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)).backward())
     assert res["metrics"]["flops_per_img"] == one > 0
+    # img/s is read after the first log interval (compile, warm-up): here a first interval made 1 s slower
+    monkeypatch.setattr(dd, "step_draws", lambda seed, step, *a, **k: (step == 0 and time.sleep(1)) or
+                        step_draws(seed, step, *a, **k))
+    slow = tmp_path / "slow"
+    dd.main(["--smoke", "--data-dir", str(tmp_path / "data"), "--no-download", "--out", str(slow), "--iters", "6",
+             "--log-every", "3", "--grid", "0", "--probe-epochs", "1"])
+    ips = [float(l.split(" img/s")[0].split()[-1]) for l in open(slow / "log.txt") if l.startswith("iter ")]
+    speed = json.load(open(slow / "results.json"))["metrics"]["img_per_s"]
+    assert len(ips) == 2 and ips[0] < ips[1] / 2 and speed == pytest.approx(ips[1], abs=0.51)
     # the draws differ by step and by seed
     d = lambda seed, step: dd.step_draws(seed, step, 4, "cpu")[1]
     assert not torch.equal(d(0, 5), d(0, 6)) and not torch.equal(d(0, 5), d(1, 5)) and torch.equal(d(0, 5), d(0, 5))

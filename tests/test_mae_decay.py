@@ -1,9 +1,10 @@
 """mae_decay.py: the shortcut schedule and blocks against hand computations, masking and skips, the GPU
 crop, a short real CIFAR-10 run that must learn, the probe.py protocol, and issue 8's reliability checks
 (resume bitwise, torchrun 2 processes vs 1, NaN guard, bad flags)."""
-import contextlib, json, math, os, signal, types
+import contextlib, json, math, os, signal, time, types
 from collections import namedtuple
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,6 +97,13 @@ def test_attention_is_softmax_attention():
     w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1)
     ref = attn.proj((w @ v).transpose(1, 2).reshape(3, 7, 16))
     assert torch.allclose(attn(x), ref, atol=1e-5)
+
+
+def test_pearson_needs_three_evaluations():
+    """Fig. 5's correlation over the evaluations: None below 3 points (two points always give +-1) or for a
+    constant series, else numpy's r."""
+    assert M.pearson([1.0, 2.0], [3.0, 5.0]) is None and M.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 4.0]) is None
+    assert M.pearson([1.0, 2.0, 4.0], [2.0, 1.0, 7.0]) == pytest.approx(np.corrcoef([1, 2, 4], [2, 1, 7])[0, 1])
 
 
 def test_flops_per_image_is_forward_plus_backward_per_image():
@@ -489,6 +497,15 @@ def test_training_loop_step_by_step(tmp_path, monkeypatch):
     spe = total // 2
     assert len(logged) == total and hist["train_loss"] == pytest.approx(
         [sum(logged[:spe]) / spe, sum(logged[spe:]) / spe], abs=1e-4)
+
+    # img/s is read after the first log interval (compile, warm-up): here a first interval made 1 s slower
+    slow = tmp_path / "slow"
+    monkeypatch.setattr(M, "mask_noise", lambda a, step, *r: (step == 0 and time.sleep(1)) or mask_noise(a, step, *r))
+    run_inproc(["--smoke", "--data-dir", tmp_path / "data", "--out", slow, "--epochs", 2, "--log-every", spe,
+                "--no-download"])
+    ips = [float(l.split(" img/s")[0].split()[-1]) for l in open(slow / "log.txt") if l.startswith("step ")]
+    speed = json.load(open(slow / "results.json"))["metrics"]["img_per_s"]
+    assert len(ips) == 2 and ips[0] < ips[1] / 2 and speed == pytest.approx(ips[1], abs=0.51)
 
     one = FakeDist(0, 1, torch.device("cpu"))
     noise = lambda seed, step: M.mask_noise(types.SimpleNamespace(seed=seed, batch_size=4), step, 16, one)

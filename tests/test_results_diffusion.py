@@ -138,7 +138,8 @@ def test_two_fid_sizes_of_one_run_in_order_the_largest_timing_sampling(runs, tmp
     """Re-evaluations of one run at FID-8 and FID-16 (a stand-in copy): both columns, in the order of N (not of
     the text: '16' < '8'); samples/s is the larger one's, the longest measurement."""
     m = results(runs[2])["metrics"]
-    big = variant(runs[2], tmp_path / "fid16", {"fid_n": 16}, {"fid_n": 16, "fid": m["fid"] / 2, "sample_img_per_s": 123.0})
+    big = variant(runs[2], tmp_path / "fid16", {"fid_n": 16},
+                  {"fid_n": 16, "fid": m["fid"] / 2, "sample_img_per_s": 123.0})
     s = F.build("two", P.load_runs([*runs, big], "diffusion_decay"), str(tmp_path))
     decayed = s["runs"][1]
     assert list(decayed["fid"]) == ["8", "16"] and decayed["samples_per_s"] == 123.0

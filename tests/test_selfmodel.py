@@ -498,11 +498,27 @@ def test_text_batches_drop_the_short_train_batch_and_reshuffle_each_epoch():
         assert [tokens[a:b].tolist() for a, b in zip(offsets.tolist(), ends)] == [seqs[i].tolist() for i in y]
 
 
-def test_each_seed_has_its_own_init_and_batches(mnist, tmp_path, monkeypatch):
-    """Cell (AW, seed) starts from torch.manual_seed(seed)'s weights and trains on seed's batch order: two seeds
-    differ in both; the AW 0 and AW 1 cells of one seed share the initial weights of the plain rows."""
-    inits, batch_seeds = [], []
-    build, train = S.build_model, S.Data.train
+def test_checkpoints_between_epochs_resume_at_the_next_epoch(mnist, tmp_path, monkeypatch):
+    """--ckpt-interval 0: a checkpoint after every epoch but the last, each pointing at the next epoch's first
+    batch (epoch * batches per epoch + batch = the steps done), so a resume neither repeats nor skips steps."""
+    saves, save = [], S.Sweep.save
+    monkeypatch.setattr(S.Sweep, "save", lambda self, model, opt, aw, seed, running, epoch=0, batch=0, step=0,
+                        history=(): saves.append((running, epoch, batch, step)) or
+                        save(self, model, opt, aw, seed, running, epoch, batch, step, history))
+    S.main(SMOKE[1:] + ["--data-dir", mnist, "--out", str(tmp_path / "run"), "--aw", "0", "--epochs", "3",
+                        "--ckpt-interval", "0"])
+    between = [s for s in saves if s[0]]
+    assert [e for _, e, _, _ in between] == [1, 2] and all(b == 0 for _, _, b, _ in between)
+    per_epoch = between[0][3]
+    assert per_epoch > 0 and [st for *_, st in between] == [per_epoch, 2 * per_epoch]
+
+
+def test_each_seed_has_its_own_init_batches_and_rlct_draws(mnist, tmp_path, monkeypatch):
+    """Cell (AW, seed) starts from torch.manual_seed(seed)'s weights, trains on seed's batch order and samples its
+    RLCT with seed: two seeds differ in all three; the AW 0 and AW 1 cells of one seed share the initial weights
+    of the plain rows."""
+    inits, batch_seeds, llc_seeds = [], [], []
+    build, train, llc_of = S.build_model, S.Data.train, S.llc_of
 
     def recorded_build(cfg, self_model=None):
         model = build(cfg, self_model)
@@ -510,12 +526,14 @@ def test_each_seed_has_its_own_init_and_batches(mnist, tmp_path, monkeypatch):
         return model
     monkeypatch.setattr(S, "build_model", recorded_build)
     monkeypatch.setattr(S.Data, "train", lambda self, seed: batch_seeds.append(seed) or train(self, seed))
+    monkeypatch.setattr(S, "llc_of", lambda model, data, cfg, seed, *a: llc_seeds.append(seed) or
+                        llc_of(model, data, cfg, seed, *a))
     S.main(SMOKE[1:] + ["--data-dir", mnist, "--out", str(tmp_path / "run"), "--aw", "0,1", "--seed", "4",
                         "--seeds", "2"])
     cells = list(json.load(open(tmp_path / "run" / "results.json"))["metrics"]["runs"])
-    assert len(inits) == len(batch_seeds) == len(cells) == 4
-    by_cell = dict(zip(cells, zip(inits, batch_seeds)))
-    assert [by_cell[f"aw=0,seed={s}"][1] for s in (4, 5)] == [4, 5]
+    assert len(inits) == len(batch_seeds) == len(llc_seeds) == len(cells) == 4
+    by_cell = dict(zip(cells, zip(inits, batch_seeds, llc_seeds)))
+    assert [by_cell[f"aw={a},seed={s}"][1:] for a in (0, 1) for s in (4, 5)] == [(4, 4), (5, 5)] * 2
     assert not torch.equal(by_cell["aw=0,seed=4"][0], by_cell["aw=0,seed=5"][0])
     assert torch.equal(by_cell["aw=0,seed=4"][0], by_cell["aw=1,seed=4"][0])
 
