@@ -502,10 +502,12 @@ def test_training_loop_step_by_step(tmp_path, monkeypatch):
     slow = tmp_path / "slow"
     monkeypatch.setattr(M, "mask_noise", lambda a, step, *r: (step == 0 and time.sleep(1)) or mask_noise(a, step, *r))
     run_inproc(["--smoke", "--data-dir", tmp_path / "data", "--out", slow, "--epochs", 2, "--log-every", spe,
-                "--no-download"])
+                "--eval-every", 3, "--no-download"])
     ips = [float(l.split(" img/s")[0].split()[-1]) for l in open(slow / "log.txt") if l.startswith("step ")]
-    speed = json.load(open(slow / "results.json"))["metrics"]["img_per_s"]
-    assert len(ips) == 2 and ips[0] < ips[1] / 2 and speed == pytest.approx(ips[1], abs=0.51)
+    m = json.load(open(slow / "results.json"))["metrics"]
+    assert len(ips) == 2 and ips[0] < ips[1] / 2 and m["img_per_s"] == pytest.approx(ips[1], abs=0.51)
+    # --eval-every 3 never falls due in 2 epochs: the last epoch is evaluated anyway
+    assert [t["epoch"] for t in m["trajectory"]] == [2] and m["final"]["epoch"] == 2
 
     one = FakeDist(0, 1, torch.device("cpu"))
     noise = lambda seed, step: M.mask_noise(types.SimpleNamespace(seed=seed, batch_size=4), step, 16, one)
