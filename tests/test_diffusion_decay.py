@@ -399,6 +399,17 @@ def test_fid_samples_are_split_by_rank(monkeypatch):
     assert made == [[0, 3], [6], [1, 4], [7], [2, 5]]
 
 
+def test_generate_passes_the_sampler_flags_on(monkeypatch):
+    """--solver ddim is first order, dpm2m second; --t-end and --no-denoise reach the solver; without them
+    it ends at T_SAMPLE_END with the denoising step."""
+    seen = []
+    monkeypatch.setattr(dd, "dpm_solver", lambda eps, x, steps, order, t_end, denoise:
+                        seen.append((steps, order, t_end, denoise)) or x)
+    dd.generate(None, {"cond": False, "t_end": 1e-3, "denoise": False}, range(2), 7, solver="ddim")
+    dd.generate(None, {"cond": False}, range(2), 5)
+    assert seen == [(7, 1, 1e-3, False), (5, 2, dd.T_SAMPLE_END, True)]
+
+
 def test_real_statistics_are_split_by_rank(monkeypatch):
     """Rank r of w runs the Inception network on real images r, r + w, ... only (then all ranks gather)."""
     seen = []
