@@ -664,8 +664,8 @@ def test_training_loop_step_by_step(tmp_path, monkeypatch):
     one = common.count_flops(lambda: loss(model, torch.zeros(1, 3, 32, 32), torch.full((1,), 0.5),
                                           torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)).backward())
     assert res["metrics"]["flops_per_img"] == one > 0
-    # img/s is read after the first log interval (compile, warm-up): here a first interval made 1 s slower
-    monkeypatch.setattr(dd, "step_draws", lambda seed, step, *a, **k: (step == 0 and time.sleep(1)) or
+    # img/s is read after the first log interval (compile, warm-up): here a first interval made 2 s slower
+    monkeypatch.setattr(dd, "step_draws", lambda seed, step, *a, **k: (step == 0 and time.sleep(2)) or
                         step_draws(seed, step, *a, **k))
     slow = tmp_path / "slow"
     dd.main(["--smoke", "--data-dir", str(tmp_path / "data"), "--no-download", "--out", str(slow), "--iters", "6",

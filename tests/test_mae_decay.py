@@ -498,9 +498,9 @@ def test_training_loop_step_by_step(tmp_path, monkeypatch):
     assert len(logged) == total and hist["train_loss"] == pytest.approx(
         [sum(logged[:spe]) / spe, sum(logged[spe:]) / spe], abs=1e-4)
 
-    # img/s is read after the first log interval (compile, warm-up): here a first interval made 1 s slower
+    # img/s is read after the first log interval (compile, warm-up): here a first interval made 2 s slower
     slow = tmp_path / "slow"
-    monkeypatch.setattr(M, "mask_noise", lambda a, step, *r: (step == 0 and time.sleep(1)) or mask_noise(a, step, *r))
+    monkeypatch.setattr(M, "mask_noise", lambda a, step, *r: (step == 0 and time.sleep(2)) or mask_noise(a, step, *r))
     run_inproc(["--smoke", "--data-dir", tmp_path / "data", "--out", slow, "--epochs", 2, "--log-every", spe,
                 "--eval-every", 3, "--no-download"])
     ips = [float(l.split(" img/s")[0].split()[-1]) for l in open(slow / "log.txt") if l.startswith("step ")]
