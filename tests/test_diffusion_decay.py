@@ -33,7 +33,6 @@ def test_position_embedding_starts_as_uvit_does():
     assert pos.std().item() == pytest.approx(0.02, rel=0.03) and pos.abs().max() <= 2
 
 
-
 # ---------------------------------------------------------------------------------------------- FID maths
 
 

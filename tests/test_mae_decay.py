@@ -23,8 +23,6 @@ def tiny(**kw):
     return M.build_model(dict(TINY, **kw))
 
 
-
-
 @contextlib.contextmanager
 def signals_kept():
     """main() installs SIGTERM/SIGINT handlers (StopSignal); give pytest its own back."""

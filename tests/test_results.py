@@ -300,7 +300,8 @@ def published_commands():
     for f in sorted(os.listdir(os.path.join(ROOT, "results"))):
         if f.endswith(".json") and f != "sim_flops.json":
             pub = json.load(open(os.path.join(ROOT, "results", f)))
-            cmds = pub.get("commands") or [r["command"] for r in pub.get("runs", []) if isinstance(r, dict) and "command" in r]
+            runs = [r for r in pub.get("runs", []) if isinstance(r, dict) and "command" in r]
+            cmds = pub.get("commands") or [r["command"] for r in runs]
             out += [(f, c) for c in cmds]
     return out
 
