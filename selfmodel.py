@@ -16,6 +16,7 @@ correlation over the per-seed values, with a permutation p-value).
   python selfmodel.py --task cifar10 --aw 0,0.5,1,2 --seeds 10                 # paper: Adam 1e-4, 250 epochs
   python selfmodel.py --task imdb --preset quick --aw 0,1,100,500 --seeds 5    # 50 epochs + momentum (paper: 500)
   python selfmodel.py --task imdb --aw 0,1,100,500 --seeds 10                  # the paper's: 500 epochs, plain SGD
+  python selfmodel.py --task imdb --preset quick --aw 0,100,500 --target embedding  # self-model the embedding
   python selfmodel.py --task mnist --aw 0,50 --seeds 2 --llc-grid-eps 1e-5,1e-4,1e-3 --llc-grid-gamma 1,10,100
   python selfmodel.py --smoke                                                  # CPU, seconds
   torchrun --nproc_per_node 8 selfmodel.py --task cifar10 --preset quick       # DDP over the batch
@@ -24,7 +25,9 @@ correlation over the per-seed values, with a permutation p-value).
 Models (the paper's): MNIST MLP 784 -> hidden (ReLU) -> head, target = the hidden activation;
 CIFAR-10 ResNet-18 (3x3 stem, no max-pool) -> avgpool -> Linear(512, 2000) + ReLU -> head, targets =
 the last block's output (512x4x4) and the 2000-d hidden; IMDB EmbeddingBag(vocab, 64) -> Linear(64, 128)
-+ ReLU -> head, target = the 128-d hidden. AW = 0 builds the plain network (no extra outputs).
++ ReLU -> head, target = the 128-d hidden. AW = 0 builds the plain network (no extra outputs). `--target`
+picks other layers: the authors' code also self-models IMDB's 64-d mean embedding (`--target embedding`);
+on CIFAR-10 either target alone (`block`, `hidden`).
 Data as the authors: images Normalize(0.5, 0.5) (`--normalize dataset` for the data set's statistics; the
 choice sets the scale of the weight width); IMDB tokenised by torchtext's basic_english rules (written out
 in common.tokenize) with the vocabulary of every training word. Left open by the paper: the data order; the
@@ -65,14 +68,21 @@ SCRIPT = "selfmodel"
 # ----------------------------------------------------------------------------------------------------
 # config: the paper's settings per task, shorter presets, and a CPU-sized smoke run
 
-TASKS = {
-    "mnist": dict(dataset="mnist", hidden=64, optimizer="sgd", lr=0.005, momentum=0.9, epochs=50, batch_size=512,
-                  aw="0,1,10,50", sgld_eps=1e-4, sgld_gamma=100.0, sgld_chains=4, sgld_draws=1000, sgld_batch=512),
-    "cifar10": dict(dataset="cifar10", hidden=2000, optimizer="adam", lr=1e-4, momentum=0.0, epochs=250, batch_size=64,
-                    aw="0,0.5,1,2", sgld_eps=1e-4, sgld_gamma=100.0, sgld_chains=4, sgld_draws=400, sgld_batch=64),
-    "imdb": dict(dataset="imdb", hidden=128, optimizer="sgd", lr=0.1, momentum=0.0, epochs=500, batch_size=64,
-                 aw="0,1,100,500", sgld_eps=1e-3, sgld_gamma=10.0, sgld_chains=4, sgld_draws=1000, sgld_batch=64),
+TASKS = {  # target: the layers the self-model predicts (TARGETS below), the paper's choice per task
+    "mnist": dict(dataset="mnist", hidden=64, target="hidden", optimizer="sgd", lr=0.005, momentum=0.9, epochs=50,
+                  batch_size=512, aw="0,1,10,50", sgld_eps=1e-4, sgld_gamma=100.0, sgld_chains=4, sgld_draws=1000,
+                  sgld_batch=512),
+    "cifar10": dict(dataset="cifar10", hidden=2000, target="block,hidden", optimizer="adam", lr=1e-4, momentum=0.0,
+                    epochs=250, batch_size=64, aw="0,0.5,1,2", sgld_eps=1e-4, sgld_gamma=100.0, sgld_chains=4,
+                    sgld_draws=400, sgld_batch=64),
+    "imdb": dict(dataset="imdb", hidden=128, target="hidden", optimizer="sgd", lr=0.1, momentum=0.0, epochs=500,
+                 batch_size=64, aw="0,1,100,500", sgld_eps=1e-3, sgld_gamma=10.0, sgld_chains=4, sgld_draws=1000,
+                 sgld_batch=64),
 }
+# --target's choices per task, in forward order: block = the last ResNet block's output (8w x 4 x 4), hidden =
+# the ReLU layer before the head, embedding = IMDB's 64-d mean embedding (the authors' code also runs this one:
+# "embedding_AW=100" / "embedding_AW=500" beside their hidden-layer variants)
+TARGETS = {"mnist": ("hidden",), "cifar10": ("block", "hidden"), "imdb": ("embedding", "hidden")}
 PRESETS = {  # "paper" = TASKS as they are; "quick" finishes a 4 AW x 3 seed sweep in minutes on one GPU
     "paper": {},
     # IMDB: the paper's plain SGD 0.1 moves the N(0, 1)-initialised, mean-pooled embedding rows very slowly
@@ -112,6 +122,10 @@ def build_parser():
                    + d("aw"))
     p.add_argument("--seeds", type=int, default=None, help="seeds per AW: --seed, --seed+1, ..." + d("seeds"))
     p.add_argument("--hidden", type=int, default=None, help="hidden width" + d("hidden"))
+    p.add_argument("--target", default=None,
+                   help="comma-separated layers the self-model predicts: mnist hidden; cifar10 block (the last "
+                        "block's 8w x 4 x 4 output), hidden; imdb embedding (the 64-d mean embedding), hidden"
+                        + d("target"))
     p.add_argument("--width", type=int, default=None, help="ResNet-18 base width, CIFAR-10 only (default 64)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="IMDB only: vocabulary size (default 0 = every training word, as the paper)")
@@ -171,6 +185,10 @@ def get_args(argv=None):
     for k, v in fill.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    names = [n.strip() for n in args.target.split(",") if n.strip()]
+    check(names and all(n in TARGETS[args.task] for n in names) and len(set(names)) == len(names),
+          f"--target {args.target}: give one or more of {', '.join(TARGETS[args.task])} (task {args.task}), each once")
+    args.target = ",".join(n for n in TARGETS[args.task] if n in names)  # forward order, as the hooks see them
     aws = common.parse_list(args.aw, float, "--aw")
     check(all(math.isfinite(a) and a >= 0 for a in aws), f"--aw {args.aw}: every AW must be >= 0 (0 = plain network)")
     check(len(set(aws)) == len(aws), f"--aw {args.aw} lists a value twice: give each AW once")
@@ -191,6 +209,7 @@ def get_args(argv=None):
     args.sgld_nbeta = args.sgld_batch / math.log(args.sgld_batch)
     if args.out is None:
         name = f"{args.task}_{args.preset}_h{args.hidden}_aw{args.aw.replace(',', '-')}_seeds{args.seeds}"
+        name += "" if args.target == TASKS[args.task]["target"] else "_target-" + args.target.replace(",", "-")
         args.out = os.path.join("out", SCRIPT, name + ("_smoke" if args.smoke else ""))
     return args
 
@@ -205,10 +224,10 @@ def parse_aws(cfg):
 
 
 class MLPBody(nn.Module):
-    def __init__(self, hidden):
+    def __init__(self, hidden, targets=("hidden",)):
         super().__init__()
         self.fc, self.act = nn.Linear(28 * 28, hidden), nn.ReLU()
-        self.targets = [self.act]
+        self.targets = [{"hidden": self.act}[n] for n in targets]
 
     def features(self, x):
         return [self.act(self.fc(x.flatten(1)))]
@@ -236,7 +255,7 @@ class BasicBlock(nn.Module):
 class ResNetBody(nn.Module):
     """CIFAR ResNet-18 (3x3 stem, no max-pool) -> global avgpool -> Linear(8w, hidden) + ReLU."""
 
-    def __init__(self, hidden, width=64):
+    def __init__(self, hidden, width=64, targets=("block", "hidden")):
         super().__init__()
         w = width
         self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
@@ -246,7 +265,8 @@ class ResNetBody(nn.Module):
             cin = c
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.fc, self.act = nn.Linear(8 * w, hidden), nn.ReLU()
-        self.targets = [self.layer4, self.act]  # the paper's: last block output (8w x 4 x 4) and the hidden
+        # the paper's targets: both, the last block's output (8w x 4 x 4) and the hidden
+        self.targets = [{"block": self.layer4, "hidden": self.act}[n] for n in targets]
 
     def features(self, x):
         x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
@@ -260,11 +280,11 @@ class ResNetBody(nn.Module):
 class TextBody(nn.Module):
     """EmbeddingBag(vocab, 64, mean) -> Linear(64, hidden) + ReLU; x = (tokens, offsets)."""
 
-    def __init__(self, num_tokens, hidden, embed=64):
+    def __init__(self, num_tokens, hidden, embed=64, targets=("hidden",)):
         super().__init__()
         self.emb = nn.EmbeddingBag(num_tokens, embed, mode="mean")
         self.fc, self.act = nn.Linear(embed, hidden), nn.ReLU()
-        self.targets = [self.act]
+        self.targets = [{"embedding": self.emb, "hidden": self.act}[n] for n in targets]
 
     def features(self, x):
         e = self.emb(*x)
@@ -319,10 +339,14 @@ class SelfModelNet(nn.Module):
         return nn.Sequential(self.body, self.head)
 
 
+def target_names(cfg):
+    """The config's --target as a tuple; configs written before the flag existed self-modeled the default."""
+    return tuple(cfg.get("target", TASKS[cfg["task"]]["target"]).split(","))
+
+
 def target_dim(cfg):
-    if cfg["task"] == "cifar10":
-        return 8 * cfg["width"] * 4 * 4 + cfg["hidden"]
-    return cfg["hidden"]
+    sizes = {"hidden": cfg["hidden"], "block": 8 * cfg.get("width", 64) * 4 * 4, "embedding": 64}
+    return sum(sizes[n] for n in target_names(cfg))
 
 
 def build_model(cfg, self_model=None):
@@ -331,11 +355,11 @@ def build_model(cfg, self_model=None):
         self_model = float(cfg.get("model_aw", 0.0)) > 0
     task = cfg["task"]
     if task == "mnist":
-        body = MLPBody(cfg["hidden"])
+        body = MLPBody(cfg["hidden"], target_names(cfg))
     elif task == "cifar10":
-        body = ResNetBody(cfg["hidden"], cfg.get("width", 64))
+        body = ResNetBody(cfg["hidden"], cfg.get("width", 64), target_names(cfg))
     else:
-        body = TextBody(cfg["num_tokens"], cfg["hidden"])
+        body = TextBody(cfg["num_tokens"], cfg["hidden"], targets=target_names(cfg))
     return SelfModelNet(body, cfg["hidden"], common.NUM_CLASSES[cfg["dataset"]], target_dim(cfg), self_model)
 
 
@@ -1006,7 +1030,8 @@ def load_resume(path, args):
     ck = common.load_checkpoint(path)
     common.check(ck.get("script") == SCRIPT, f"{path} was written by {ck.get('script')!r}, not {SCRIPT}: "
                                              "point --out at a selfmodel run")
-    common.check_resume_config(ck["config"], vars(args), SAFE_ON_RESUME, path)
+    saved = {**ck["config"], "target": ",".join(target_names(ck["config"]))}  # checkpoints older than --target
+    common.check_resume_config(saved, vars(args), SAFE_ON_RESUME, path)
     return ck
 
 

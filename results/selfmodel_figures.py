@@ -41,9 +41,9 @@ def command_of(cfg):
     base = vars(S.get_args(["--task", cfg["task"], "--preset", cfg["preset"]]))
     argv = ["python selfmodel.py", "--task", cfg["task"]] + (["--preset", cfg["preset"]] if cfg["preset"] != "paper" else [])
     argv += ["--aw", cfg["aw"], "--seed", str(cfg["seed"]), "--seeds", str(cfg["seeds"])]
-    for k in ("hidden", "width", "epochs", "batch_size", "lr", "momentum", "normalize", "train_subset", "test_subset",
-              "sgld_eps", "sgld_gamma", "sgld_chains", "sgld_draws", "sgld_batch", "llc_protocol", "llc_grid_eps",
-              "llc_grid_gamma", "vocab_size"):
+    for k in ("hidden", "target", "width", "epochs", "batch_size", "lr", "momentum", "normalize", "train_subset",
+              "test_subset", "sgld_eps", "sgld_gamma", "sgld_chains", "sgld_draws", "sgld_batch", "llc_protocol",
+              "llc_grid_eps", "llc_grid_gamma", "vocab_size"):
         if k in cfg and cfg[k] != base.get(k):
             argv += [f"--{k.replace('_', '-')}", f"{cfg[k]:g}" if isinstance(cfg[k], float) else str(cfg[k])]
     return " ".join(argv)
@@ -67,6 +67,11 @@ def from_published(pub):
             "commands": pub["commands"], "cpu_model": pub.get("cpu_model"), "cpu_kernels": pub.get("cpu_kernels", [])}
 
 
+def with_target(cfg):
+    """The config with its --target spelled out: runs from before the flag self-modeled the task's default."""
+    return {**cfg, "target": ",".join(S.target_names(cfg))}
+
+
 def merge(name, dirs):
     files = [os.path.join(d, "results.json") if os.path.isdir(d) else d for d in dirs]
     for f in files:
@@ -74,6 +79,8 @@ def merge(name, dirs):
                                         "a published results/selfmodel_*.json")
     res = [json.load(open(f)) for f in files]
     res = [from_published(r) if "table" in r and "runs" in r and "script" not in r else r for r in res]
+    for r in res:
+        r["config"] = with_target(r["config"])
     for f, r in zip(files, res):
         common.check(r.get("script") == "selfmodel", f"{f} was not written by selfmodel.py")
         common.check(r["device"] == res[0]["device"], f"{f} ran on {r['device']}, {files[0]} on {res[0]['device']}: "
@@ -255,6 +262,7 @@ def by_width(files):
         common.check(os.path.exists(f), f"{f} does not exist: pass results/selfmodel_NAME.json files")
         s = json.load(open(f))
         common.check("table" in s and "config" in s, f"{f} is not a published selfmodel sweep")
+        s["config"] = with_target(s["config"])
         out.append((f, s))
     first, ref = out[0]
     for f, s in out:

@@ -88,6 +88,33 @@ def test_a_published_json_grows_by_later_seeds(split_sweep, tmp_path):
         F.merge("mixed", [str(pub), str(tmp_path / "later")])
 
 
+def test_runs_from_before_target_merge_as_the_default_and_other_targets_are_refused(split_sweep, tmp_path):
+    """A sweep published before --target existed self-modeled the task's default layers: it merges with new runs
+    of that default, not with runs that self-model other layers; the command records a non-default --target."""
+    _, outs = split_sweep
+    new = json.load(open(os.path.join(outs[0], "results.json")))
+    assert new["config"]["target"] == "hidden"
+    pub = F.merge("first", [outs[0]])
+    del pub["config"]["target"]  # as the JSONs published before the flag
+    common.write_json(str(tmp_path / "selfmodel_old.json"), pub)
+    later = json.load(open(os.path.join(outs[1], "results.json")))
+    later["config"].update(llc_grid=[], llc_grid_eps="", llc_grid_gamma="")
+    for cell in later["metrics"]["runs"].values():
+        cell.pop("llc_grid")
+    (tmp_path / "later").mkdir()
+    common.write_json(str(tmp_path / "later" / "results.json"), later)
+    grown = F.merge("grown", [str(tmp_path / "selfmodel_old.json"), str(tmp_path / "later")])
+    assert grown["config"]["target"] == "hidden" and [r["aw"] for r in grown["table"]["rows"]] == [0.0, 5.0]
+    later["config"]["target"] = "embedding"
+    common.write_json(str(tmp_path / "later" / "results.json"), later)
+    with pytest.raises(common.UserError, match="differs from .* in target"):
+        F.merge("mixed", [str(tmp_path / "selfmodel_old.json"), str(tmp_path / "later")])
+    imdb = {**vars(F.S.get_args(["--task", "imdb", "--preset", "quick", "--target", "embedding"])), "seed": 3}
+    assert F.command_of(imdb).startswith("python selfmodel.py --task imdb --preset quick --aw 0,1,100,500 "
+                                         "--seed 3 --seeds 3 --target embedding")
+    assert "--target" not in F.command_of({**imdb, "target": "hidden"})
+
+
 def test_figures_and_redraw(split_sweep, tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is the optional figure extra (requirements-figures.txt)")
     _, outs = split_sweep

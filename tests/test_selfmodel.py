@@ -269,6 +269,35 @@ def test_targets_are_the_hidden_activations_and_detached():
     assert net.classifier()(x).shape == (5, 10) and net._acts is None
 
 
+def test_target_picks_the_self_modeled_layers_in_forward_order():
+    """--target: the paper's layers by default, any subset of a task's layers on request, concatenated in the
+    order the forward pass reaches them (the hooks' order), so the flag's spelling cannot reorder the rows."""
+    assert [S.get_args(["--task", t]).target for t in ("mnist", "cifar10", "imdb")] == ["hidden", "block,hidden",
+                                                                                         "hidden"]
+    args = S.get_args(["--task", "imdb", "--target", " hidden, embedding"])
+    assert args.target == "embedding,hidden" and args.out.endswith("_target-embedding-hidden")
+    assert "target" not in S.get_args(["--task", "imdb"]).out
+    torch.manual_seed(0)
+    tok, off = torch.randint(0, 50, (40,)), torch.tensor([0, 7, 19, 30])
+    base = {"task": "imdb", "dataset": "imdb", "hidden": 16, "num_tokens": 50}
+    for target, dim in (("embedding", 64), ("hidden", 16), ("embedding,hidden", 80)):
+        net = S.build_model({**base, "target": target}, self_model=True)
+        out, t = net((tok, off))
+        emb = F.embedding_bag(tok, net.body.emb.weight, off, mode="mean")
+        want = {"embedding": emb, "hidden": F.relu(net.body.fc(emb))}
+        assert S.target_dim({**base, "target": target}) == dim and out.shape == (4, 2 + dim)
+        assert torch.allclose(t, torch.cat([want[n] for n in target.split(",")], 1)) and not t.requires_grad
+    assert S.target_names(base) == ("hidden",)  # configs from before the flag: the task's default
+    x = torch.randn(2, 3, 32, 32)
+    for target, dim in (("hidden", 32), ("block", 8 * 8 * 16)):
+        cfg = {"task": "cifar10", "dataset": "cifar10", "hidden": 32, "width": 8, "target": target}
+        net = S.build_model(cfg, self_model=True).eval()
+        out, t = net(x)
+        feats = {"hidden": net.body.features(x)[1], "block": net.body.layer4(
+            net.body.layer3(net.body.layer2(net.body.layer1(net.body.stem(x))))).flatten(1)}
+        assert S.target_dim(cfg) == dim and out.shape == (2, 10 + dim) and torch.allclose(t, feats[target])
+
+
 def test_width_is_the_std_of_the_class_rows_by_hand():
     net = S.build_model({"task": "mnist", "dataset": "mnist", "hidden": 3}, self_model=True)
     cls = [float(i % 7) - 2.5 + 0.1 * i for i in range(30)]  # 10 class rows x 3
@@ -370,6 +399,35 @@ def test_imdb_tokens_batches_and_model_on_real_reviews(imdb_sweep):
         S.loss_parts(net, (tok, off), y, 1.0)[0].backward()
         opt.step()
     assert S.loss_parts(net, (tok, off), y, 1.0)[1] < 0.5 * ce.item()
+
+
+def test_self_modeling_the_embedding_on_real_reviews(imdb_sweep):
+    """--target embedding (the authors' other IMDB variant): the self-model predicts the 64-d mean embedding from
+    the hidden layer; the MSE reaches the embedding rows only through that prediction (the target is detached)
+    and training on real reviews drives it down."""
+    sw = imdb_sweep
+    (tok, off), y = next(iter(S.TextBatches(*sw.data.train_xy, 64, train=True, device="cpu", seed=1)))
+    torch.manual_seed(0)
+    net = S.build_model({**sw.cfg, "target": "embedding", "model_aw": 1.0})
+    out, target = net((tok, off))
+    assert out.shape == (64, 2 + 64) and torch.equal(target, net.body.features((tok, off))[0])
+    with torch.no_grad():  # no prediction, no route: the detached target alone moves nothing
+        net.self_head.weight.zero_()
+        net.self_head.bias.zero_()
+    S.loss_parts(net, (tok, off), y, 1.0)[2].backward()
+    assert net.body.emb.weight.grad is None or torch.count_nonzero(net.body.emb.weight.grad) == 0
+    torch.manual_seed(0)
+    net = S.build_model({**sw.cfg, "target": "embedding", "model_aw": 1.0})
+    _, ce0, mse0 = S.loss_parts(net, (tok, off), y, 100.0)
+    S.loss_parts(net, (tok, off), y, 100.0)[0].backward()
+    assert torch.count_nonzero(net.body.emb.weight.grad) > 0  # through the prediction it does
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    for _ in range(30):
+        opt.zero_grad()
+        S.loss_parts(net, (tok, off), y, 100.0)[0].backward()
+        opt.step()
+    _, ce, mse = S.loss_parts(net, (tok, off), y, 100.0)
+    assert mse < 0.2 * mse0.item() and ce < 0.5 * ce0.item()  # both tasks learn (measured: 0.08x and 0.14x)
 
 
 def test_cifar_augmentation_model_and_llc_with_batchnorm(data_dir, tmp_path):
@@ -564,6 +622,9 @@ def run_in_process(argv, capsys):
     (["--width", "8"], ["--width", "cifar10"]),
     (["--task", "cifar10", "--width", "4", "--compile", "--device", "cpu"], ["--width 4", "--compile", "--width 8"]),
     (["--vocab-size", "100"], ["--vocab-size", "imdb"]),
+    (["--target", "block"], ["--target block", "hidden", "task mnist"]),
+    (["--task", "imdb", "--target", "hidden,hidden"], ["--target", "embedding, hidden", "each once"]),
+    (["--task", "cifar10", "--target", ","], ["--target", "block, hidden"]),
     (["--test-subset", "20000"], ["--test-subset", "10000"]),
     (["--train-subset", "70000"], ["--train-subset", "60000"]),
     (["--normalize", "imagenet"], ["--normalize", "paper"]),
@@ -596,6 +657,12 @@ def test_bad_checkpoints_and_the_real_cli(mnist, tmp_path, capsys):
                                                   "config": {**vars(S.get_args(["--smoke"])), "lr": 1.0}})
     code, err = run_in_process(["--smoke", "--data-dir", mnist, "--out", str(out), "--resume"], capsys)
     assert code == 2 and "other settings: --lr 0.005 (run: 1.0)" in err
+    # a checkpoint from before --target self-modeled the task's default: it resumes as that, and only as that
+    old = {k: v for k, v in vars(S.get_args(["--task", "imdb", "--smoke"])).items() if k != "target"}
+    common.save_checkpoint(str(out / "ckpt.pt"), {"script": "selfmodel", "model": {}, "config": old})
+    assert S.load_resume(str(out / "ckpt.pt"), S.get_args(["--task", "imdb", "--smoke"]))["config"] == old
+    with pytest.raises(common.UserError, match="--target 'embedding' \\(run: 'hidden'\\)"):
+        S.load_resume(str(out / "ckpt.pt"), S.get_args(["--task", "imdb", "--smoke", "--target", "embedding"]))
     # and through a real process: one line, no traceback
     assert_clean_error(run_script(SMOKE + ["--aw", "-1"]), "--aw", ">= 0")
 
