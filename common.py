@@ -983,9 +983,19 @@ def write_results(out_dir, script, config, metrics, wall_seconds, device, train_
            "train_seconds": None if train_seconds is None else round(train_seconds, 3),
            "git_commit": git_commit(), "torch": torch.__version__,
            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if device.type == "cpu":  # both change the rounding, so a bitwise rerun needs them (README, Determinism)
-        res["cpu"] = {"kernels": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+    if device.type == "cpu":  # all three change the rounding, so a bitwise rerun needs them (README, Determinism)
+        res["cpu"] = {"kernels": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+                      "model": cpu_model()}
     return write_json(os.path.join(out_dir, name), res)
+
+
+def cpu_model():
+    """The CPU's model name (Linux; None elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), None)
+    except OSError:
+        return None
 
 
 def write_json(path, obj, indent=2):

@@ -15,15 +15,6 @@ RUN_ONLY = {"out", "resume", "stop_at_step", "data_dir", "log_every", "ckpt_inte
             "eval_batch", "profile"}
 
 
-def cpu_model():
-    """The CPU's model name (Linux), for results measured on a CPU."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), None)
-    except OSError:
-        return None
-
-
 def rounded(x, digits=5):
     """Floats to `digits` significant digits, recursively: the committed JSON stays small and diffable."""
     if isinstance(x, float):
@@ -63,9 +54,10 @@ def same_config(runs, vary=()):
 
 
 def device_of(results):
-    """'NVIDIA H100 80GB HBM3' or 'cpu (2 cores), AMD EPYC ...': the device line of a figure or table."""
+    """'NVIDIA H100 80GB HBM3' or 'cpu (2 cores), AMD EPYC ...': the device line of a figure or table. The CPU
+    is the one the run recorded; runs from before that record are taken to be this machine's."""
     dev = results.get("device", "?")
-    cpu = cpu_model() if str(dev).startswith("cpu") else None
+    cpu = (results.get("cpu") or {}).get("model") or common.cpu_model() if str(dev).startswith("cpu") else None
     return f"{dev}, {cpu}" if cpu else str(dev)
 
 

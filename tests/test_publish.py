@@ -50,6 +50,8 @@ def test_pm_rounded_and_device():
     assert P.rounded({"a": [1.23456789, 2], "b": 0.000123456789}) == {"a": [1.2346, 2], "b": 0.00012346}
     assert P.device_of({"device": "NVIDIA H100 80GB HBM3"}) == "NVIDIA H100 80GB HBM3"
     assert P.device_of({"device": "cpu (2 cores)"}).startswith("cpu (2 cores)")
+    # the CPU a run recorded, not the publishing machine's
+    assert P.device_of({"device": "cpu (2 cores)", "cpu": {"model": "Acme 9000"}}) == "cpu (2 cores), Acme 9000"
 
 
 def test_flag_text_writes_what_parses_back():
