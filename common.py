@@ -985,15 +985,15 @@ def write_results(out_dir, script, config, metrics, wall_seconds, device, train_
            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     if device.type == "cpu":  # all three change the rounding, so a bitwise rerun needs them (README, Determinism)
         res["cpu"] = {"kernels": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-                      "model": cpu_model()}
+                      "model": cpuinfo()}
     return write_json(os.path.join(out_dir, name), res)
 
 
-def cpu_model():
-    """The CPU's model name (Linux; None elsewhere)."""
+def cpuinfo(field="model name"):
+    """A field of the first CPU in /proc/cpuinfo: its "model name", its maker ("vendor_id"); None off Linux."""
     try:
         with open("/proc/cpuinfo") as fh:
-            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), None)
+            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith(field)), None)
     except OSError:
         return None
 

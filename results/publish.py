@@ -57,7 +57,7 @@ def device_of(results):
     """'NVIDIA H100 80GB HBM3' or 'cpu (2 cores), AMD EPYC ...': the device line of a figure or table. The CPU
     is the one the run recorded; runs from before that record are taken to be this machine's."""
     dev = results.get("device", "?")
-    cpu = (results.get("cpu") or {}).get("model") or common.cpu_model() if str(dev).startswith("cpu") else None
+    cpu = (results.get("cpu") or {}).get("model") or common.cpuinfo() if str(dev).startswith("cpu") else None
     return f"{dev}, {cpu}" if cpu else str(dev)
 
 

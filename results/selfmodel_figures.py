@@ -117,7 +117,7 @@ def merge(name, dirs):
         "device": res[0]["device"],
         # every CPU the cells ran on: a published sweep's own list, a run's record, else this machine's
         "cpu_model": ", ".join(sorted({m for r in res for m in (r.get("cpu_model") or (r.get("cpu") or {}).get(
-            "model") or common.cpu_model() or "?").split(", ")})) if res[0]["device"].startswith("cpu") else None,
+            "model") or common.cpuinfo() or "?").split(", ")})) if res[0]["device"].startswith("cpu") else None,
         # the CPU's vector kernels and threads of the runs that recorded them (README, Determinism)
         "cpu_kernels": sorted({f"{r['cpu']['kernels']}, {r['cpu']['threads']} thread(s)" for r in res if r.get("cpu")}
                               | {k for r in res for k in r.get("cpu_kernels", [])}),

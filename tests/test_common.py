@@ -440,11 +440,11 @@ def test_out_dir_and_results(tmp_path):
     assert r["config"] == {"lr": 0.1} and r["metrics"]["acc"] == 91.5 and r["wall_seconds"] == 1.235
     assert r["script"] == "demo" and r["device"].startswith("cpu")
     assert r["cpu"] == {"kernels": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-                        "model": common.cpu_model()}
+                        "model": common.cpuinfo()}
     if os.path.exists("/proc/cpuinfo"):  # Linux: the "model name" line, as lscpu shows it
         with open("/proc/cpuinfo") as fh:
             names = {ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")}
-        assert common.cpu_model() in names
+        assert common.cpuinfo() in names
 
 
 def test_stop_signal():

@@ -312,14 +312,6 @@ BITWISE_CELLS = {
 }
 
 
-def cpu_vendor():
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("vendor_id")), None)
-    except OSError:
-        return None
-
-
 def test_a_published_cell_reproduces_bit_for_bit(data_dir, tmp_path):
     """The code on main still computes what was published: one cell of a committed MNIST sweep (AW 10, seed 0
     of hidden 128 on AMD; AW 25, seed 7 of hidden 64 on Intel: 30.66%, a run that half-learned), run alone
@@ -327,11 +319,12 @@ def test_a_published_cell_reproduces_bit_for_bit(data_dir, tmp_path):
     AVX2 kernels it ran on (README, Determinism), equals the committed values to the JSON's 5 digits, its RLCT
     trace included. About 45 s."""
     need(data_dir, "mnist", "MNIST", "raw", "t10k-images-idx3-ubyte.gz")
-    if platform.machine().lower() not in ("x86_64", "amd64") or cpu_vendor() not in BITWISE_CELLS:
-        pytest.skip(f"the published cells ran on x86-64 AVX2 kernels of AMD and Intel CPUs; this is {cpu_vendor()}")
-    name, hidden, aw, seed, made_with = BITWISE_CELLS[cpu_vendor()]
+    vendor = common.cpuinfo("vendor_id")
+    if platform.machine().lower() not in ("x86_64", "amd64") or vendor not in BITWISE_CELLS:
+        pytest.skip(f"the published cells ran on x86-64 AVX2 kernels of AMD and Intel CPUs; this is {vendor}")
+    name, hidden, aw, seed, made_with = BITWISE_CELLS[vendor]
     pub = json.load(open(os.path.join(ROOT, "results", name)))
-    assert made_with in pub["torch"] and ("AMD" if cpu_vendor() == "AuthenticAMD" else "Intel") in pub["cpu_model"]
+    assert made_with in pub["torch"] and ("AMD" if vendor == "AuthenticAMD" else "Intel") in pub["cpu_model"]
     if torch.__version__.split("+")[0] != made_with:
         pytest.skip(f"published with torch {made_with}; this is {torch.__version__}: other rounding")
     key = f"aw={F.S.fmt_aw(aw)},seed={seed}"
