@@ -1005,8 +1005,10 @@ def summarise(done, cfg):
 def format_table(table, cfg):
     cols = (f"{'AW':>6} | {'n':>2} | {'test acc %':>15} | {'width (class rows)':>19} | {'width (all)':>19} | "
             f"{'RLCT':>15} | flat | collapsed")
-    lines = [f"{cfg['task']} ({cfg['preset']}, hidden {cfg['hidden']}, {cfg['epochs']} epochs): mean +- half "
-             "width of the 95% interval over seeds (Student t)", cols, "-" * len(cols)]
+    target = ",".join(target_names(cfg))
+    target = "" if target == TASKS[cfg["task"]]["target"] else f", self-model of {target}"
+    lines = [f"{cfg['task']} ({cfg['preset']}, hidden {cfg['hidden']}, {cfg['epochs']} epochs{target}): mean +- "
+             "half width of the 95% interval over seeds (Student t)", cols, "-" * len(cols)]
     for r in table["rows"]:
         def f(k, p):
             ci = r[k + "_ci95"]

@@ -212,7 +212,9 @@ def test_summary_has_student_t_intervals_and_a_rank_trend():
     assert table["trend"]["llc"]["spearman"] < -0.8 and table["trend"]["test_acc"]["spearman"] == 0
     assert table["trend"]["width_all"]["spearman"] is None  # constant: no trend to rank
     text = S.format_table(table, {**cfg})
-    assert "32.00 +- 4.97" in text and "Spearman" in text and "2/3" in text
+    assert "32.00 +- 4.97" in text and "Spearman" in text and "2/3" in text and "self-model of" not in text
+    assert "50 epochs, self-model of embedding):" in S.format_table(table, {**cfg, "task": "imdb", "epochs": 50,
+                                                                           "target": "embedding"})
     # a run at chance (a dead hidden layer) is counted as collapsed and left out of the "learned" trend
     done[S.cell_key(10.0, 3)] = {"aw": 10.0, "seed": 3, "test_acc": 11.35, "width": 0.1, "width_all": 0.05,
                                  "llc": -5.0, "llc_check": {"flat": True}}
