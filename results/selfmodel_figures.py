@@ -6,10 +6,12 @@ README rows, the trend lines and each AW's gain over AW 0 paired by seed.
   python results/selfmodel_figures.py --redraw results/selfmodel_mnist_h64.json   # figures from the JSON alone
   python results/selfmodel_figures.py imdb_quick results/selfmodel_imdb_quick.json out/selfmodel/imdb_quick_s5  # more seeds
   python results/selfmodel_figures.py --widths mnist_widths results/selfmodel_mnist_h{64,128,256,512}.json
+  python results/selfmodel_figures.py imdb_quick_embedding out/... --beside results/selfmodel_imdb_quick.json
 
 Figures: NAME.png, three panels against AW (test accuracy, width of the final layer's class rows, RLCT), each
 point the mean over seeds with its 95% Student-t interval, and the paper's own numbers beside them where the
-sweep is the paper's protocol and the paper gives them (IMDB, 500 epochs); for a run with --llc-grid-*,
+sweep is the paper's protocol and the paper gives them (IMDB, 500 epochs), and with `--beside` another published
+sweep of the task (another --target, say) in grey; for a run with --llc-grid-*,
 NAME_calibration.png, the chain-mean RLCT trace nbeta * (L(w) - L(w*)) of every (eps, gamma), AW 0 against the
 largest AW.
 `--widths NAME JSON...` takes published sweeps that differ only in the hidden width and draws the same three
@@ -155,6 +157,20 @@ def paper_levels(summary):
     return {k: v for k, v in out.items() if v}
 
 
+def beside_of(other, summary):
+    """Another published sweep of the same task, to draw beside this one (e.g. another --target): its label names
+    the settings that differ, and per metric its [AW, mean, 95% half width] rows; kept in the JSON for --redraw."""
+    common.check(other.get("task") == summary["task"] and "table" in other,
+                 f"--beside: {other.get('name')!r} is not a published {summary['task']} sweep")
+    mine, theirs = with_target(summary["config"]), with_target(other["config"])
+    diff = sorted(k for k in set(mine) | set(theirs) if k not in VARY and mine.get(k) != theirs.get(k))
+    common.check(diff, f"--beside: {other['name']} has this sweep's settings: merge its runs instead")
+    label = f"{other['name']} ({', '.join(f'{k} {theirs.get(k)}' for k in diff)})"
+    rows = {k: [[r["aw"], r[k + "_mean"], r[k + "_ci95"]] for r in other["table"]["rows"]]
+            for k in ("test_acc", "width", "llc")}
+    return {"name": other["name"], "label": label, "rows": rows}
+
+
 def _x(aws):
     """AW on a symlog axis, so 0 and 100 both show."""
     return [float(a) for a in aws]
@@ -195,6 +211,12 @@ def figure(summary):
             dead = S.collapsed(r, summary["config"])
             ax.plot(float(r["aw"]), r[k], "x" if dead else ".", color="C3" if dead else "0.6", ms=4, zorder=0)
         vals = [r[k] for r in summary["runs"].values()]  # the axis spans the seeds; wider intervals run off it
+        if summary.get("beside"):
+            b = summary["beside"]["rows"][k]
+            ax.errorbar(_x([r[0] for r in b]), [r[1] for r in b], yerr=[r[2] or 0.0 for r in b], fmt="s--",
+                        capsize=3, color="0.45", mfc="none", ms=5, lw=0.9, label=summary["beside"]["label"])
+            ax.legend(loc="best", fontsize=7.5, frameon=False)
+            vals += [r[1] for r in b]
         if k in paper:
             x, y = zip(*paper[k])
             ax.plot(x, y, "D--", color="k", mfc="none", ms=6, lw=0.8, label="paper (its figure)")
@@ -412,6 +434,8 @@ def main(argv=None):
     p.add_argument("--widths", action="store_true",
                    help="NAME then published results/selfmodel_*.json sweeps at several hidden widths: one figure "
                         "against the width")
+    p.add_argument("--beside", default=None, help="a published results/selfmodel_*.json of the same task with another "
+                   "setting (e.g. --target) to draw beside this sweep; kept in its JSON")
     p.add_argument("--out-dir", default=HERE, help="where the JSON and figures go")
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -432,6 +456,9 @@ def main(argv=None):
     else:
         common.check(args.name and args.runs, "give a NAME and at least one selfmodel output folder (see --help)")
         summary = merge(args.name, args.runs)
+        if args.beside:
+            common.check(os.path.exists(args.beside), f"--beside {args.beside} does not exist")
+            summary["beside"] = beside_of(json.load(open(args.beside)), summary)
         common.write_json(os.path.join(args.out_dir, f"selfmodel_{args.name}.json"), summary, indent=None)
     base = os.path.join(args.out_dir, f"selfmodel_{summary['name']}")
     print(S.format_table(summary["table"], {**summary["config"], "task": summary["task"]}))

@@ -133,6 +133,34 @@ def test_figures_and_redraw(split_sweep, tmp_path):
         assert open(redrawn / f, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(redrawn / f) > 10_000
 
 
+def test_beside_draws_another_setting_of_the_task_and_survives_redraw(split_sweep, tmp_path):
+    """--beside: a published sweep that differs in a setting (here --target) drawn in grey beside this one, its
+    label naming the difference; stored in the JSON, so --redraw draws it again; the same setting or another task
+    is refused."""
+    pytest.importorskip("matplotlib")
+    _, outs = split_sweep
+    other = F.merge("other", [outs[0]])
+    other["config"]["target"] = "embedding"  # as if its runs had self-modeled another layer
+    common.write_json(str(tmp_path / "selfmodel_other.json"), other)
+    F.main(["mine", outs[0], "--beside", str(tmp_path / "selfmodel_other.json"), "--out-dir", str(tmp_path)])
+    mine = json.load(open(tmp_path / "selfmodel_mine.json"))
+    assert mine["beside"]["label"] == "other (target embedding)"
+    assert mine["beside"]["rows"]["llc"] == [[r["aw"], r["llc_mean"], r["llc_ci95"]] for r in other["table"]["rows"]]
+    fig = F.figure(mine)
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["ours: mean, 95% interval",
+                                                                           "other (target embedding)"]
+    (tmp_path / "selfmodel_mine.png").unlink()
+    F.main(["--redraw", str(tmp_path / "selfmodel_mine.json"), "--out-dir", str(tmp_path)])
+    assert (tmp_path / "selfmodel_mine.png").stat().st_size > 10_000
+    common.write_json(str(tmp_path / "selfmodel_same.json"), F.merge("same", [outs[0]]))
+    with pytest.raises(common.UserError, match="merge its runs instead"):
+        F.main(["x", outs[0], "--beside", str(tmp_path / "selfmodel_same.json"), "--out-dir", str(tmp_path)])
+    other["task"] = "imdb"
+    common.write_json(str(tmp_path / "selfmodel_other.json"), other)
+    with pytest.raises(common.UserError, match="not a published mnist sweep"):
+        F.main(["x", outs[0], "--beside", str(tmp_path / "selfmodel_other.json"), "--out-dir", str(tmp_path)])
+
+
 def test_paper_levels_only_for_the_papers_protocol_and_measured_aws():
     """The paper's numbers are drawn only where our run is its protocol, and only at the AWs we measured."""
     def summary(task, preset, aws):
