@@ -168,7 +168,7 @@ def beside_of(other, summary):
     label = f"{other['name']} ({', '.join(f'{k} {theirs.get(k)}' for k in diff)})"
     rows = {k: [[r["aw"], r[k + "_mean"], r[k + "_ci95"]] for r in other["table"]["rows"]]
             for k in ("test_acc", "width", "llc")}
-    return {"name": other["name"], "label": label, "rows": rows}
+    return {"name": other["name"], "label": label, "differ": diff, "rows": rows}
 
 
 def _x(aws):
@@ -206,7 +206,11 @@ def figure(summary):
     for ax, (k, label) in zip(axes, panels):
         mean = [r[k + "_mean"] for r in rows]
         ci = [r[k + "_ci95"] or 0.0 for r in rows]
-        ax.errorbar(aws, mean, yerr=ci, fmt="o-", capsize=4, color="C0", label="ours: mean, 95% interval")
+        ours = "ours: mean, 95% interval"
+        if summary.get("beside"):  # two settings on one axis: name ours by the setting it differs in
+            cfg = with_target(summary["config"])
+            ours = f"{summary['name']} ({', '.join(f'{d} {cfg.get(d)}' for d in summary['beside']['differ'])})"
+        ax.errorbar(aws, mean, yerr=ci, fmt="o-", capsize=4, color="C0", label=ours)
         for r in summary["runs"].values():  # the seeds themselves, faint; those that collapsed to chance in red
             dead = S.collapsed(r, summary["config"])
             ax.plot(float(r["aw"]), r[k], "x" if dead else ".", color="C3" if dead else "0.6", ms=4, zorder=0)
@@ -225,7 +229,7 @@ def figure(summary):
         pad = 0.15 * (max(vals) - min(vals) or abs(max(vals)) or 1.0)
         ax.set_ylim(min(vals) - pad, max(vals) + pad)
         ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlim(-0.5, max(aws) * 1.8)
+        ax.set_xlim(-0.5, max(aws + [r[0] for r in summary.get("beside", {}).get("rows", {}).get(k, [])]) * 1.8)
         ax.set_xlabel("auxiliary weight AW")
         ax.set_title(label, fontsize=10)
         t, tl = summary["table"]["trend"].get(k), summary["table"].get("trend_learned", {}).get(k)
