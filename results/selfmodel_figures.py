@@ -219,7 +219,6 @@ def figure(summary):
             b = summary["beside"]["rows"][k]
             ax.errorbar(_x([r[0] for r in b]), [r[1] for r in b], yerr=[r[2] or 0.0 for r in b], fmt="s--",
                         capsize=3, color="0.45", mfc="none", ms=5, lw=0.9, label=summary["beside"]["label"])
-            ax.legend(loc="best", fontsize=7.5, frameon=False)
             vals += [r[1] for r in b]
         if k in paper:
             x, y = zip(*paper[k])
@@ -240,7 +239,9 @@ def figure(summary):
         ax.grid(alpha=0.3)
     fig.suptitle(f"self-modeling, {summary['name']}: mean and 95% interval over {seed_counts(rows)} seeds "
                  f"({device_text(summary)})", fontsize=10)
-    fig.tight_layout()
+    if summary.get("beside"):  # one key under the panels, clear of the data and the trend notes
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07 if summary.get("beside") else 0, 1, 1))
     return fig
 
 

@@ -147,8 +147,7 @@ def test_beside_draws_another_setting_of_the_task_and_survives_redraw(split_swee
     assert mine["beside"]["label"] == "other (target embedding)"
     assert mine["beside"]["rows"]["llc"] == [[r["aw"], r["llc_mean"], r["llc_ci95"]] for r in other["table"]["rows"]]
     fig = F.figure(mine)
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["mine (target hidden)",
-                                                                           "other (target embedding)"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["mine (target hidden)", "other (target embedding)"]
     (tmp_path / "selfmodel_mine.png").unlink()
     F.main(["--redraw", str(tmp_path / "selfmodel_mine.json"), "--out-dir", str(tmp_path)])
     assert (tmp_path / "selfmodel_mine.png").stat().st_size > 10_000
