@@ -30,16 +30,22 @@ def split_sweep(data_dir, tmp_path_factory):
     return tmp, outs
 
 
+def without_grid(out):
+    """The AW 5 run's results.json as if it had run without the calibration grid (which sets it apart)."""
+    res = json.load(open(os.path.join(out, "results.json")))
+    res["config"].update(llc_grid=[], llc_grid_eps="", llc_grid_gamma="")
+    for cell in res["metrics"]["runs"].values():
+        cell.pop("llc_grid")
+    return res
+
+
 def test_merge_writes_the_table_commands_and_rechecked_traces(split_sweep):
     tmp, outs = split_sweep
     # the grid run differs in its flags: merging it with a plain run is refused, naming the flags
     with pytest.raises(common.UserError, match="llc_grid"):
         F.merge("x", outs)
     plain = tmp / "aw5_plain"
-    grid = json.load(open(os.path.join(outs[1], "results.json")))
-    grid["config"].update(llc_grid=[], llc_grid_eps="", llc_grid_gamma="")
-    for cell in grid["metrics"]["runs"].values():
-        cell.pop("llc_grid")
+    grid = without_grid(outs[1])
     plain.mkdir()
     common.write_json(str(plain / "results.json"), grid)
     s = F.merge("smoke", [outs[0], str(plain)])
@@ -63,10 +69,7 @@ def test_a_published_json_grows_by_later_seeds(split_sweep, tmp_path):
     _, outs = split_sweep
     pub = tmp_path / "selfmodel_first.json"
     common.write_json(str(pub), F.merge("first", [outs[0]]))
-    later = json.load(open(os.path.join(outs[1], "results.json")))
-    later["config"].update(llc_grid=[], llc_grid_eps="", llc_grid_gamma="")
-    for cell in later["metrics"]["runs"].values():
-        cell.pop("llc_grid")
+    later = without_grid(outs[1])
     later.update(torch="9.9.9", git_commit="abc1234", cpu={"kernels": "AVX2", "threads": 1, "model": "Acme 9000"})
     (tmp_path / "later").mkdir()
     common.write_json(str(tmp_path / "later" / "results.json"), later)
@@ -98,10 +101,7 @@ def test_runs_from_before_target_merge_as_the_default_and_other_targets_are_refu
     pub = F.merge("first", [outs[0]])
     del pub["config"]["target"]  # as the JSONs published before the flag
     common.write_json(str(tmp_path / "selfmodel_old.json"), pub)
-    later = json.load(open(os.path.join(outs[1], "results.json")))
-    later["config"].update(llc_grid=[], llc_grid_eps="", llc_grid_gamma="")
-    for cell in later["metrics"]["runs"].values():
-        cell.pop("llc_grid")
+    later = without_grid(outs[1])
     (tmp_path / "later").mkdir()
     common.write_json(str(tmp_path / "later" / "results.json"), later)
     grown = F.merge("grown", [str(tmp_path / "selfmodel_old.json"), str(tmp_path / "later")])

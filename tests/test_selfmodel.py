@@ -360,6 +360,16 @@ def test_imdb_runs_end_to_end_with_its_rlct(data_dir, tmp_path):
     assert all(0 < r["test_acc"] <= 100 for r in runs.values())  # counted per review, not per (tokens, offsets) pair
 
 
+def fit_one_batch(net, x, y, aw, steps):
+    """`steps` Adam steps (lr 0.01) on one batch; its (total, ce, mse) loss after them."""
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    for _ in range(steps):
+        opt.zero_grad()
+        S.loss_parts(net, x, y, aw)[0].backward()
+        opt.step()
+    return S.loss_parts(net, x, y, aw)
+
+
 def test_imdb_tokens_batches_and_model_on_real_reviews(imdb_sweep):
     sw = imdb_sweep
     seqs, labels = sw.data.train_xy
@@ -395,12 +405,7 @@ def test_imdb_tokens_batches_and_model_on_real_reviews(imdb_sweep):
     present[tok] = True
     assert torch.isfinite(g).all() and g[present].abs().sum() > 0 and torch.count_nonzero(g[~present]) == 0
     # and it can fit real reviews: 40 steps on one batch drive the loss down
-    opt = torch.optim.Adam(net.parameters(), lr=0.01)
-    for _ in range(40):
-        opt.zero_grad()
-        S.loss_parts(net, (tok, off), y, 1.0)[0].backward()
-        opt.step()
-    assert S.loss_parts(net, (tok, off), y, 1.0)[1] < 0.5 * ce.item()
+    assert fit_one_batch(net, (tok, off), y, 1.0, steps=40)[1] < 0.5 * ce.item()
 
 
 def test_self_modeling_the_embedding_on_real_reviews(imdb_sweep):
@@ -423,12 +428,7 @@ def test_self_modeling_the_embedding_on_real_reviews(imdb_sweep):
     _, ce0, mse0 = S.loss_parts(net, (tok, off), y, 100.0)
     S.loss_parts(net, (tok, off), y, 100.0)[0].backward()
     assert torch.count_nonzero(net.body.emb.weight.grad) > 0  # through the prediction it does
-    opt = torch.optim.Adam(net.parameters(), lr=0.01)
-    for _ in range(30):
-        opt.zero_grad()
-        S.loss_parts(net, (tok, off), y, 100.0)[0].backward()
-        opt.step()
-    _, ce, mse = S.loss_parts(net, (tok, off), y, 100.0)
+    _, ce, mse = fit_one_batch(net, (tok, off), y, 100.0, steps=30)
     assert mse < 0.2 * mse0.item() and ce < 0.5 * ce0.item()  # both tasks learn (measured: 0.08x and 0.14x)
 
 
