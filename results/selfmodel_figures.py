@@ -114,7 +114,7 @@ def merge(name, dirs):
         cells[key] = cell
     return {
         "name": name, "task": base["task"], "paper": PAPER.get(base["task"]),
-        "paper_levels": PAPER_LEVELS.get((base["task"], base.get("preset"))),  # per metric, per AW; None: none apply
+        "paper_levels": PAPER_LEVELS.get(base["task"]) if papers_protocol(base) else None,  # per metric, per AW
         "commands": [c for r in res for c in (r["commands"] if "commands" in r else [command_of(r["config"])])],
         "device": res[0]["device"],
         # every CPU the cells ran on: a published sweep's own list, a run's record, else this machine's
@@ -141,17 +141,24 @@ PAPER = {
     "cifar10": "weight width and RLCT fall as AW grows; test accuracy flat",
 }
 
-# The paper's own levels, drawn beside ours, only where our run is the paper's protocol (task, preset) and the
-# paper states the number: IMDB with 500 epochs of plain SGD, test accuracy (%) and RLCT per AW, from its
-# IMDB figure. The other presets train otherwise, so their levels are not comparable (only the ordering is).
+# The paper's own levels, drawn beside ours, only where our run is the paper's protocol and the paper states the
+# number: IMDB with 500 epochs of plain SGD, test accuracy (%) and RLCT per AW, from its IMDB figure. Runs that
+# train otherwise (a preset, fewer epochs, another --target) are not comparable in level (only in ordering).
 PAPER_LEVELS = {
-    ("imdb", "paper"): {"test_acc": {0: 82.0, 100: 82.0, 500: 83.6}, "llc": {0: 13.7, 100: 11.2, 500: 5.2}},
+    "imdb": {"test_acc": {0: 82.0, 100: 82.0, 500: 83.6}, "llc": {0: 13.7, 100: 11.2, 500: 5.2}},
 }
+
+
+def papers_protocol(cfg):
+    """Whether a config trains and measures as the paper did: its task's settings (TASKS), on all the data."""
+    cfg = with_target(cfg)
+    return (cfg.get("preset") == "paper" and not cfg.get("train_subset") and not cfg.get("test_subset")
+            and all(cfg.get(k) == v for k, v in S.TASKS[cfg["task"]].items() if k != "aw"))
 
 
 def paper_levels(summary):
     """{metric: [(aw, value), ...]} of the paper's numbers at the AWs this sweep measured; {} where none apply."""
-    levels = PAPER_LEVELS.get((summary["task"], summary["config"].get("preset")), {})
+    levels = PAPER_LEVELS.get(summary["task"], {}) if papers_protocol(summary["config"]) else {}
     aws = {float(r["aw"]) for r in summary["table"]["rows"]}
     out = {k: sorted((float(a), v) for a, v in by_aw.items() if float(a) in aws) for k, by_aw in levels.items()}
     return {k: v for k, v in out.items() if v}

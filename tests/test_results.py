@@ -162,13 +162,18 @@ def test_beside_draws_another_setting_of_the_task_and_survives_redraw(split_swee
 
 def test_paper_levels_only_for_the_papers_protocol_and_measured_aws():
     """The paper's numbers are drawn only where our run is its protocol, and only at the AWs we measured."""
-    def summary(task, preset, aws):
-        return {"task": task, "config": {"preset": preset}, "table": {"rows": [{"aw": a} for a in aws]}}
+    def summary(task, preset, aws, *flags):
+        return {"task": task, "config": vars(F.S.get_args(["--task", task, "--preset", preset, *flags])),
+                "table": {"rows": [{"aw": a} for a in aws]}}
     assert F.paper_levels(summary("imdb", "paper", [0, 1, 500])) == {
         "test_acc": [(0.0, 82.0), (500.0, 83.6)], "llc": [(0.0, 13.7), (500.0, 5.2)]}  # AW 1: no number
     assert F.paper_levels(summary("imdb", "paper", [0.5, 2])) == {}
     assert F.paper_levels(summary("imdb", "quick", [0, 100, 500])) == {}  # 50 epochs: other levels
     assert F.paper_levels(summary("mnist", "paper", [0, 100, 500])) == {}
+    for flags in (["--epochs", "50"], ["--target", "embedding"], ["--train-subset", "1000"], ["--lr", "0.05"]):
+        assert F.paper_levels(summary("imdb", "paper", [0, 500], *flags)) == {}, flags  # trained otherwise
+    imdb_paper = json.load(open(os.path.join(ROOT, "results", "selfmodel_imdb_paper.json")))
+    assert F.papers_protocol(imdb_paper["config"]) and imdb_paper["paper_levels"]  # the published one still is
 
 
 def test_figure_draws_the_papers_levels_beside_ours():
