@@ -83,6 +83,7 @@ TASKS = {  # target: the layers the self-model predicts (TARGETS below), the pap
 # the ReLU layer before the head, embedding = IMDB's 64-d mean embedding (the authors' code also runs this one:
 # "embedding_AW=100" / "embedding_AW=500" beside their hidden-layer variants)
 TARGETS = {"mnist": ("hidden",), "cifar10": ("block", "hidden"), "imdb": ("embedding", "hidden")}
+EMBED = 64  # IMDB's embedding width (the paper's)
 PRESETS = {  # "paper" = TASKS as they are; "quick" finishes a 4 AW x 3 seed sweep in minutes on one GPU
     "paper": {},
     # IMDB: the paper's plain SGD 0.1 moves the N(0, 1)-initialised, mean-pooled embedding rows very slowly
@@ -345,7 +346,7 @@ def target_names(cfg):
 
 
 def target_dim(cfg):
-    sizes = {"hidden": cfg["hidden"], "block": 8 * cfg.get("width", 64) * 4 * 4, "embedding": 64}
+    sizes = {"hidden": cfg["hidden"], "block": 8 * cfg.get("width", 64) * 4 * 4, "embedding": EMBED}
     return sum(sizes[n] for n in target_names(cfg))
 
 
@@ -359,7 +360,7 @@ def build_model(cfg, self_model=None):
     elif task == "cifar10":
         body = ResNetBody(cfg["hidden"], cfg.get("width", 64), target_names(cfg))
     else:
-        body = TextBody(cfg["num_tokens"], cfg["hidden"], targets=target_names(cfg))
+        body = TextBody(cfg["num_tokens"], cfg["hidden"], EMBED, target_names(cfg))
     return SelfModelNet(body, cfg["hidden"], common.NUM_CLASSES[cfg["dataset"]], target_dim(cfg), self_model)
 
 

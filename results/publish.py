@@ -53,11 +53,16 @@ def same_config(runs, vary=()):
     return base
 
 
+def cpu_of(results):
+    """The CPU model a run recorded in its results.json; runs from before that record are taken to be this
+    machine's."""
+    return (results.get("cpu") or {}).get("model") or common.cpuinfo()
+
+
 def device_of(results):
-    """'NVIDIA H100 80GB HBM3' or 'cpu (2 cores), AMD EPYC ...': the device line of a figure or table. The CPU
-    is the one the run recorded; runs from before that record are taken to be this machine's."""
+    """'NVIDIA H100 80GB HBM3' or 'cpu (2 cores), AMD EPYC ...': the device line of a figure or table."""
     dev = results.get("device", "?")
-    cpu = (results.get("cpu") or {}).get("model") or common.cpuinfo() if str(dev).startswith("cpu") else None
+    cpu = cpu_of(results) if str(dev).startswith("cpu") else None
     return f"{dev}, {cpu}" if cpu else str(dev)
 
 

@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import common  # noqa: E402
 import selfmodel as S  # noqa: E402
-from publish import pm_stats, rounded  # noqa: E402
+from publish import cpu_of, pm_stats, rounded  # noqa: E402
 
 # --smoke only sets other flags' defaults, which the config holds: it is not a setting of its own
 VARY = {"aw", "seeds", "seed", "smoke", "out", "resume", "model_aw", "model_seed", "stop_at_step", "data_dir",
@@ -118,8 +118,8 @@ def merge(name, dirs):
         "commands": [c for r in res for c in (r["commands"] if "commands" in r else [command_of(r["config"])])],
         "device": res[0]["device"],
         # every CPU the cells ran on: a published sweep's own list, a run's record, else this machine's
-        "cpu_model": ", ".join(sorted({m for r in res for m in (r.get("cpu_model") or (r.get("cpu") or {}).get(
-            "model") or common.cpuinfo() or "?").split(", ")})) if res[0]["device"].startswith("cpu") else None,
+        "cpu_model": ", ".join(sorted({m for r in res for m in (r.get("cpu_model") or cpu_of(r) or "?").split(", ")}))
+        if res[0]["device"].startswith("cpu") else None,
         # the CPU's vector kernels and threads of the runs that recorded them (README, Determinism)
         "cpu_kernels": sorted({f"{r['cpu']['kernels']}, {r['cpu']['threads']} thread(s)" for r in res if r.get("cpu")}
                               | {k for r in res for k in r.get("cpu_kernels", [])}),
