@@ -17,6 +17,7 @@ correlation over the per-seed values, with a permutation p-value).
   python selfmodel.py --task imdb --preset quick --aw 0,1,100,500 --seeds 5    # 50 epochs + momentum (paper: 500)
   python selfmodel.py --task imdb --aw 0,1,100,500 --seeds 10                  # the paper's: 500 epochs, plain SGD
   python selfmodel.py --task imdb --preset quick --aw 0,100,500 --target embedding  # self-model the embedding
+  python selfmodel.py --task mnist --aw 0,0.1,1,10 --aux act-l2 --seeds 10    # control: AW * mean(h^2) instead
   python selfmodel.py --task mnist --aw 0,50 --seeds 2 --llc-grid-eps 1e-5,1e-4,1e-3 --llc-grid-gamma 1,10,100
   python selfmodel.py --smoke                                                  # CPU, seconds
   torchrun --nproc_per_node 8 selfmodel.py --task cifar10 --preset quick       # DDP over the batch
@@ -27,7 +28,10 @@ CIFAR-10 ResNet-18 (3x3 stem, no max-pool) -> avgpool -> Linear(512, 2000) + ReL
 the last block's output (512x4x4) and the 2000-d hidden; IMDB EmbeddingBag(vocab, 64) -> Linear(64, 128)
 + ReLU -> head, target = the 128-d hidden. AW = 0 builds the plain network (no extra outputs). `--target`
 picks other layers: the authors' code also self-models IMDB's 64-d mean embedding (`--target embedding`);
-on CIFAR-10 either target alone (`block`, `hidden`).
+on CIFAR-10 either target alone (`block`, `hidden`). `--aux act-l2` is a control the paper does not run: no
+self-model rows, the loss adds AW * mean(target^2) with the target NOT detached (the self-model's MSE had it
+predicted 0): a plain activation penalty on the same layers, to ask whether any pull on the activations
+simplifies the network as much as predicting them does.
 Data as the authors: images Normalize(0.5, 0.5) (`--normalize dataset` for the data set's statistics; the
 choice sets the scale of the weight width); IMDB tokenised by torchtext's basic_english rules (written out
 in common.tokenize) with the vocabulary of every training word. Left open by the paper: the data order; the
@@ -84,6 +88,7 @@ TASKS = {  # target: the layers the self-model predicts (TARGETS below), the pap
 # "embedding_AW=100" / "embedding_AW=500" beside their hidden-layer variants)
 TARGETS = {"mnist": ("hidden",), "cifar10": ("block", "hidden"), "imdb": ("embedding", "hidden")}
 EMBED = 64  # IMDB's embedding width (the paper's)
+AUX = ("self-model", "act-l2")  # what AW weighs: the paper's self-model, or the activation-penalty control
 PRESETS = {  # "paper" = TASKS as they are; "quick" finishes a 4 AW x 3 seed sweep in minutes on one GPU
     "paper": {},
     # IMDB: the paper's plain SGD 0.1 moves the N(0, 1)-initialised, mean-pooled embedding rows very slowly
@@ -127,6 +132,9 @@ def build_parser():
                    help="comma-separated layers the self-model predicts: mnist hidden; cifar10 block (the last "
                         "block's 8w x 4 x 4 output), hidden; imdb embedding (the 64-d mean embedding), hidden"
                         + d("target"))
+    p.add_argument("--aux", default="self-model",
+                   help="what AW weighs: self-model = the paper's (extra output rows predict the detached target "
+                        "activations); act-l2 = a control: no extra rows, AW * mean(target^2), not detached")
     p.add_argument("--width", type=int, default=None, help="ResNet-18 base width, CIFAR-10 only (default 64)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="IMDB only: vocabulary size (default 0 = every training word, as the paper)")
@@ -171,6 +179,7 @@ def get_args(argv=None):
           f"--preset {args.preset} has no settings for --task {args.task} (it runs at the paper's): drop it")
     check(args.width is None or args.task == "cifar10", f"--width only applies to --task cifar10: drop it")
     check(args.vocab_size is None or args.task == "imdb", f"--vocab-size only applies to --task imdb: drop it")
+    check(args.aux in AUX, f"--aux {args.aux!r} is not one of {', '.join(AUX)}")
     check(args.normalize in ("paper", "dataset"), f"--normalize {args.normalize!r} is not one of paper, dataset")
     check(args.normalize == "paper" or args.task != "imdb", "--normalize applies to image tasks: drop it for imdb")
     check(args.llc_protocol in ("ours", "authors"), f"--llc-protocol {args.llc_protocol!r} is not one of ours, authors")
@@ -211,6 +220,7 @@ def get_args(argv=None):
     if args.out is None:
         name = f"{args.task}_{args.preset}_h{args.hidden}_aw{args.aw.replace(',', '-')}_seeds{args.seeds}"
         name += "" if args.target == TASKS[args.task]["target"] else "_target-" + args.target.replace(",", "-")
+        name += "" if args.aux == AUX[0] else "_aux-" + args.aux
         args.out = os.path.join("out", SCRIPT, name + ("_smoke" if args.smoke else ""))
     return args
 
@@ -303,26 +313,30 @@ class SelfModelNet(nn.Module):
     own activations; it must not pull them towards its prediction). Plain network: (logits, None).
     The class rows (`head`) and the extra rows (`self_head`) are two Linear layers side by side, which
     is one widened layer; `self_head` is created last so the rest draws exactly the plain network's init.
+    penalty=True (a control, not the paper's; self_model must be False): the plain network, whose forward
+    returns (logits, target activations NOT detached); loss_parts then weighs MSE(0, target), an L2 penalty.
     """
 
-    def __init__(self, body, hidden, num_classes, target_dim, self_model):
+    def __init__(self, body, hidden, num_classes, target_dim, self_model, penalty=False):
         super().__init__()
-        self.body, self.num_classes = body, num_classes
+        self.body, self.num_classes, self.penalty = body, num_classes, penalty
         self.head = nn.Linear(hidden, num_classes)
         self.self_head = nn.Linear(hidden, target_dim) if self_model else None
         self._acts = None  # a list only inside forward(), so classify() and SGLD do not capture
-        if self_model and not getattr(body, "targets", None):
+        if self_model and penalty:
+            raise ValueError("SelfModelNet: penalty is the control without self-model rows: pass self_model=False")
+        if (self_model or penalty) and not getattr(body, "targets", None):
             raise ValueError("SelfModelNet: body.targets must list the modules whose outputs the network predicts")
-        if self_model:
+        if self_model or penalty:
             for m in body.targets:
                 m.register_forward_hook(self._capture)
 
     def _capture(self, module, inputs, output):
-        if self._acts is not None:
-            self._acts.append(output.detach().flatten(1))
+        if self._acts is not None:  # the penalty must reach the activations; the self-model must not move them
+            self._acts.append(output.flatten(1) if self.penalty else output.detach().flatten(1))
 
     def forward(self, x):
-        if self.self_head is None:
+        if self.self_head is None and not self.penalty:
             return self.head(self.body(x)), None
         self._acts = []
         try:
@@ -330,6 +344,8 @@ class SelfModelNet(nn.Module):
             target = torch.cat(self._acts, 1)
         finally:
             self._acts = None
+        if self.penalty:
+            return self.head(h), target
         return torch.cat([self.head(h), self.self_head(h)], 1), target
 
     def classify(self, x):
@@ -350,10 +366,17 @@ def target_dim(cfg):
     return sum(sizes[n] for n in target_names(cfg))
 
 
+def aux_of(cfg):
+    """The config's --aux; configs written before the flag existed ran the self-model."""
+    return cfg.get("aux", AUX[0])
+
+
 def build_model(cfg, self_model=None):
-    """The network a config describes; widened iff its AW (`model_aw`) > 0 unless `self_model` says."""
+    """The network a config describes; widened iff its AW (`model_aw`) > 0 unless `self_model` says. Under
+    `--aux act-l2` the AW term is a penalty instead: the plain network, returning its undetached targets."""
     if self_model is None:
         self_model = float(cfg.get("model_aw", 0.0)) > 0
+    penalty = self_model and aux_of(cfg) == "act-l2"
     task = cfg["task"]
     if task == "mnist":
         body = MLPBody(cfg["hidden"], target_names(cfg))
@@ -361,7 +384,8 @@ def build_model(cfg, self_model=None):
         body = ResNetBody(cfg["hidden"], cfg.get("width", 64), target_names(cfg))
     else:
         body = TextBody(cfg["num_tokens"], cfg["hidden"], EMBED, target_names(cfg))
-    return SelfModelNet(body, cfg["hidden"], common.NUM_CLASSES[cfg["dataset"]], target_dim(cfg), self_model)
+    return SelfModelNet(body, cfg["hidden"], common.NUM_CLASSES[cfg["dataset"]], target_dim(cfg),
+                        self_model and not penalty, penalty)
 
 
 def probe_layers(cfg):
@@ -376,13 +400,15 @@ def probe_features(model, x, cfg, layers, t=None, generator=None):
 
 
 def loss_parts(model, x, y, aw):
-    """(total, ce, mse): CE on the class logits + AW * MSE between predicted and actual activations."""
+    """(total, ce, mse): CE on the class logits + AW * MSE between predicted and actual activations (under
+    --aux act-l2 the prediction is 0 and the target not detached: AW * mean(target^2))."""
     out, target = model(x)
     c = common.unwrap(model).num_classes
     ce = F.cross_entropy(out[:, :c].float(), y)
     if target is None:
         return ce, ce, torch.zeros((), device=ce.device)
-    mse = F.mse_loss(out[:, c:].float(), target.float())
+    pred = out[:, c:].float() if out.shape[1] > c else torch.zeros_like(target, dtype=torch.float32)
+    mse = F.mse_loss(pred, target.float())
     return ce + aw * mse, ce, mse
 
 
@@ -1008,6 +1034,7 @@ def format_table(table, cfg):
             f"{'RLCT':>15} | flat | collapsed")
     target = ",".join(target_names(cfg))
     target = "" if target == TASKS[cfg["task"]]["target"] else f", self-model of {target}"
+    target += "" if aux_of(cfg) == AUX[0] else f", control {aux_of(cfg)}: AW * mean(target^2), no self-model"
     lines = [f"{cfg['task']} ({cfg['preset']}, hidden {cfg['hidden']}, {cfg['epochs']} epochs{target}): mean +- "
              "half width of the 95% interval over seeds (Student t)", cols, "-" * len(cols)]
     for r in table["rows"]:
@@ -1033,7 +1060,8 @@ def load_resume(path, args):
     ck = common.load_checkpoint(path)
     common.check(ck.get("script") == SCRIPT, f"{path} was written by {ck.get('script')!r}, not {SCRIPT}: "
                                              "point --out at a selfmodel run")
-    saved = {**ck["config"], "target": ",".join(target_names(ck["config"]))}  # checkpoints older than --target
+    saved = {**ck["config"], "target": ",".join(target_names(ck["config"])),  # checkpoints older than the flags
+             "aux": aux_of(ck["config"])}
     common.check_resume_config(saved, vars(args), SAFE_ON_RESUME, path)
     return ck
 

@@ -43,9 +43,9 @@ def command_of(cfg):
     base = vars(S.get_args(["--task", cfg["task"], "--preset", cfg["preset"]]))
     argv = ["python selfmodel.py", "--task", cfg["task"]] + (["--preset", cfg["preset"]] if cfg["preset"] != "paper" else [])
     argv += ["--aw", cfg["aw"], "--seed", str(cfg["seed"]), "--seeds", str(cfg["seeds"])]
-    for k in ("hidden", "target", "width", "epochs", "batch_size", "lr", "momentum", "normalize", "train_subset",
-              "test_subset", "sgld_eps", "sgld_gamma", "sgld_chains", "sgld_draws", "sgld_batch", "llc_protocol",
-              "llc_grid_eps", "llc_grid_gamma", "vocab_size"):
+    for k in ("hidden", "target", "aux", "width", "epochs", "batch_size", "lr", "momentum", "normalize",
+              "train_subset", "test_subset", "sgld_eps", "sgld_gamma", "sgld_chains", "sgld_draws", "sgld_batch",
+              "llc_protocol", "llc_grid_eps", "llc_grid_gamma", "vocab_size"):
         if k in cfg and cfg[k] != base.get(k):
             argv += [f"--{k.replace('_', '-')}", f"{cfg[k]:g}" if isinstance(cfg[k], float) else str(cfg[k])]
     return " ".join(argv)
@@ -69,9 +69,10 @@ def from_published(pub):
             "commands": pub["commands"], "cpu_model": pub.get("cpu_model"), "cpu_kernels": pub.get("cpu_kernels", [])}
 
 
-def with_target(cfg):
-    """The config with its --target spelled out: runs from before the flag self-modeled the task's default."""
-    return {**cfg, "target": ",".join(S.target_names(cfg))}
+def spelled_out(cfg):
+    """The config with its --target and --aux spelled out: runs from before those flags self-modeled the task's
+    default layers."""
+    return {**cfg, "target": ",".join(S.target_names(cfg)), "aux": S.aux_of(cfg)}
 
 
 def merge(name, dirs):
@@ -82,7 +83,7 @@ def merge(name, dirs):
     res = [json.load(open(f)) for f in files]
     res = [from_published(r) if "table" in r and "runs" in r and "script" not in r else r for r in res]
     for r in res:
-        r["config"] = with_target(r["config"])
+        r["config"] = spelled_out(r["config"])
     for f, r in zip(files, res):
         common.check(r.get("script") == "selfmodel", f"{f} was not written by selfmodel.py")
         common.check(r["device"] == res[0]["device"], f"{f} ran on {r['device']}, {files[0]} on {res[0]['device']}: "
@@ -143,7 +144,7 @@ PAPER = {
 
 # The paper's own levels, drawn beside ours, only where our run is the paper's protocol and the paper states the
 # number: IMDB with 500 epochs of plain SGD, test accuracy (%) and RLCT per AW, from its IMDB figure. Runs that
-# train otherwise (a preset, fewer epochs, another --target) are not comparable in level (only in ordering).
+# train otherwise (a preset, fewer epochs, another --target or --aux) are not comparable in level (only in ordering).
 PAPER_LEVELS = {
     "imdb": {"test_acc": {0: 82.0, 100: 82.0, 500: 83.6}, "llc": {0: 13.7, 100: 11.2, 500: 5.2}},
 }
@@ -151,8 +152,9 @@ PAPER_LEVELS = {
 
 def papers_protocol(cfg):
     """Whether a config trains and measures as the paper did: its task's settings (TASKS), on all the data."""
-    cfg = with_target(cfg)
+    cfg = spelled_out(cfg)
     return (cfg.get("preset") == "paper" and not cfg.get("train_subset") and not cfg.get("test_subset")
+            and cfg["aux"] == S.AUX[0]
             and all(cfg.get(k) == v for k, v in S.TASKS[cfg["task"]].items() if k != "aw"))
 
 
@@ -169,7 +171,7 @@ def beside_of(other, summary):
     the settings that differ, and per metric its [AW, mean, 95% half width] rows; kept in the JSON for --redraw."""
     common.check(other.get("task") == summary["task"] and "table" in other,
                  f"--beside: {other.get('name')!r} is not a published {summary['task']} sweep")
-    mine, theirs = with_target(summary["config"]), with_target(other["config"])
+    mine, theirs = spelled_out(summary["config"]), spelled_out(other["config"])
     diff = sorted(k for k in set(mine) | set(theirs) if k not in VARY and mine.get(k) != theirs.get(k))
     common.check(diff, f"--beside: {other['name']} has this sweep's settings: merge its runs instead")
     label = f"{other['name']} ({', '.join(f'{k} {theirs.get(k)}' for k in diff)})"
@@ -215,7 +217,7 @@ def figure(summary):
         ci = [r[k + "_ci95"] or 0.0 for r in rows]
         ours = "ours: mean, 95% interval"
         if summary.get("beside"):  # two settings on one axis: name ours by the setting it differs in
-            cfg = with_target(summary["config"])
+            cfg = spelled_out(summary["config"])
             ours = f"{summary['name']} ({', '.join(f'{d} {cfg.get(d)}' for d in summary['beside']['differ'])})"
         ax.errorbar(aws, mean, yerr=ci, fmt="o-", capsize=4, color="C0", label=ours)
         for r in summary["runs"].values():  # the seeds themselves, faint; those that collapsed to chance in red
@@ -234,7 +236,8 @@ def figure(summary):
             vals += list(y)
         pad = 0.15 * (max(vals) - min(vals) or abs(max(vals)) or 1.0)
         ax.set_ylim(min(vals) - pad, max(vals) + pad)
-        ax.set_xscale("symlog", linthresh=1)
+        pos = [a for a in aws + [r[0] for r in summary.get("beside", {}).get("rows", {}).get(k, [])] if a > 0]
+        ax.set_xscale("symlog", linthresh=min([1.0] + pos))  # AWs below 1 (a control's 0.01) get their own decade
         ax.set_xlim(-0.5, max(aws + [r[0] for r in summary.get("beside", {}).get("rows", {}).get(k, [])]) * 1.8)
         ax.set_xlabel("auxiliary weight AW")
         ax.set_title(label, fontsize=10)
@@ -298,7 +301,7 @@ def by_width(files):
         common.check(os.path.exists(f), f"{f} does not exist: pass results/selfmodel_NAME.json files")
         s = json.load(open(f))
         common.check("table" in s and "config" in s, f"{f} is not a published selfmodel sweep")
-        s["config"] = with_target(s["config"])
+        s["config"] = spelled_out(s["config"])
         out.append((f, s))
     first, ref = out[0]
     for f, s in out:
