@@ -93,19 +93,26 @@ def test_a_published_json_grows_by_later_seeds(split_sweep, tmp_path):
 
 
 def test_runs_from_before_target_merge_as_the_default_and_other_targets_are_refused(split_sweep, tmp_path):
-    """A sweep published before --target existed self-modeled the task's default layers: it merges with new runs
-    of that default, not with runs that self-model other layers; the command records a non-default --target."""
+    """A sweep published before --target and --aux existed self-modeled the task's default layers: it merges with
+    new runs of that default, not with runs that self-model other layers or run the act-l2 control; the command
+    records a non-default --target and --aux."""
     _, outs = split_sweep
     new = json.load(open(os.path.join(outs[0], "results.json")))
     assert new["config"]["target"] == "hidden"
     pub = F.merge("first", [outs[0]])
-    del pub["config"]["target"]  # as the JSONs published before the flag
+    del pub["config"]["target"], pub["config"]["aux"]  # as the JSONs published before the flags
     common.write_json(str(tmp_path / "selfmodel_old.json"), pub)
     later = without_grid(outs[1])
     (tmp_path / "later").mkdir()
     common.write_json(str(tmp_path / "later" / "results.json"), later)
     grown = F.merge("grown", [str(tmp_path / "selfmodel_old.json"), str(tmp_path / "later")])
     assert grown["config"]["target"] == "hidden" and [r["aw"] for r in grown["table"]["rows"]] == [0.0, 5.0]
+    assert grown["config"]["aux"] == "self-model"
+    later["config"]["aux"] = "act-l2"
+    common.write_json(str(tmp_path / "later" / "results.json"), later)
+    with pytest.raises(common.UserError, match="differs from .* in aux"):
+        F.merge("mixed", [str(tmp_path / "selfmodel_old.json"), str(tmp_path / "later")])
+    later["config"]["aux"] = "self-model"
     later["config"]["target"] = "embedding"
     common.write_json(str(tmp_path / "later" / "results.json"), later)
     with pytest.raises(common.UserError, match="differs from .* in target"):
@@ -114,6 +121,7 @@ def test_runs_from_before_target_merge_as_the_default_and_other_targets_are_refu
     assert F.command_of(imdb).startswith("python selfmodel.py --task imdb --preset quick --aw 0,1,100,500 "
                                          "--seed 3 --seeds 3 --target embedding")
     assert "--target" not in F.command_of({**imdb, "target": "hidden"})
+    assert F.command_of({**imdb, "target": "hidden", "aux": "act-l2"}).endswith("--seeds 3 --aux act-l2")
 
 
 def test_figures_and_redraw(split_sweep, tmp_path):
@@ -170,7 +178,8 @@ def test_paper_levels_only_for_the_papers_protocol_and_measured_aws():
     assert F.paper_levels(summary("imdb", "paper", [0.5, 2])) == {}
     assert F.paper_levels(summary("imdb", "quick", [0, 100, 500])) == {}  # 50 epochs: other levels
     assert F.paper_levels(summary("mnist", "paper", [0, 100, 500])) == {}
-    for flags in (["--epochs", "50"], ["--target", "embedding"], ["--train-subset", "1000"], ["--lr", "0.05"]):
+    for flags in (["--epochs", "50"], ["--target", "embedding"], ["--aux", "act-l2"], ["--train-subset", "1000"],
+                  ["--lr", "0.05"]):
         assert F.paper_levels(summary("imdb", "paper", [0, 500], *flags)) == {}, flags  # trained otherwise
     imdb_paper = json.load(open(os.path.join(ROOT, "results", "selfmodel_imdb_paper.json")))
     assert F.papers_protocol(imdb_paper["config"]) and imdb_paper["paper_levels"]  # the published one still is

@@ -300,6 +300,68 @@ def test_target_picks_the_self_modeled_layers_in_forward_order():
         assert S.target_dim(cfg) == dim and out.shape == (2, 10 + dim) and torch.allclose(t, feats[target])
 
 
+def test_act_l2_control_is_the_plain_network_with_an_activation_penalty():
+    """--aux act-l2: no self-model rows (the plain network's init, the same parameters), the targets returned
+    attached, and the AW term equal to mean(h^2) with its gradient on the hidden layer worked out by hand."""
+    assert S.get_args(["--aux", "act-l2"]).out.endswith("_aux-act-l2") and "aux" not in S.get_args([]).out
+    cfg = {"task": "mnist", "dataset": "mnist", "hidden": 16, "aux": "act-l2", "model_aw": 2.0}
+    torch.manual_seed(0)
+    net = S.build_model(cfg)
+    torch.manual_seed(0)
+    plain = S.build_model({**cfg, "model_aw": 0.0})
+    assert net.self_head is None and net.penalty and not plain.penalty
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in net.state_dict().items())
+    assert net.state_dict().keys() == plain.state_dict().keys()  # probe.py and --resume load it as plain
+    x, y = torch.randn(6, 1, 28, 28), torch.arange(6) % 10
+    out, target = net(x)
+    z = net.body.fc(x.flatten(1))
+    assert out.shape == (6, 10) and target.requires_grad and torch.allclose(target, F.relu(z))
+    total, ce, mse = S.loss_parts(net, x, y, 2.0)
+    assert mse.item() == pytest.approx(F.relu(z).pow(2).mean().item(), rel=1e-6)
+    assert total.item() == pytest.approx(ce.item() + 2.0 * mse.item(), rel=1e-6)
+    mse.backward()
+    h = F.relu(z).detach()
+    g_z = 2 * h / h.numel() * (z > 0)  # d mean(relu(z)^2) / dz
+    assert torch.allclose(net.body.fc.weight.grad, g_z.T @ x.flatten(1), atol=1e-7)
+    assert torch.allclose(net.body.fc.bias.grad, g_z.sum(0), atol=1e-7)
+    assert net.head.weight.grad is None  # the penalty reaches the body only
+    assert plain(x)[1] is None and net.classifier()(x).shape == (6, 10) and net._acts is None
+    # IMDB's embedding: the penalty's gradient reaches the embedding rows of the review's words only
+    tcfg = {"task": "imdb", "dataset": "imdb", "hidden": 8, "num_tokens": 30, "target": "embedding",
+            "aux": "act-l2", "model_aw": 1.0}
+    tnet = S.build_model(tcfg)
+    tok, off = torch.tensor([3, 4, 5, 3]), torch.tensor([0, 2])
+    out, t = tnet((tok, off))
+    assert out.shape == (2, 2) and t.shape == (2, S.EMBED)
+    t.pow(2).mean().backward()
+    rows = tnet.body.emb.weight.grad.abs().sum(1).nonzero().flatten().tolist()
+    assert rows == [3, 4, 5]
+    with pytest.raises(ValueError, match="self_model=False"):
+        S.SelfModelNet(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), 4, 3, 4, self_model=True, penalty=True)
+
+
+def test_act_l2_shrinks_the_activations_and_the_head_grows_to_keep_the_logits(mnist, tmp_path):
+    """One MNIST batch fitted for 60 steps from the same init, AW 0 against act-l2 at AW 1: the penalised
+    hidden layer ends far smaller and the class rows wider (the head makes up the scale), both still fit it."""
+    sw = sweep(["--smoke", "--data-dir", mnist], tmp_path)
+    x, y = next(iter(sw.data.train(0)))
+    ends = {}
+    for aw in (0.0, 1.0):
+        torch.manual_seed(0)
+        net = S.build_model({**sw.cfg, "aux": "act-l2", "model_aw": aw})
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        for _ in range(60):
+            loss, ce, mse = S.loss_parts(net, x, y, aw)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            ends[aw] = (net.body(x).pow(2).mean().item(), S.weight_widths(net)["width"], ce.item())
+    assert ends[1.0][0] < 0.5 * ends[0.0][0], ends
+    assert ends[1.0][1] > ends[0.0][1], ends
+    assert ends[0.0][2] < 0.3 and ends[1.0][2] < 0.6, ends
+
+
 def test_width_is_the_std_of_the_class_rows_by_hand():
     net = S.build_model({"task": "mnist", "dataset": "mnist", "hidden": 3}, self_model=True)
     cls = [float(i % 7) - 2.5 + 0.1 * i for i in range(30)]  # 10 class rows x 3
@@ -627,6 +689,7 @@ def run_in_process(argv, capsys):
     (["--target", "block"], ["--target block", "hidden", "task mnist"]),
     (["--task", "imdb", "--target", "hidden,hidden"], ["--target", "embedding, hidden", "each once"]),
     (["--task", "cifar10", "--target", ","], ["--target", "block, hidden"]),
+    (["--aux", "l2"], ["--aux 'l2'", "self-model, act-l2"]),
     (["--test-subset", "20000"], ["--test-subset", "10000"]),
     (["--train-subset", "70000"], ["--train-subset", "60000"]),
     (["--normalize", "imagenet"], ["--normalize", "paper"]),
@@ -659,12 +722,14 @@ def test_bad_checkpoints_and_the_real_cli(mnist, tmp_path, capsys):
                                                   "config": {**vars(S.get_args(["--smoke"])), "lr": 1.0}})
     code, err = run_in_process(["--smoke", "--data-dir", mnist, "--out", str(out), "--resume"], capsys)
     assert code == 2 and "other settings: --lr 0.005 (run: 1.0)" in err
-    # a checkpoint from before --target self-modeled the task's default: it resumes as that, and only as that
-    old = {k: v for k, v in vars(S.get_args(["--task", "imdb", "--smoke"])).items() if k != "target"}
+    # a checkpoint from before --target and --aux self-modeled the task's default: it resumes as that, only as that
+    old = {k: v for k, v in vars(S.get_args(["--task", "imdb", "--smoke"])).items() if k not in ("target", "aux")}
     common.save_checkpoint(str(out / "ckpt.pt"), {"script": "selfmodel", "model": {}, "config": old})
     assert S.load_resume(str(out / "ckpt.pt"), S.get_args(["--task", "imdb", "--smoke"]))["config"] == old
     with pytest.raises(common.UserError, match="--target 'embedding' \\(run: 'hidden'\\)"):
         S.load_resume(str(out / "ckpt.pt"), S.get_args(["--task", "imdb", "--smoke", "--target", "embedding"]))
+    with pytest.raises(common.UserError, match="--aux 'act-l2' \\(run: 'self-model'\\)"):
+        S.load_resume(str(out / "ckpt.pt"), S.get_args(["--task", "imdb", "--smoke", "--aux", "act-l2"]))
     # and through a real process: one line, no traceback
     assert_clean_error(run_script(SMOKE + ["--aw", "-1"]), "--aw", ">= 0")
 
