@@ -11,7 +11,8 @@ README rows, the trend lines and each AW's gain over AW 0 paired by seed.
 Figures: NAME.png, three panels against AW (test accuracy, width of the final layer's class rows, RLCT), each
 point the mean over seeds with its 95% Student-t interval, and the paper's own numbers beside them where the
 sweep is the paper's protocol and the paper gives them (IMDB, 500 epochs), and with `--beside` another published
-sweep of the task (another --target, say) in grey; for a run with --llc-grid-*,
+sweep of the task (another --target or --aux, say) in grey, and then NAME_tradeoff.png, width and RLCT against
+test accuracy, a point per AW, to compare the two at matched accuracy; for a run with --llc-grid-*,
 NAME_calibration.png, the chain-mean RLCT trace nbeta * (L(w) - L(w*)) of every (eps, gamma), AW 0 against the
 largest AW.
 `--widths NAME JSON...` takes published sweeps that differ only in the hidden width and draws the same three
@@ -177,7 +178,62 @@ def beside_of(other, summary):
     label = f"{other['name']} ({', '.join(f'{k} {theirs.get(k)}' for k in diff)})"
     rows = {k: [[r["aw"], r[k + "_mean"], r[k + "_ci95"]] for r in other["table"]["rows"]]
             for k in ("test_acc", "width", "llc")}
+    rows["collapsed"] = [[r["aw"], r.get("collapsed", 0), r["n"]] for r in other["table"]["rows"]]
     return {"name": other["name"], "label": label, "differ": diff, "rows": rows}
+
+
+def own_label(summary):
+    """Beside another sweep, this one is named by the settings it differs in: 'NAME (aux act-l2)'."""
+    cfg = spelled_out(summary["config"])
+    return f"{summary['name']} ({', '.join(f'{d} {cfg.get(d)}' for d in summary['beside']['differ'])})"
+
+
+def tradeoff_points(summary):
+    """[(label, [(aw, {metric: (mean, ci95)}), ...]), ...] for this sweep and its --beside: one point per AW where
+    no run collapsed (a collapsed run's width and RLCT mean nothing), for accuracy against width and RLCT."""
+    def keep(pts, dead):
+        return [(aw, m) for aw, m in sorted(pts.items()) if not dead.get(aw)]
+    ours = {r["aw"]: {k: (r[k + "_mean"], r[k + "_ci95"] or 0.0) for k in ("test_acc", "width", "llc")}
+            for r in summary["table"]["rows"]}
+    out = [(own_label(summary) if summary.get("beside") else summary["name"], keep(ours, {r["aw"]: r.get("collapsed", 0) for r in summary["table"]["rows"]}))]
+    b = summary.get("beside")
+    if b:
+        theirs = {}
+        for k in ("test_acc", "width", "llc"):
+            for aw, mean, ci in b["rows"][k]:
+                theirs.setdefault(aw, {})[k] = (mean, ci or 0.0)
+        out.append((b["label"], keep(theirs, {aw: c for aw, c, _ in b["rows"].get("collapsed", [])})))
+    return out
+
+
+def plot_tradeoff(summary, out_png):
+    """With --beside: width and RLCT against test accuracy, a point per AW (mean, 95% interval both ways), so two
+    settings compare at matched accuracy rather than at matched AW (whose scale differs between them)."""
+    if not summary.get("beside"):
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (k, label) in zip(axes, (("width", "width: std of the class rows"), ("llc", "RLCT (SGLD)"))):
+        for i, (name, pts) in enumerate(tradeoff_points(summary)):
+            style = dict(fmt="o-", color="C0", capsize=3) if i == 0 else dict(fmt="s--", color="0.45", mfc="none",
+                                                                               capsize=2, lw=0.9)
+            ax.errorbar([m["test_acc"][0] for _, m in pts], [m[k][0] for _, m in pts],
+                        xerr=[m["test_acc"][1] for _, m in pts], yerr=[m[k][1] for _, m in pts], label=name, **style)
+            for aw, m in pts:
+                ax.annotate(f"{S.fmt_aw(aw)}", (m["test_acc"][0], m[k][0]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7, color=style["color"])
+        ax.set_xlabel("test accuracy (%)")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{summary['name']} against {summary['beside']['name']}: a point per AW (written beside it), mean "
+                 "and 95% interval; AWs with a collapsed run left out", fontsize=9)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
 
 
 def _x(aws):
@@ -215,10 +271,7 @@ def figure(summary):
     for ax, (k, label) in zip(axes, panels):
         mean = [r[k + "_mean"] for r in rows]
         ci = [r[k + "_ci95"] or 0.0 for r in rows]
-        ours = "ours: mean, 95% interval"
-        if summary.get("beside"):  # two settings on one axis: name ours by the setting it differs in
-            cfg = spelled_out(summary["config"])
-            ours = f"{summary['name']} ({', '.join(f'{d} {cfg.get(d)}' for d in summary['beside']['differ'])})"
+        ours = own_label(summary) if summary.get("beside") else "ours: mean, 95% interval"
         ax.errorbar(aws, mean, yerr=ci, fmt="o-", capsize=4, color="C0", label=ours)
         for r in summary["runs"].values():  # the seeds themselves, faint; those that collapsed to chance in red
             dead = S.collapsed(r, summary["config"])
@@ -484,7 +537,8 @@ def main(argv=None):
     except ImportError:
         print("matplotlib is not installed: JSON written, figures skipped (pip install -r requirements-figures.txt)")
         return
-    made = [plot(summary, base + ".png"), plot_calibration(summary, base + "_calibration.png")]
+    made = [plot(summary, base + ".png"), plot_calibration(summary, base + "_calibration.png"),
+            plot_tradeoff(summary, base + "_tradeoff.png")]
     print("figures:", ", ".join(f for f in made if f))
 
 

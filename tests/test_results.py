@@ -156,9 +156,26 @@ def test_beside_draws_another_setting_of_the_task_and_survives_redraw(split_swee
     assert mine["beside"]["rows"]["llc"] == [[r["aw"], r["llc_mean"], r["llc_ci95"]] for r in other["table"]["rows"]]
     fig = F.figure(mine)
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["mine (target hidden)", "other (target embedding)"]
-    (tmp_path / "selfmodel_mine.png").unlink()
+    # the trade-off figure: a point per AW of each sweep, accuracy against width and RLCT; an AW where a run
+    # collapsed is left out of that sweep's line (its width and RLCT mean nothing)
+    (label, ours), (blabel, theirs) = F.tradeoff_points(mine)
+    assert (label, blabel) == ("mine (target hidden)", "other (target embedding)")
+    row = mine["table"]["rows"][0]
+    point = {k: (row[k + "_mean"], row[k + "_ci95"] or 0.0) for k in ("test_acc", "width", "llc")}
+    assert ours == [(0.0, point)] == theirs  # both sweeps here are the same runs
+    assert mine["beside"]["rows"]["collapsed"] == [[0.0, 0, 2]]
+    more = {**row, "aw": 5.0, "test_acc_mean": 50.0, "collapsed": 1}  # as if AW 5 had run too, one seed dead
+    two = {**mine, "table": {"rows": [row, more]}, "beside": {**mine["beside"], "rows": {
+        k: v + [[5.0, 0, 2] if k == "collapsed" else [5.0, 1.0, None]] for k, v in mine["beside"]["rows"].items()}}}
+    (_, ours), (_, theirs) = F.tradeoff_points(two)
+    assert [a for a, _ in ours] == [0.0] and [a for a, _ in theirs] == [0.0, 5.0]
+    assert theirs[1][1] == {"test_acc": (1.0, 0.0), "width": (1.0, 0.0), "llc": (1.0, 0.0)}
+    for f in ("selfmodel_mine.png", "selfmodel_mine_tradeoff.png"):
+        assert (tmp_path / f).stat().st_size > 10_000
+        (tmp_path / f).unlink()
     F.main(["--redraw", str(tmp_path / "selfmodel_mine.json"), "--out-dir", str(tmp_path)])
     assert (tmp_path / "selfmodel_mine.png").stat().st_size > 10_000
+    assert (tmp_path / "selfmodel_mine_tradeoff.png").stat().st_size > 10_000
     common.write_json(str(tmp_path / "selfmodel_same.json"), F.merge("same", [outs[0]]))
     with pytest.raises(common.UserError, match="merge its runs instead"):
         F.main(["x", outs[0], "--beside", str(tmp_path / "selfmodel_same.json"), "--out-dir", str(tmp_path)])
