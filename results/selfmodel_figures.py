@@ -289,9 +289,10 @@ def figure(summary):
             vals += list(y)
         pad = 0.15 * (max(vals) - min(vals) or abs(max(vals)) or 1.0)
         ax.set_ylim(min(vals) - pad, max(vals) + pad)
-        pos = [a for a in aws + [r[0] for r in summary.get("beside", {}).get("rows", {}).get(k, [])] if a > 0]
-        ax.set_xscale("symlog", linthresh=min([1.0] + pos))  # AWs below 1 (a control's 0.01) get their own decade
-        ax.set_xlim(-0.5, max(aws + [r[0] for r in summary.get("beside", {}).get("rows", {}).get(k, [])]) * 1.8)
+        every = aws + [r[0] for r in summary.get("beside", {}).get("rows", {}).get(k, [])]
+        lin = min([1.0] + [a for a in every if a > 0])  # AWs below 1 (a control's 0.01) get their own decade
+        ax.set_xscale("symlog", linthresh=lin)
+        ax.set_xlim(-0.5 * lin, max(every) * 1.8)
         ax.set_xlabel("auxiliary weight AW")
         ax.set_title(label, fontsize=10)
         t, tl = summary["table"]["trend"].get(k), summary["table"].get("trend_learned", {}).get(k)
