@@ -51,7 +51,9 @@ Every estimate keeps its sampled-loss trace (thinned) and the checks devinterp's
 for: the share of draws below L(w*) and whether the trace has flattened. Absolute values are localised:
 with gamma 100 and nbeta = B / ln B a regular d-parameter model reads about 0.31 d, not d / 2, so only the
 ordering across AW compares with the paper. `--llc-grid-eps/--llc-grid-gamma` add estimates of every cell
-over an (eps, gamma) grid, to see whether that ordering depends on the sampler's settings.
+over an (eps, gamma) grid, to see whether that ordering depends on the sampler's settings; `--llc-rescale`
+adds estimates of every cell after a function-preserving rescaling (hidden layer x c, class rows / c): the
+width and this estimate both move under it, so they compare networks only as far as their scale split does.
 Output: OUT/results.json (table + per-seed values + loss curves + RLCT traces), OUT/log.txt, and
 OUT/ckpt.pt (the sweep's state: the last cell's weights and the finished cells' results).
 """
@@ -161,6 +163,9 @@ def build_parser():
     p.add_argument("--llc-grid-eps", default="", help="calibration: extra RLCT estimates of every cell for each "
                    "eps in this list x each gamma in --llc-grid-gamma (e.g. 1e-5,1e-4,1e-3)")
     p.add_argument("--llc-grid-gamma", default="", help="calibration: gammas for --llc-grid-eps (e.g. 1,10,100)")
+    p.add_argument("--llc-rescale", default="", help="calibration: extra RLCT estimates of every cell with its hidden "
+                   "layer scaled by each c in this list and the class rows by 1/c, the same function (e.g. "
+                   "0.25,0.5,2,4; see rescaled)")
     p.add_argument("--eval-batch", type=int, default=1000, help="test batch size")
     p.add_argument("--log-every", type=int, default=None, help="steps between log lines" + d("log_every"))
     p.add_argument("--ckpt-interval", type=float, default=300,
@@ -189,6 +194,10 @@ def get_args(argv=None):
                      for g in common.parse_list(args.llc_grid_gamma, float, "--llc-grid-gamma")] \
         if args.llc_grid_eps else []
     check(all(e > 0 and g >= 0 for e, g in args.llc_grid), "--llc-grid-eps must be > 0 and --llc-grid-gamma >= 0")
+    scales = common.parse_list(args.llc_rescale, float, "--llc-rescale") if args.llc_rescale else []
+    check(all(math.isfinite(c) and c > 0 for c in scales) and len(set(scales)) == len(scales),
+          f"--llc-rescale {args.llc_rescale}: give each scale c > 0 once (1 is the network as trained)")
+    args.llc_rescale = ",".join(f"{c:g}" for c in scales)
     # precedence: explicit flags > --smoke > --preset > the paper's settings > BASE
     fill = {**BASE, **TASKS[args.task], **PRESETS[args.preset].get(args.task, {}),
             **(SMOKE[args.task] if args.smoke else {})}
@@ -811,6 +820,25 @@ def grid_key(eps, gamma):
     return f"eps={eps:g},gamma={gamma:g}"
 
 
+def rescales(cfg):
+    """--llc-rescale as floats; configs from before the flag: none."""
+    s = cfg.get("llc_rescale", "")
+    return [float(c) for c in s.split(",")] if s else []
+
+
+def rescaled(model, c):
+    """A copy of the classification network whose hidden layer (the Linear before the ReLU) is scaled by c > 0 and
+    whose class rows are scaled by 1/c. ReLU is positively homogeneous, so it computes the same function to
+    rounding; only the parametrisation moves, and with it the width (x 1/c) and what SGLD at a fixed eps and
+    gamma sees. The paper's two measures are not invariant under this symmetry; --llc-rescale measures how much."""
+    net = copy.deepcopy(common.unwrap(model))
+    with torch.no_grad():
+        net.body.fc.weight.mul_(c)
+        net.body.fc.bias.mul_(c)
+        net.head.weight.div_(c)
+    return net
+
+
 class Sweep:
     """The AW x seeds sweep: finished cells, the checkpoint, the log."""
 
@@ -940,13 +968,16 @@ class Sweep:
         t = time.time()
         est = llc_of(model, self.data, cfg, seed)
         grid = {grid_key(e, g): llc_of(model, self.data, cfg, seed, e, g) for e, g in cfg["llc_grid"]}
+        scaled = {f"c={c:g}": rescaled(model, c) for c in rescales(cfg)}
+        scaled = {k: {"width": weight_widths(m)["width"], **llc_of(m, self.data, cfg, seed)} for k, m in scaled.items()}
         common.sync(dev)
         llc = est.pop("llc")
         trace = {k: est.pop(k) for k in ("loss_trace", "init_trace", "draws_per_point")}
         res = {"aw": aw, "seed": seed, "test_acc": acc, **weight_widths(model), "llc": llc, "llc_check": est,
                "final_loss": history[-1][1] if history else None, "steps": step,
                "train_seconds": round(train_s, 2), "llc_seconds": round(time.time() - t, 2), "loss_curve": history,
-               "llc_trace": trace, **({"llc_grid": grid} if grid else {})}
+               "llc_trace": trace, **({"llc_grid": grid} if grid else {}),
+               **({"llc_rescale": scaled} if scaled else {})}
         self.done[cell_key(aw, seed)] = res
         self.save(model, opt, aw, seed, False, args.epochs, 0, step, history)
         self.log(f"aw {aw:g} seed {seed}: test acc {acc:.2f}% | width {res['width']:.4f} | "
@@ -1024,6 +1055,11 @@ def summarise(done, cfg):
         for key in runs[0].get("llc_grid", {}):
             st = common.mean_ci([r["llc_grid"][key]["llc"] for r in runs])
             row.setdefault("llc_grid", {})[key] = {**st, "flat": sum(r["llc_grid"][key]["flat"] for r in runs)}
+        for key in runs[0].get("llc_rescale", {}):
+            st = common.mean_ci([r["llc_rescale"][key]["llc"] for r in runs])
+            row.setdefault("llc_rescale", {})[key] = {
+                **st, "width": common.mean_ci([r["llc_rescale"][key]["width"] for r in runs])["mean"],
+                "flat": sum(r["llc_rescale"][key]["flat"] for r in runs)}
         rows.append(row)
     runs = list(done.values())
     return {"rows": rows, "trend": trends(runs), "trend_learned": trends([r for r in runs if not collapsed(r, cfg)])}
@@ -1053,6 +1089,10 @@ def format_table(table, cfg):
         for key, g in r.get("llc_grid", {}).items():
             ci = f" +- {g['ci95']:.2f}" if g["ci95"] is not None else ""
             lines.append(f"calibration AW {fmt_aw(r['aw'])} {key}: RLCT {g['mean']:.2f}{ci} (flat {g['flat']}/{g['n']})")
+        for key, g in r.get("llc_rescale", {}).items():
+            ci = f" +- {g['ci95']:.2f}" if g["ci95"] is not None else ""
+            lines.append(f"rescaled AW {fmt_aw(r['aw'])} hidden x {key[2:]}, class rows / {key[2:]}: width "
+                         f"{g['width']:.4f}, RLCT {g['mean']:.2f}{ci} (flat {g['flat']}/{g['n']})")
     return "\n".join(lines)
 
 
@@ -1061,7 +1101,7 @@ def load_resume(path, args):
     common.check(ck.get("script") == SCRIPT, f"{path} was written by {ck.get('script')!r}, not {SCRIPT}: "
                                              "point --out at a selfmodel run")
     saved = {**ck["config"], "target": ",".join(target_names(ck["config"])),  # checkpoints older than the flags
-             "aux": aux_of(ck["config"])}
+             "aux": aux_of(ck["config"]), "llc_rescale": ck["config"].get("llc_rescale", "")}
     common.check_resume_config(saved, vars(args), SAFE_ON_RESUME, path)
     return ck
 

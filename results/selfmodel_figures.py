@@ -46,7 +46,7 @@ def command_of(cfg):
     argv += ["--aw", cfg["aw"], "--seed", str(cfg["seed"]), "--seeds", str(cfg["seeds"])]
     for k in ("hidden", "target", "aux", "width", "epochs", "batch_size", "lr", "momentum", "normalize",
               "train_subset", "test_subset", "sgld_eps", "sgld_gamma", "sgld_chains", "sgld_draws", "sgld_batch",
-              "llc_protocol", "llc_grid_eps", "llc_grid_gamma", "vocab_size"):
+              "llc_protocol", "llc_grid_eps", "llc_grid_gamma", "llc_rescale", "vocab_size"):
         if k in cfg and cfg[k] != base.get(k):
             argv += [f"--{k.replace('_', '-')}", f"{cfg[k]:g}" if isinstance(cfg[k], float) else str(cfg[k])]
     return " ".join(argv)
@@ -71,9 +71,10 @@ def from_published(pub):
 
 
 def spelled_out(cfg):
-    """The config with its --target and --aux spelled out: runs from before those flags self-modeled the task's
-    default layers."""
-    return {**cfg, "target": ",".join(S.target_names(cfg)), "aux": S.aux_of(cfg)}
+    """The config with its --target, --aux and --llc-rescale spelled out: runs from before those flags self-modeled
+    the task's default layers and measured the network as trained only."""
+    return {**cfg, "target": ",".join(S.target_names(cfg)), "aux": S.aux_of(cfg),
+            "llc_rescale": cfg.get("llc_rescale", "")}
 
 
 def merge(name, dirs):
@@ -107,12 +108,12 @@ def merge(name, dirs):
                                   "llc_seconds", "steps", "final_loss")}
         cell["llc_check"] = {"frac_below_init": c["llc_check"]["frac_below_init"], **recheck(c["llc_trace"], nbeta)}
         cell["llc_trace"] = c["llc_trace"]
-        if "llc_grid" in c:
-            cell["llc_grid"] = {}
-            for g, est in c["llc_grid"].items():
-                cell["llc_grid"][g] = {"llc": est["llc"], "frac_below_init": est["frac_below_init"],
-                                       **recheck(est, nbeta), "loss_trace": est["loss_trace"],
-                                       "init_trace": est["init_trace"], "draws_per_point": est["draws_per_point"]}
+        for extra in ("llc_grid", "llc_rescale"):  # the calibration estimates, each with its trace
+            for g, est in c.get(extra, {}).items():
+                cell.setdefault(extra, {})[g] = {
+                    **({"width": est["width"]} if "width" in est else {}), "llc": est["llc"],
+                    "frac_below_init": est["frac_below_init"], **recheck(est, nbeta), "loss_trace": est["loss_trace"],
+                    "init_trace": est["init_trace"], "draws_per_point": est["draws_per_point"]}
         cells[key] = cell
     return {
         "name": name, "task": base["task"], "paper": PAPER.get(base["task"]),
@@ -195,7 +196,8 @@ def tradeoff_points(summary):
         return [(aw, m) for aw, m in sorted(pts.items()) if not dead.get(aw)]
     ours = {r["aw"]: {k: (r[k + "_mean"], r[k + "_ci95"] or 0.0) for k in ("test_acc", "width", "llc")}
             for r in summary["table"]["rows"]}
-    out = [(own_label(summary) if summary.get("beside") else summary["name"], keep(ours, {r["aw"]: r.get("collapsed", 0) for r in summary["table"]["rows"]}))]
+    dead = {r["aw"]: r.get("collapsed", 0) for r in summary["table"]["rows"]}
+    out = [(own_label(summary) if summary.get("beside") else summary["name"], keep(ours, dead))]
     b = summary.get("beside")
     if b:
         theirs = {}
@@ -493,6 +495,26 @@ def calibration_markdown(summary):
     return "\n".join(lines)
 
 
+def rescale_markdown(summary):
+    """Per AW: width and RLCT of the network as trained (c = 1) and after each function-preserving rescaling
+    (hidden layer x c, class rows / c); mean over seeds, traces flat."""
+    rows = [r for r in summary["table"]["rows"] if r.get("llc_rescale")]
+    if not rows:
+        return ""
+    keys = sorted(list(rows[0]["llc_rescale"]) + ["c=1"], key=lambda k: float(k[2:]))
+    lines = ["| AW | " + " | ".join(f"c = {k[2:]}: width / RLCT" for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            g = {"width": r["width_mean"], "mean": r["llc_mean"], "ci95": r["llc_ci95"], "flat": r["llc_flat"],
+                 "n": r["n"]} if k == "c=1" else r["llc_rescale"][k]
+            ci = f" ± {g['ci95']:.1f}" if g["ci95"] is not None else ""
+            cells.append(f"{g['width']:.4f} / {g['mean']:.1f}{ci}" + ("" if g["flat"] == g["n"] else
+                                                                       f" ({g['flat']}/{g['n']} flat)"))
+        lines.append(f"| {S.fmt_aw(r['aw'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.one_line_errors(p)
@@ -533,6 +555,7 @@ def main(argv=None):
     print(S.format_table(summary["table"], {**summary["config"], "task": summary["task"]}))
     print(markdown(summary))
     print(calibration_markdown(summary))
+    print(rescale_markdown(summary))
     try:
         import matplotlib  # noqa: F401
     except ImportError:
