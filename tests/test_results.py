@@ -100,7 +100,7 @@ def test_runs_from_before_target_merge_as_the_default_and_other_targets_are_refu
     new = json.load(open(os.path.join(outs[0], "results.json")))
     assert new["config"]["target"] == "hidden"
     pub = F.merge("first", [outs[0]])
-    del pub["config"]["target"], pub["config"]["aux"]  # as the JSONs published before the flags
+    del pub["config"]["target"], pub["config"]["aux"], pub["config"]["llc_rescale"]  # published before the flags
     common.write_json(str(tmp_path / "selfmodel_old.json"), pub)
     later = without_grid(outs[1])
     (tmp_path / "later").mkdir()
@@ -122,6 +122,34 @@ def test_runs_from_before_target_merge_as_the_default_and_other_targets_are_refu
                                          "--seed 3 --seeds 3 --target embedding")
     assert "--target" not in F.command_of({**imdb, "target": "hidden"})
     assert F.command_of({**imdb, "target": "hidden", "aux": "act-l2"}).endswith("--seeds 3 --aux act-l2")
+
+
+def test_rescaled_estimates_merge_into_their_own_table(split_sweep, tmp_path):
+    """Runs with --llc-rescale: each cell's estimates per scale survive the merge (their trace check redone), the
+    table gives their mean per AW, the markdown a width / RLCT column per scale beside c = 1; a run without the
+    flag does not merge with them."""
+    _, outs = split_sweep
+    res = json.load(open(os.path.join(outs[0], "results.json")))
+    res["config"]["llc_rescale"] = "2"
+    for i, cell in enumerate(res["metrics"]["runs"].values()):
+        cell["llc_rescale"] = {"c=2": {"width": cell["width"] / 2, "llc": 10.0 + i, "frac_below_init": 0.0,
+                                       **cell["llc_trace"], "flat": None}}
+    (tmp_path / "rs").mkdir()
+    common.write_json(str(tmp_path / "rs" / "results.json"), res)
+    s = F.merge("rs", [str(tmp_path / "rs")])
+    row = s["table"]["rows"][0]
+    assert row["llc_rescale"]["c=2"]["mean"] == pytest.approx(10.5) and row["llc_rescale"]["c=2"]["n"] == 2
+    assert row["llc_rescale"]["c=2"]["width"] == pytest.approx(row["width_mean"] / 2, rel=1e-4)
+    cell = s["runs"]["aw=0,seed=0"]["llc_rescale"]["c=2"]
+    trace = res["metrics"]["runs"]["aw=0,seed=0"]["llc_trace"]["loss_trace"]
+    assert cell["flat"] in (True, False) and cell["loss_trace"][0] == pytest.approx(trace[0], rel=1e-4)
+    lines = F.rescale_markdown(s).splitlines()
+    assert lines[0] == "| AW | c = 1: width / RLCT | c = 2: width / RLCT |" and len(lines) == 3
+    assert lines[2].startswith(f"| 0 | {row['width_mean']:.4f} / {row['llc_mean']:.1f}")
+    assert " / 10.5 ± " in lines[2] and F.rescale_markdown(F.merge("plain", [outs[0]])) == ""
+    assert F.command_of(res["config"]).endswith("--llc-rescale 2")
+    with pytest.raises(common.UserError, match="in llc_rescale"):
+        F.merge("mixed", [str(tmp_path / "rs"), outs[0]])
 
 
 def test_figures_and_redraw(split_sweep, tmp_path):

@@ -362,6 +362,40 @@ def test_act_l2_shrinks_the_activations_and_the_head_grows_to_keep_the_logits(mn
     assert ends[0.0][2] < 0.3 and ends[1.0][2] < 0.6, ends
 
 
+def test_rescaled_network_is_the_same_function_with_the_widths_scaled():
+    """rescaled(model, c): hidden layer x c, class rows / c. The logits stay (ReLU is positively homogeneous), the
+    width of the class rows becomes width / c, the model itself is untouched, and a self-model's extra rows are
+    not part of the classifier that is rescaled."""
+    torch.manual_seed(0)
+    for cfg, x in (({"task": "mnist", "dataset": "mnist", "hidden": 16}, torch.randn(5, 1, 28, 28)),
+                   ({"task": "imdb", "dataset": "imdb", "hidden": 8, "num_tokens": 30},
+                    (torch.tensor([1, 2, 3, 4, 5]), torch.tensor([0, 3])))):
+        net = S.build_model(cfg, self_model=True)
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        for c in (0.25, 4.0):
+            m = S.rescaled(net, c)
+            assert torch.allclose(m.classify(x), net.classify(x), rtol=1e-5, atol=1e-6)
+            assert S.weight_widths(m)["width"] == pytest.approx(S.weight_widths(net)["width"] / c, rel=1e-6)
+            assert torch.allclose(m.body.fc.weight, c * net.body.fc.weight)
+            assert torch.equal(m.head.bias, net.head.bias) and torch.equal(m.self_head.weight, net.self_head.weight)
+        assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_llc_rescale_measures_the_same_network_rescaled(mnist, tmp_path):
+    """--llc-rescale 1 repeats the cell's own estimate exactly (the same draws); other scales give the width / c
+    and an estimate of their own, with its trace and checks; the flag's values are normalised and checked."""
+    assert S.get_args(["--llc-rescale", "2, 0.5,1"]).llc_rescale == "2,0.5,1" and S.rescales({}) == []
+    sw = sweep(["--smoke", "--data-dir", mnist, "--epochs", "1", "--llc-rescale", "1,4"], tmp_path)
+    res = sw.run_cell(0, 0.0, 0, NoStop())
+    one, four = res["llc_rescale"]["c=1"], res["llc_rescale"]["c=4"]
+    assert one["llc"] == res["llc"] and one["width"] == res["width"]
+    assert four["width"] == pytest.approx(res["width"] / 4, rel=1e-6) and math.isfinite(four["llc"])
+    assert four["llc"] != res["llc"] and {"flat", "frac_below_init", "loss_trace"} <= set(four)
+    table = S.summarise({"a": res}, sw.cfg)
+    assert table["rows"][0]["llc_rescale"]["c=4"]["mean"] == four["llc"]
+    assert "rescaled AW 0 hidden x 4, class rows / 4" in S.format_table(table, sw.cfg)
+
+
 def test_width_is_the_std_of_the_class_rows_by_hand():
     net = S.build_model({"task": "mnist", "dataset": "mnist", "hidden": 3}, self_model=True)
     cls = [float(i % 7) - 2.5 + 0.1 * i for i in range(30)]  # 10 class rows x 3
@@ -690,6 +724,8 @@ def run_in_process(argv, capsys):
     (["--task", "imdb", "--target", "hidden,hidden"], ["--target", "embedding, hidden", "each once"]),
     (["--task", "cifar10", "--target", ","], ["--target", "block, hidden"]),
     (["--aux", "l2"], ["--aux 'l2'", "self-model, act-l2"]),
+    (["--llc-rescale", "0,2"], ["--llc-rescale", "c > 0"]),
+    (["--llc-rescale", "2,2"], ["--llc-rescale", "once"]),
     (["--test-subset", "20000"], ["--test-subset", "10000"]),
     (["--train-subset", "70000"], ["--train-subset", "60000"]),
     (["--normalize", "imagenet"], ["--normalize", "paper"]),
