@@ -180,6 +180,7 @@ def beside_of(other, summary):
     rows = {k: [[r["aw"], r[k + "_mean"], r[k + "_ci95"]] for r in other["table"]["rows"]]
             for k in ("test_acc", "width", "llc")}
     rows["collapsed"] = [[r["aw"], r.get("collapsed", 0), r["n"]] for r in other["table"]["rows"]]
+    rows["rescale"] = rescale_curves(other)  # empty unless the other sweep ran --llc-rescale
     return {"name": other["name"], "label": label, "differ": diff, "rows": rows}
 
 
@@ -495,6 +496,53 @@ def calibration_markdown(summary):
     return "\n".join(lines)
 
 
+def rescale_curves(summary):
+    """{aw: [[c, width, RLCT mean, RLCT 95% half width, traces flat, n], ...]} over c, the trained network (c = 1)
+    included, for every AW measured with --llc-rescale."""
+    out = {}
+    for r in summary["table"]["rows"]:
+        if r.get("llc_rescale"):
+            pts = [[1.0, r["width_mean"], r["llc_mean"], r["llc_ci95"], r["llc_flat"], r["n"]]]
+            pts += [[float(k[2:]), g["width"], g["mean"], g["ci95"], g["flat"], g["n"]]
+                    for k, g in r["llc_rescale"].items()]
+            out[S.fmt_aw(r["aw"])] = sorted(pts)
+    return out
+
+
+def plot_rescale(summary, out_png):
+    """Width and RLCT of each AW's networks against the scale c of a function-preserving rescaling (hidden x c,
+    class rows / c), with --beside's curves where it has them; None without --llc-rescale."""
+    mine = rescale_curves(summary)
+    if not mine:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    b = summary.get("beside") or {}
+    sets = [(mine, own_label(summary) if b else summary["name"], "o-")]
+    sets += [(b["rows"]["rescale"], b["label"], "s--")] if b.get("rows", {}).get("rescale") else []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (i, label) in zip(axes, ((1, "width: std of the class rows"), (2, "RLCT (SGLD)"))):
+        for j, (curves, name, style) in enumerate(sets):
+            for k, (aw, pts) in enumerate(curves.items()):
+                ci = [(p[3] or 0.0) if i == 2 else 0.0 for p in pts]  # the width's spread is not kept per c
+                ax.errorbar([p[0] for p in pts], [p[i] for p in pts], yerr=ci, fmt=style, capsize=3,
+                            color=f"C{k + 3 * j}", mfc="none" if j else None, label=f"{name}, AW {aw}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.axvline(1.0, color="0.6", lw=0.8, zorder=0)
+        ax.set_xlabel("c (hidden layer x c, class rows / c: one function; 1 = as trained)")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(f"{summary['name']}: the same trained networks rescaled; mean and 95% interval over "
+                 f"{seed_counts(summary['table']['rows'])} seeds", fontsize=9)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
 def rescale_markdown(summary):
     """Per AW: width and RLCT of the network as trained (c = 1) and after each function-preserving rescaling
     (hidden layer x c, class rows / c); mean over seeds, traces flat."""
@@ -562,7 +610,7 @@ def main(argv=None):
         print("matplotlib is not installed: JSON written, figures skipped (pip install -r requirements-figures.txt)")
         return
     made = [plot(summary, base + ".png"), plot_calibration(summary, base + "_calibration.png"),
-            plot_tradeoff(summary, base + "_tradeoff.png")]
+            plot_tradeoff(summary, base + "_tradeoff.png"), plot_rescale(summary, base + "_rescale.png")]
     print("figures:", ", ".join(f for f in made if f))
 
 

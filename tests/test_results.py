@@ -150,6 +150,18 @@ def test_rescaled_estimates_merge_into_their_own_table(split_sweep, tmp_path):
     assert F.command_of(res["config"]).endswith("--llc-rescale 2")
     with pytest.raises(common.UserError, match="in llc_rescale"):
         F.merge("mixed", [str(tmp_path / "rs"), outs[0]])
+    curves = F.rescale_curves(s)  # per AW, over c with the trained network at c = 1: width, RLCT, its interval
+    assert list(curves) == ["0"] and [p[0] for p in curves["0"]] == [1.0, 2.0]
+    assert curves["0"][0][1:4] == [row["width_mean"], row["llc_mean"], row["llc_ci95"]]
+    assert curves["0"][1][2] == pytest.approx(10.5) and F.rescale_curves(F.merge("plain", [outs[0]])) == {}
+    common.write_json(str(tmp_path / "selfmodel_rs.json"), s)
+    s["config"]["aux"] = "act-l2"  # as a control's sweep, drawn with this one's curves beside it
+    s["beside"] = F.beside_of(json.load(open(tmp_path / "selfmodel_rs.json")), s)
+    assert s["beside"]["rows"]["rescale"] == curves
+    if importlib.util.find_spec("matplotlib"):
+        png = F.plot_rescale(s, str(tmp_path / "rescale.png"))
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
+        assert F.plot_rescale(F.merge("plain", [outs[0]]), str(tmp_path / "none.png")) is None
 
 
 def test_figures_and_redraw(split_sweep, tmp_path):
@@ -194,7 +206,8 @@ def test_beside_draws_another_setting_of_the_task_and_survives_redraw(split_swee
     assert mine["beside"]["rows"]["collapsed"] == [[0.0, 0, 2]]
     more = {**row, "aw": 5.0, "test_acc_mean": 50.0, "collapsed": 1}  # as if AW 5 had run too, one seed dead
     two = {**mine, "table": {"rows": [row, more]}, "beside": {**mine["beside"], "rows": {
-        k: v + [[5.0, 0, 2] if k == "collapsed" else [5.0, 1.0, None]] for k, v in mine["beside"]["rows"].items()}}}
+        k: v + [[5.0, 0, 2] if k == "collapsed" else [5.0, 1.0, None]]
+        for k, v in mine["beside"]["rows"].items() if k != "rescale"}}}
     (_, ours), (_, theirs) = F.tradeoff_points(two)
     assert [a for a, _ in ours] == [0.0] and [a for a, _ in theirs] == [0.0, 5.0]
     assert theirs[1][1] == {"test_acc": (1.0, 0.0), "width": (1.0, 0.0), "llc": (1.0, 0.0)}
