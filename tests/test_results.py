@@ -317,7 +317,8 @@ def test_readme_tables_are_the_committed_json(name):
     with open(os.path.join(ROOT, "results", name)) as fh:
         s = json.load(fh)
     assert f"results/{name.removesuffix('.json')}" in readme or name in readme, f"{name} is not cited in README"
-    table = F.calibration_markdown(s) if s["config"].get("llc_grid_eps") else F.markdown(s)
+    table = F.calibration_markdown(s) if s["config"].get("llc_grid_eps") else \
+        F.rescale_markdown(s) if s["config"].get("llc_rescale") else F.markdown(s)  # each sweep's own table
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert rows and [r for r in rows if r not in readme] == []
 
