@@ -12,7 +12,8 @@ Figures: NAME.png, three panels against AW (test accuracy, width of the final la
 point the mean over seeds with its 95% Student-t interval, and the paper's own numbers beside them where the
 sweep is the paper's protocol and the paper gives them (IMDB, 500 epochs), and with `--beside` another published
 sweep of the task (another --target or --aux, say) in grey, and then NAME_tradeoff.png, width and RLCT against
-test accuracy, a point per AW, to compare the two at matched accuracy; for a run with --llc-grid-*,
+test accuracy, a point per AW, to compare the two at matched accuracy; for a run with --llc-rescale,
+NAME_rescale.png, width and RLCT against the rescaling c (with --beside's curves); for a run with --llc-grid-*,
 NAME_calibration.png, the chain-mean RLCT trace nbeta * (L(w) - L(w*)) of every (eps, gamma), AW 0 against the
 largest AW.
 `--widths NAME JSON...` takes published sweeps that differ only in the hidden width and draws the same three
@@ -504,7 +505,7 @@ def rescale_curves(summary):
         if r.get("llc_rescale"):
             pts = [[1.0, r["width_mean"], r["llc_mean"], r["llc_ci95"], r["llc_flat"], r["n"]]]
             pts += [[float(k[2:]), g["width"], g["mean"], g["ci95"], g["flat"], g["n"]]
-                    for k, g in r["llc_rescale"].items()]
+                    for k, g in r["llc_rescale"].items() if k != "c=1"]  # --llc-rescale 1 repeats the cell's
             out[S.fmt_aw(r["aw"])] = sorted(pts)
     return out
 
@@ -549,7 +550,7 @@ def rescale_markdown(summary):
     rows = [r for r in summary["table"]["rows"] if r.get("llc_rescale")]
     if not rows:
         return ""
-    keys = sorted(list(rows[0]["llc_rescale"]) + ["c=1"], key=lambda k: float(k[2:]))
+    keys = sorted(set(rows[0]["llc_rescale"]) | {"c=1"}, key=lambda k: float(k[2:]))
     lines = ["| AW | " + " | ".join(f"c = {k[2:]}: width / RLCT" for k in keys) + " |", "|---|" + "---|" * len(keys)]
     for r in rows:
         cells = []

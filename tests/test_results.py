@@ -147,6 +147,10 @@ def test_rescaled_estimates_merge_into_their_own_table(split_sweep, tmp_path):
     assert lines[0] == "| AW | c = 1: width / RLCT | c = 2: width / RLCT |" and len(lines) == 3
     assert lines[2].startswith(f"| 0 | {row['width_mean']:.4f} / {row['llc_mean']:.1f}")
     assert " / 10.5 ± " in lines[2] and F.rescale_markdown(F.merge("plain", [outs[0]])) == ""
+    with_one = {**s, "table": {**s["table"], "rows": [{**row, "llc_rescale": {**row["llc_rescale"], "c=1": {
+        "width": row["width_mean"], "mean": row["llc_mean"], "ci95": row["llc_ci95"], "flat": 2, "n": 2}}}]}}
+    assert F.rescale_markdown(with_one) == F.rescale_markdown(s)  # --llc-rescale 1: the trained network, once
+    assert F.rescale_curves(with_one) == F.rescale_curves(s)
     assert F.command_of(res["config"]).endswith("--llc-rescale 2")
     with pytest.raises(common.UserError, match="in llc_rescale"):
         F.merge("mixed", [str(tmp_path / "rs"), outs[0]])
