@@ -231,10 +231,16 @@ def plot_tradeoff(summary, out_png):
         ax.set_xlabel("test accuracy (%)")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{summary['name']} against {summary['beside']['name']}: a point per AW (written beside it), mean "
-                 "and 95% interval; AWs with a collapsed run left out", fontsize=9)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return save_with_key(fig, axes, f"{summary['name']} against {summary['beside']['name']}: a point per AW "
+                         "(written beside it), mean and 95% interval; AWs with a collapsed run left out", out_png, 2)
+
+
+def save_with_key(fig, axes, title, out_png, ncol):
+    """A two-panel figure's title and one key under the panels (clear of the data), saved and closed."""
+    import matplotlib.pyplot as plt
+    fig.suptitle(title, fontsize=9)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
@@ -535,13 +541,8 @@ def plot_rescale(summary, out_png):
         ax.set_xlabel("c (hidden layer x c, class rows / c: one function; 1 = as trained)")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3, which="both")
-    fig.suptitle(f"{summary['name']}: the same trained networks rescaled; mean and 95% interval over "
-                 f"{seed_counts(summary['table']['rows'])} seeds", fontsize=9)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_with_key(fig, axes, f"{summary['name']}: the same trained networks rescaled; mean and 95% interval "
+                         f"over {seed_counts(summary['table']['rows'])} seeds", out_png, 3)
 
 
 def rescale_markdown(summary):

@@ -61,8 +61,8 @@ DIFF_CHANGES = {
 SM_CHANGES = {
     "task": ([], ["--task", "imdb"]), "preset": (["--task", "imdb"], ["--task", "imdb", "--preset", "quick"]),
     "aw": ([], ["--aw", "0,5"]), "seeds": ([], ["--seeds", "2"]), "hidden": ([], ["--hidden", "16"]),
-    "target": (["--task", "imdb"], ["--task", "imdb", "--target", "embedding"]),
-    "width": (["--task", "cifar10"], ["--task", "cifar10", "--width", "16"]),
+    "target": (["--task", "imdb"], ["--task", "imdb", "--target", "embedding"]), "aux": ([], ["--aux", "act-l2"]),
+    "llc_rescale": ([], ["--llc-rescale", "2"]), "width": (["--task", "cifar10"], ["--task", "cifar10", "--width", "16"]),
     "vocab_size": (["--task", "imdb"], ["--task", "imdb", "--vocab-size", "100"]),
     "epochs": ([], ["--epochs", "2"]), "batch_size": ([], ["--batch-size", "64"]), "lr": ([], ["--lr", "0.1"]),
     "momentum": ([], ["--momentum", "0.5"]), "normalize": ([], ["--normalize", "dataset"]),
