@@ -380,6 +380,13 @@ def aux_of(cfg):
     return cfg.get("aux", AUX[0])
 
 
+def spelled_out(cfg):
+    """The config with the flags added since runs were first published spelled out as those runs ran them
+    (--target: the task's default layers, --aux: the self-model, --llc-rescale: none), so an old checkpoint
+    resumes and an old sweep merges only with runs of the same settings."""
+    return {**cfg, "target": ",".join(target_names(cfg)), "aux": aux_of(cfg), "llc_rescale": cfg.get("llc_rescale", "")}
+
+
 def build_model(cfg, self_model=None):
     """The network a config describes; widened iff its AW (`model_aw`) > 0 unless `self_model` says. Under
     `--aux act-l2` the AW term is a penalty instead: the plain network, returning its undetached targets."""
@@ -968,8 +975,10 @@ class Sweep:
         t = time.time()
         est = llc_of(model, self.data, cfg, seed)
         grid = {grid_key(e, g): llc_of(model, self.data, cfg, seed, e, g) for e, g in cfg["llc_grid"]}
-        scaled = {f"c={c:g}": rescaled(model, c) for c in rescales(cfg)}
-        scaled = {k: {"width": weight_widths(m)["width"], **llc_of(m, self.data, cfg, seed)} for k, m in scaled.items()}
+        scaled = {}
+        for c in rescales(cfg):  # one rescaled copy at a time
+            m = rescaled(model, c)
+            scaled[f"c={c:g}"] = {"width": weight_widths(m)["width"], **llc_of(m, self.data, cfg, seed)}
         common.sync(dev)
         llc = est.pop("llc")
         trace = {k: est.pop(k) for k in ("loss_trace", "init_trace", "draws_per_point")}
@@ -1052,14 +1061,13 @@ def summarise(done, cfg):
             row.update({f"{k}_mean": st["mean"], f"{k}_std": st["std"], f"{k}_ci95": st["ci95"]})
         row["llc_flat"] = sum(bool(r.get("llc_check", {}).get("flat")) for r in runs)
         row["collapsed"] = sum(collapsed(r, cfg) for r in runs)
-        for key in runs[0].get("llc_grid", {}):
-            st = common.mean_ci([r["llc_grid"][key]["llc"] for r in runs])
-            row.setdefault("llc_grid", {})[key] = {**st, "flat": sum(r["llc_grid"][key]["flat"] for r in runs)}
-        for key in runs[0].get("llc_rescale", {}):
-            st = common.mean_ci([r["llc_rescale"][key]["llc"] for r in runs])
-            row.setdefault("llc_rescale", {})[key] = {
-                **st, "width": common.mean_ci([r["llc_rescale"][key]["width"] for r in runs])["mean"],
-                "flat": sum(r["llc_rescale"][key]["flat"] for r in runs)}
+        for extra in ("llc_grid", "llc_rescale"):  # the calibration estimates (a rescaled one also has a width)
+            for key, first in runs[0].get(extra, {}).items():
+                est = [r[extra][key] for r in runs]
+                row.setdefault(extra, {})[key] = {**common.mean_ci([e["llc"] for e in est]),
+                                                  "flat": sum(e["flat"] for e in est),
+                                                  **({"width": sum(e["width"] for e in est) / len(est)}
+                                                     if "width" in first else {})}
         rows.append(row)
     runs = list(done.values())
     return {"rows": rows, "trend": trends(runs), "trend_learned": trends([r for r in runs if not collapsed(r, cfg)])}
@@ -1100,9 +1108,7 @@ def load_resume(path, args):
     ck = common.load_checkpoint(path)
     common.check(ck.get("script") == SCRIPT, f"{path} was written by {ck.get('script')!r}, not {SCRIPT}: "
                                              "point --out at a selfmodel run")
-    saved = {**ck["config"], "target": ",".join(target_names(ck["config"])),  # checkpoints older than the flags
-             "aux": aux_of(ck["config"]), "llc_rescale": ck["config"].get("llc_rescale", "")}
-    common.check_resume_config(saved, vars(args), SAFE_ON_RESUME, path)
+    common.check_resume_config(spelled_out(ck["config"]), vars(args), SAFE_ON_RESUME, path)
     return ck
 
 

@@ -71,13 +71,6 @@ def from_published(pub):
             "commands": pub["commands"], "cpu_model": pub.get("cpu_model"), "cpu_kernels": pub.get("cpu_kernels", [])}
 
 
-def spelled_out(cfg):
-    """The config with its --target, --aux and --llc-rescale spelled out: runs from before those flags self-modeled
-    the task's default layers and measured the network as trained only."""
-    return {**cfg, "target": ",".join(S.target_names(cfg)), "aux": S.aux_of(cfg),
-            "llc_rescale": cfg.get("llc_rescale", "")}
-
-
 def merge(name, dirs):
     files = [os.path.join(d, "results.json") if os.path.isdir(d) else d for d in dirs]
     for f in files:
@@ -86,7 +79,7 @@ def merge(name, dirs):
     res = [json.load(open(f)) for f in files]
     res = [from_published(r) if "table" in r and "runs" in r and "script" not in r else r for r in res]
     for r in res:
-        r["config"] = spelled_out(r["config"])
+        r["config"] = S.spelled_out(r["config"])
     for f, r in zip(files, res):
         common.check(r.get("script") == "selfmodel", f"{f} was not written by selfmodel.py")
         common.check(r["device"] == res[0]["device"], f"{f} ran on {r['device']}, {files[0]} on {res[0]['device']}: "
@@ -155,7 +148,7 @@ PAPER_LEVELS = {
 
 def papers_protocol(cfg):
     """Whether a config trains and measures as the paper did: its task's settings (TASKS), on all the data."""
-    cfg = spelled_out(cfg)
+    cfg = S.spelled_out(cfg)
     return (cfg.get("preset") == "paper" and not cfg.get("train_subset") and not cfg.get("test_subset")
             and cfg["aux"] == S.AUX[0]
             and all(cfg.get(k) == v for k, v in S.TASKS[cfg["task"]].items() if k != "aw"))
@@ -174,7 +167,7 @@ def beside_of(other, summary):
     the settings that differ, and per metric its [AW, mean, 95% half width] rows; kept in the JSON for --redraw."""
     common.check(other.get("task") == summary["task"] and "table" in other,
                  f"--beside: {other.get('name')!r} is not a published {summary['task']} sweep")
-    mine, theirs = spelled_out(summary["config"]), spelled_out(other["config"])
+    mine, theirs = S.spelled_out(summary["config"]), S.spelled_out(other["config"])
     diff = sorted(k for k in set(mine) | set(theirs) if k not in VARY and mine.get(k) != theirs.get(k))
     common.check(diff, f"--beside: {other['name']} has this sweep's settings: merge its runs instead")
     label = f"{other['name']} ({', '.join(f'{k} {theirs.get(k)}' for k in diff)})"
@@ -187,7 +180,7 @@ def beside_of(other, summary):
 
 def own_label(summary):
     """Beside another sweep, this one is named by the settings it differs in: 'NAME (aux act-l2)'."""
-    cfg = spelled_out(summary["config"])
+    cfg = S.spelled_out(summary["config"])
     return f"{summary['name']} ({', '.join(f'{d} {cfg.get(d)}' for d in summary['beside']['differ'])})"
 
 
@@ -365,7 +358,7 @@ def by_width(files):
         common.check(os.path.exists(f), f"{f} does not exist: pass results/selfmodel_NAME.json files")
         s = json.load(open(f))
         common.check("table" in s and "config" in s, f"{f} is not a published selfmodel sweep")
-        s["config"] = spelled_out(s["config"])
+        s["config"] = S.spelled_out(s["config"])
         out.append((f, s))
     first, ref = out[0]
     for f, s in out:
@@ -548,20 +541,15 @@ def plot_rescale(summary, out_png):
 def rescale_markdown(summary):
     """Per AW: width and RLCT of the network as trained (c = 1) and after each function-preserving rescaling
     (hidden layer x c, class rows / c); mean over seeds, traces flat."""
-    rows = [r for r in summary["table"]["rows"] if r.get("llc_rescale")]
-    if not rows:
+    if not any(r.get("llc_rescale") for r in summary["table"]["rows"]):
         return ""
-    keys = sorted(set(rows[0]["llc_rescale"]) | {"c=1"}, key=lambda k: float(k[2:]))
-    lines = ["| AW | " + " | ".join(f"c = {k[2:]}: width / RLCT" for k in keys) + " |", "|---|" + "---|" * len(keys)]
-    for r in rows:
-        cells = []
-        for k in keys:
-            g = {"width": r["width_mean"], "mean": r["llc_mean"], "ci95": r["llc_ci95"], "flat": r["llc_flat"],
-                 "n": r["n"]} if k == "c=1" else r["llc_rescale"][k]
-            ci = f" ± {g['ci95']:.1f}" if g["ci95"] is not None else ""
-            cells.append(f"{g['width']:.4f} / {g['mean']:.1f}{ci}" + ("" if g["flat"] == g["n"] else
-                                                                       f" ({g['flat']}/{g['n']} flat)"))
-        lines.append(f"| {S.fmt_aw(r['aw'])} | " + " | ".join(cells) + " |")
+    curves = rescale_curves(summary)
+    cs = [p[0] for p in next(iter(curves.values()))]
+    lines = ["| AW | " + " | ".join(f"c = {c:g}: width / RLCT" for c in cs) + " |", "|---|" + "---|" * len(cs)]
+    for aw, pts in curves.items():
+        cells = [f"{w:.4f} / {m:.1f}" + (f" ± {ci:.1f}" if ci is not None else "") +
+                 ("" if flat == n else f" ({flat}/{n} flat)") for _, w, m, ci, flat, n in pts]
+        lines.append(f"| {aw} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
