@@ -19,7 +19,8 @@ largest AW.
 `--widths NAME JSON...` takes published sweeps that differ only in the hidden width and draws the same three
 quantities against the width, one line per AW (the paper's Fig. 2 B-D), as NAME.png with its markdown table.
 
-The runs must share every setting but the AW list and the seeds (a sweep split over processes), and the device. A
+The runs must share every setting but the AW list and the seeds (a sweep split over processes), and the device; a
+run of AW 0 alone may have another --target or --aux (AW 0 trains the same plain network whatever they say). A
 published JSON counts as one more run: seeds measured later join it without its first output folders. The trace
 check ("flat") is recomputed here from the stored traces with the current selfmodel.llc_diagnostics, so runs
 made by older code are judged by the same rule. matplotlib is an optional extra: the training scripts never
@@ -38,6 +39,10 @@ from publish import cpu_of, pm_stats, rounded  # noqa: E402
 # --smoke only sets other flags' defaults, which the config holds: it is not a setting of its own
 VARY = {"aw", "seeds", "seed", "smoke", "out", "resume", "model_aw", "model_seed", "stop_at_step", "data_dir",
         "log_every", "ckpt_interval", "no_download", "device", "compile", "eval_batch", "num_tokens"}
+
+
+# the settings that change nothing at AW 0, where no layer is self-modeled or penalised
+AT_AW0 = {"target", "aux"}
 
 
 def command_of(cfg):
@@ -84,10 +89,16 @@ def merge(name, dirs):
         common.check(r.get("script") == "selfmodel", f"{f} was not written by selfmodel.py")
         common.check(r["device"] == res[0]["device"], f"{f} ran on {r['device']}, {files[0]} on {res[0]['device']}: "
                                                       "one table is one device")
-    base = {k: v for k, v in res[0]["config"].items() if k not in VARY}
-    for f, r in zip(files, res):
-        diff = sorted(k for k in set(base) | set(r["config"]) if k not in VARY and r["config"].get(k) != base.get(k))
-        common.check(not diff, f"{f} differs from {files[0]} in {', '.join(diff)}: only --aw and the seeds may differ")
+    # AW 0 is the plain network whatever --target and --aux say (same init, loss CE alone): a run of AW 0 alone
+    # joins a sweep of another target or of the control; the sweep's settings are those of its AW > 0 runs
+    plain = [all(c["aw"] == 0 for c in r["metrics"]["runs"].values()) for r in res]
+    first = plain.index(False) if False in plain else 0
+    base = {k: v for k, v in res[first]["config"].items() if k not in VARY}
+    for f, r, p in zip(files, res, plain):
+        diff = sorted(k for k in set(base) | set(r["config"]) if k not in VARY | (AT_AW0 if p else set())
+                      and r["config"].get(k) != base.get(k))
+        common.check(not diff, f"{f} differs from {files[first]} in {', '.join(diff)}: only --aw and the seeds may "
+                               f"differ (and --{' / --'.join(sorted(AT_AW0))} for a run of AW 0 alone)")
     runs = {}
     for r in res:
         for key, cell in r["metrics"]["runs"].items():

@@ -108,20 +108,48 @@ def test_runs_from_before_target_merge_as_the_default_and_other_targets_are_refu
     grown = F.merge("grown", [str(tmp_path / "selfmodel_old.json"), str(tmp_path / "later")])
     assert grown["config"]["target"] == "hidden" and [r["aw"] for r in grown["table"]["rows"]] == [0.0, 5.0]
     assert grown["config"]["aux"] == "self-model"
-    later["config"]["aux"] = "act-l2"
-    common.write_json(str(tmp_path / "later" / "results.json"), later)
-    with pytest.raises(common.UserError, match="differs from .* in aux"):
-        F.merge("mixed", [str(tmp_path / "selfmodel_old.json"), str(tmp_path / "later")])
-    later["config"]["aux"] = "self-model"
-    later["config"]["target"] = "embedding"
-    common.write_json(str(tmp_path / "later" / "results.json"), later)
-    with pytest.raises(common.UserError, match="differs from .* in target"):
-        F.merge("mixed", [str(tmp_path / "selfmodel_old.json"), str(tmp_path / "later")])
+    old5 = F.merge("old5", [str(tmp_path / "later")])  # an old sweep with an AW > 0: its settings are binding
+    del old5["config"]["target"], old5["config"]["aux"], old5["config"]["llc_rescale"]
+    common.write_json(str(tmp_path / "selfmodel_old5.json"), old5)
+    for key, value in (("aux", "act-l2"), ("target", "embedding")):
+        other = {**later, "config": {**later["config"], key: value}}
+        common.write_json(str(tmp_path / "later" / "results.json"), other)
+        with pytest.raises(common.UserError, match=f"differs from .* in {key}"):
+            F.merge("mixed", [str(tmp_path / "selfmodel_old5.json"), str(tmp_path / "later")])
     imdb = {**vars(F.S.get_args(["--task", "imdb", "--preset", "quick", "--target", "embedding"])), "seed": 3}
     assert F.command_of(imdb).startswith("python selfmodel.py --task imdb --preset quick --aw 0,1,100,500 "
                                          "--seed 3 --seeds 3 --target embedding")
     assert "--target" not in F.command_of({**imdb, "target": "hidden"})
     assert F.command_of({**imdb, "target": "hidden", "aux": "act-l2"}).endswith("--seeds 3 --aux act-l2")
+
+
+def test_aw0_trains_the_same_network_under_either_aux_and_joins_the_controls_sweep(split_sweep, data_dir, tmp_path):
+    """At AW 0 nothing is self-modeled or penalised: a smoke run with --aux act-l2 gives the self-model run's AW 0
+    cells bit for bit, so the publisher lets a run of AW 0 alone join a sweep of another --aux or --target (the
+    sweep takes the settings of its AW > 0 runs); two runs with AW > 0 that differ in them are still refused."""
+    _, outs = split_sweep
+    out = tmp_path / "aw0_l2"
+    p = run_script(["selfmodel.py", "--smoke", "--device", "cpu", "--data-dir", data_dir, "--seeds", "2",
+                    "--train-subset", "1024", "--sgld-draws", "20", "--aw", "0", "--aux", "act-l2", "--out", str(out)])
+    assert p.returncode == 0, p.stderr[-2000:]
+    ours = json.load(open(out / "results.json"))["metrics"]["runs"]
+    theirs = json.load(open(os.path.join(outs[0], "results.json")))["metrics"]["runs"]
+    assert ours.keys() == theirs.keys() and len(ours) == 2
+    for k in ours:
+        for m in ("test_acc", "width", "width_all", "llc", "final_loss", "steps"):
+            assert ours[k][m] == theirs[k][m], (k, m)
+    # the control's sweep: its AW 5 run (made act-l2 here) and the self-model's AW 0 run, in either order
+    sm = without_grid(outs[1])
+    for name, aux in (("l2_aw5", "act-l2"), ("sm_aw5", "self-model")):
+        (tmp_path / name).mkdir()
+        common.write_json(str(tmp_path / name / "results.json"), {**sm, "config": {**sm["config"], "aux": aux}})
+    for dirs in ([outs[0], str(tmp_path / "l2_aw5")], [str(tmp_path / "l2_aw5"), outs[0]]):
+        m = F.merge("control", dirs)
+        assert m["config"]["aux"] == "act-l2" and [r["aw"] for r in m["table"]["rows"]] == [0.0, 5.0]
+        assert any("--aux act-l2" in c for c in m["commands"]) and any("--aux" not in c for c in m["commands"])
+        assert "control act-l2" in F.S.format_table(m["table"], {**m["config"], "aw": "0,5"})
+    with pytest.raises(common.UserError, match="in aux: only"):  # the self-model's AW 5 beside the control's
+        F.merge("mixed", [str(tmp_path / "l2_aw5"), str(tmp_path / "sm_aw5")])
 
 
 def test_rescaled_estimates_merge_into_their_own_table(split_sweep, tmp_path):

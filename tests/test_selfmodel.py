@@ -290,6 +290,17 @@ def test_target_picks_the_self_modeled_layers_in_forward_order():
         assert S.target_dim({**base, "target": target}) == dim and out.shape == (4, 2 + dim)
         assert torch.allclose(t, torch.cat([want[n] for n in target.split(",")], 1)) and not t.requires_grad
     assert S.target_names(base) == ("hidden",)  # configs from before the flag: the task's default
+    # at AW 0 the target and --aux change nothing: one init, one output, the loss CE alone (the publisher
+    # merges a run of AW 0 alone into a sweep of another target or of the control on this)
+    plain = []
+    for target, aux in (("hidden", "self-model"), ("embedding", "self-model"), ("embedding,hidden", "act-l2")):
+        torch.manual_seed(1)
+        net = S.build_model({**base, "target": target, "aux": aux, "model_aw": 0.0})
+        total, ce, mse = S.loss_parts(net, (tok, off), torch.tensor([0, 1, 1, 0]), 7.0)
+        plain.append((net.state_dict(), total, ce, mse))
+    for sd, total, ce, mse in plain[1:]:
+        assert sd.keys() == plain[0][0].keys() and all(torch.equal(v, plain[0][0][k]) for k, v in sd.items())
+        assert torch.equal(total, plain[0][1]) and torch.equal(total, ce) and mse.item() == 0
     x = torch.randn(2, 3, 32, 32)
     for target, dim in (("hidden", 32), ("block", 8 * 8 * 16)):
         cfg = {"task": "cifar10", "dataset": "cifar10", "hidden": 32, "width": 8, "target": target}
