@@ -785,6 +785,12 @@ def peak_flops(device):
     return None
 
 
+def mfu(flops_per_s, peak, gpus=1):
+    """Model FLOPs utilisation: achieved FLOP/s over the peak of the `gpus` GPUs doing them (None when the
+    peak or the rate is unknown, e.g. on a CPU)."""
+    return flops_per_s / (peak * gpus) if peak and flops_per_s else None
+
+
 def count_flops(fn):
     """FLOPs of running `fn()` once (forward and backward if it does both), by torch's flop counter."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -804,14 +804,14 @@ def run(args, d, t_start=None):
             img_s = n_since * args.batch_size / dt
             if t_log > t_first:  # this process's first interval includes compile / warm-up
                 rates.append(img_s)
-            mfu = flops_img * img_s / (peak * world) if peak else None
+            mfu = common.mfu(flops_img * img_s, peak, world)
             history.append([step, mean_loss])
             log(f"iter {step}/{args.iters} | loss {mean_loss:.5f} | lr {sched.get_last_lr()[0]:.2e} | "
                 f"{img_s:.0f} img/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else "") + f" | {train_seconds / 60:.1f} min"
                 f" | ETA {common.eta(step - s_first, args.iters - s_first, time.perf_counter() - t_first)} (training)")
             if rates:
                 speed = {"img_per_s": float(np.median(rates)), "flops_per_img": flops_img,
-                         "mfu": flops_img * float(np.median(rates)) / (peak * world) if peak else None}
+                         "mfu": common.mfu(flops_img * float(np.median(rates)), peak, world)}
             loss_acc.zero_()
             n_since = 0
             t_log = time.perf_counter()

@@ -849,7 +849,7 @@ def _main(argv=None):
         p = profile_training_step(args, d, model, fwd, opt, train, n_tok, graphs)
         ips = args.batch_size * 1000 / p["wall_ms"]
         p.update(batch=args.batch_size, compiled=args.compile, img_per_s=ips,
-                 mfu=flops * ips / (peak * d.world_size) if peak else None)
+                 mfu=common.mfu(flops * ips, peak, d.world_size))
         log(f"profile of one {'compiled' if args.compile else 'eager'} step of batch {args.batch_size}: "
             f"{common.profile_text(p)}; {ips:.0f} img/s, mfu " + (f"{p['mfu']:.1%}" if peak else "n/a"))
         if d.is_main:
@@ -923,7 +923,7 @@ def _main(argv=None):
                 dt = time.time() - t_log
                 ips = (step - s_log) * args.batch_size / dt
                 speeds.append(ips)
-                mfu = f"{flops * ips / (peak * d.world_size):.1%}" if peak else "n/a"
+                mfu = f"{common.mfu(flops * ips, peak, d.world_size):.1%}" if peak else "n/a"
                 left = common.eta(step - s_proc, total - s_proc, time.time() - t_proc)
                 log(f"step {step}/{total} ep {epoch} loss {lv:.4f} lr {lr:.2e} {ips:.0f} img/s mfu {mfu} ETA {left}")
                 t_log, s_log = time.time(), step
@@ -962,7 +962,7 @@ def _main(argv=None):
                                                      [t["mean"]["knn"] for t in traj]),
                    "train_loss": hist["train_loss"], "alphas": alpha.tolist(), "cum_alpha": cum_alpha,
                    "params": n_params, "flops_per_img": flops, "img_per_s": ips,
-                   "mfu": flops * ips / (peak * d.world_size) if peak and ips else None, "steps": step,
+                   "mfu": common.mfu(flops * (ips or 0), peak, d.world_size), "steps": step,
                    "epochs": args.epochs, "world_size": d.world_size, "minutes": seconds / 60}
         path = common.write_results(args.out, SCRIPT, cfg, metrics, time.time() - t_wall, d.device,
                                     train_seconds=seconds)

@@ -954,7 +954,7 @@ class Sweep:
                     dt = time.time() - t_log
                     ips = n_log * args.batch_size / dt
                     peak = common.peak_flops(dev)
-                    mfu = f"{100 * self.flops[arch] * n_log / dt / peak:.1f}%" if peak else "-"
+                    mfu = f"{100 * common.mfu(self.flops[arch] * n_log / dt, peak):.1f}%" if peak else "-"
                     history.append([step, l])
                     per_step = (time.time() - t_cell) / (step - step0)
                     cell_left = per_step * (total - step)

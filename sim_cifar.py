@@ -698,7 +698,7 @@ def train_run(args, cfg, d, data, run_dir, stop, ck, flops_per_step, log=None, c
             mfu = ""
             if t_log is not None and step - start_step > spe:  # steady state: not this process's first epoch (compile)
                 timing.append([1000 * dt, n])
-                mfu = f" | MFU {100 * flops_per_step / dt / (peak * d.world_size):.1f}%" if peak else ""
+                mfu = f" | MFU {100 * common.mfu(flops_per_step / dt, peak, d.world_size):.1f}%" if peak else ""
             msg += f" | {cfg['batch_size'] / dt:,.0f} img/s | {1000 * dt:.1f} ms/step{mfu}"
             msg += f" | ETA {common.eta(step - start_step, total - start_step, now - t_run0)}"
             if norms is not None:
@@ -747,7 +747,7 @@ def train_run(args, cfg, d, data, run_dir, stop, ck, flops_per_step, log=None, c
     res = {"variant": cfg["sim"], "seed": cfg["seed"], "test_acc": plain, "test_acc_tta": tta, "test_n": n_test,
            "train_step_ms": statistics.median(t for t, _ in timing) if timing else None, "train_step_ms_mean": ms,
            "train_img_per_s": cfg["batch_size"] / ms * 1000 if ms else None,
-           "train_mfu_pct": 100 * flops_per_step / (ms / 1000) / (peak * d.world_size) if ms and peak else None,
+           "train_mfu_pct": 100 * common.mfu(flops_per_step / (ms / 1000), peak, d.world_size) if ms and peak else None,
            "target_acc": target, "time_to_target": reached["seconds"] if reached else None,
            "time_to_target_epoch": reached["epoch"] if reached else None,
            "time_to_target_cold": reached["cold"] if reached else cold and ck is None, "resumed": ck is not None,

@@ -245,6 +245,10 @@ def test_peak_flops_table(monkeypatch):
                        ("NVIDIA L4", 121e12), ("NVIDIA GeForce RTX 4090", 165e12), ("cpu (2 cores)", None)):
         monkeypatch.setattr(common, "device_name", lambda device, name=name: name)
         assert common.peak_flops(torch.device("cpu")) == peak, name
+    # MFU: 0.2 of two H100s' peak is 395.6 TFLOP/s; unknown on a CPU or before a rate was measured
+    assert common.mfu(395.6e12, 989e12, gpus=2) == pytest.approx(0.2)
+    assert common.mfu(98.9e12, 989e12) == pytest.approx(0.1)
+    assert common.mfu(1e12, None) is None and common.mfu(0, 989e12) is None
 
 
 def test_batches_eval_keeps_order_and_last_batch():
