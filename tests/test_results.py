@@ -502,6 +502,8 @@ def test_published_commands_still_mean_the_published_settings(name, command):
     ignore = {"llc_grid", "num_tokens", "vocab_size"}  # results (the calibration grid) or set from the data (IMDB)
     if script == "sim_cifar":
         ignore.add("dataset")  # CIFAR-10 always: recorded, not a flag
+    if script == "selfmodel" and all(float(a) == 0 for a in args["aw"].split(",")):
+        ignore |= F.AT_AW0  # a run of AW 0 alone joins a sweep of another --target / --aux (the plain network)
     differ = {k: (config[k], args.get(k)) for k in config
               if k not in ignore and rounded(args.get(k)) != rounded(config[k])}
     assert not differ, f"{name}: {command}\n(published, parsed today): {differ}"
