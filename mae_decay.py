@@ -851,7 +851,7 @@ def _main(argv=None):
         p.update(batch=args.batch_size, compiled=args.compile, img_per_s=ips,
                  mfu=common.mfu(flops * ips, peak, d.world_size))
         log(f"profile of one {'compiled' if args.compile else 'eager'} step of batch {args.batch_size}: "
-            f"{common.profile_text(p)}; {ips:.0f} img/s, mfu " + (f"{p['mfu']:.1%}" if peak else "n/a"))
+            f"{common.profile_text(p)}; {ips:.0f} img/s, mfu " + (f"{p['mfu']:.1%}" if p["mfu"] else "n/a"))
         if d.is_main:
             path = common.write_results(args.out, SCRIPT, cfg, {"profile": p, "flops_per_img": flops,
                                                                 "world_size": d.world_size},
@@ -923,7 +923,8 @@ def _main(argv=None):
                 dt = time.time() - t_log
                 ips = (step - s_log) * args.batch_size / dt
                 speeds.append(ips)
-                mfu = f"{common.mfu(flops * ips, peak, d.world_size):.1%}" if peak else "n/a"
+                mfu = common.mfu(flops * ips, peak, d.world_size)
+                mfu = f"{mfu:.1%}" if mfu else "n/a"
                 left = common.eta(step - s_proc, total - s_proc, time.time() - t_proc)
                 log(f"step {step}/{total} ep {epoch} loss {lv:.4f} lr {lr:.2e} {ips:.0f} img/s mfu {mfu} ETA {left}")
                 t_log, s_log = time.time(), step

@@ -954,7 +954,8 @@ class Sweep:
                     dt = time.time() - t_log
                     ips = n_log * args.batch_size / dt
                     peak = common.peak_flops(dev)
-                    mfu = f"{100 * common.mfu(self.flops[arch] * n_log / dt, peak):.1f}%" if peak else "-"
+                    mfu = common.mfu(self.flops[arch] * n_log / dt, peak)
+                    mfu = f"{100 * mfu:.1f}%" if mfu else "-"
                     history.append([step, l])
                     per_step = (time.time() - t_cell) / (step - step0)
                     cell_left = per_step * (total - step)

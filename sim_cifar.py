@@ -698,7 +698,8 @@ def train_run(args, cfg, d, data, run_dir, stop, ck, flops_per_step, log=None, c
             mfu = ""
             if t_log is not None and step - start_step > spe:  # steady state: not this process's first epoch (compile)
                 timing.append([1000 * dt, n])
-                mfu = f" | MFU {100 * common.mfu(flops_per_step / dt, peak, d.world_size):.1f}%" if peak else ""
+                u = common.mfu(flops_per_step / dt, peak, d.world_size)
+                mfu = f" | MFU {100 * u:.1f}%" if u else ""
             msg += f" | {cfg['batch_size'] / dt:,.0f} img/s | {1000 * dt:.1f} ms/step{mfu}"
             msg += f" | ETA {common.eta(step - start_step, total - start_step, now - t_run0)}"
             if norms is not None:
@@ -744,10 +745,11 @@ def train_run(args, cfg, d, data, run_dir, stop, ck, flops_per_step, log=None, c
     save(done=True)
     # throughput and MFU from the mean step time (all steady-state steps weighted alike: total images / time)
     ms = sum(t * n for t, n in timing) / sum(n for _, n in timing) if timing else None
+    u = common.mfu(flops_per_step / (ms / 1000), peak, d.world_size) if ms else None
     res = {"variant": cfg["sim"], "seed": cfg["seed"], "test_acc": plain, "test_acc_tta": tta, "test_n": n_test,
            "train_step_ms": statistics.median(t for t, _ in timing) if timing else None, "train_step_ms_mean": ms,
            "train_img_per_s": cfg["batch_size"] / ms * 1000 if ms else None,
-           "train_mfu_pct": 100 * common.mfu(flops_per_step / (ms / 1000), peak, d.world_size) if ms and peak else None,
+           "train_mfu_pct": 100 * u if u else None,
            "target_acc": target, "time_to_target": reached["seconds"] if reached else None,
            "time_to_target_epoch": reached["epoch"] if reached else None,
            "time_to_target_cold": reached["cold"] if reached else cold and ck is None, "resumed": ck is not None,
