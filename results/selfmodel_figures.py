@@ -242,7 +242,8 @@ def plot_tradeoff(summary, out_png):
 def save_with_key(fig, axes, title, out_png, ncol):
     """A two-panel figure's title and one key under the panels (clear of the data), saved and closed."""
     import matplotlib.pyplot as plt
-    fig.suptitle(title, fontsize=9)
+    import textwrap
+    fig.suptitle("\n".join(textwrap.wrap(title, int(fig.get_figwidth() * 12))), fontsize=9)  # long names: wrapped
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(out_png, dpi=110)
