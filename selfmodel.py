@@ -897,6 +897,7 @@ class Sweep:
         `self_model` forces the widened network (tests: AW = 0 with the extra rows must equal plain)."""
         args, cfg, d = self.args, self.cfg, self.d
         dev = d.device
+        peak = common.peak_flops(dev)  # for the log lines' MFU
         arch = aw > 0 if self_model is None else self_model
         torch.manual_seed(seed)
         model = build_model(cfg, self_model=arch).to(dev)
@@ -953,7 +954,6 @@ class Sweep:
                     common.sync(dev)
                     dt = time.time() - t_log
                     ips = n_log * args.batch_size / dt
-                    peak = common.peak_flops(dev)
                     mfu = common.mfu(self.flops[arch] * n_log / dt, peak)
                     mfu = f"{100 * mfu:.1f}%" if mfu else "-"
                     history.append([step, l])

@@ -95,8 +95,8 @@ def merge(name, dirs):
     first = plain.index(False) if False in plain else 0
     base = {k: v for k, v in res[first]["config"].items() if k not in VARY}
     for f, r, p in zip(files, res, plain):
-        diff = sorted(k for k in set(base) | set(r["config"]) if k not in VARY | (AT_AW0 if p else set())
-                      and r["config"].get(k) != base.get(k))
+        free = VARY | AT_AW0 if p else VARY
+        diff = sorted(k for k in set(base) | set(r["config"]) if k not in free and r["config"].get(k) != base.get(k))
         common.check(not diff, f"{f} differs from {files[first]} in {', '.join(diff)}: only --aw and the seeds may "
                                f"differ (and --{' / --'.join(sorted(AT_AW0))} for a run of AW 0 alone)")
     runs = {}
