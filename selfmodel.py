@@ -54,6 +54,9 @@ ordering across AW compares with the paper. `--llc-grid-eps/--llc-grid-gamma` ad
 over an (eps, gamma) grid, to see whether that ordering depends on the sampler's settings; `--llc-rescale`
 adds estimates of every cell after a function-preserving rescaling (hidden layer x c, class rows / c): the
 width and this estimate both move under it, so they compare networks only as far as their scale split does.
+Every cell also counts the ReLU units feeding the class rows that are dead on the test set (positive on no example)
+and the mean share positive per example (`evaluate`): a dead unit's weights leave the loss flat, which the RLCT
+sees as fewer parameters, so the count says how much of a fall in RLCT is units switched off.
 Output: OUT/results.json (table + per-seed values + loss curves + RLCT traces), OUT/log.txt, and
 OUT/ckpt.pt (the sweep's state: the last cell's weights and the finished cells' results).
 """
@@ -797,20 +800,30 @@ def fused_on_cpu():
 
 @torch.no_grad()
 def evaluate(model, batches, device, amp):
-    """Test accuracy (%) of the class logits, gathered over all ranks."""
+    """{test_acc: % of the class logits right, dead_units, active_frac}, gathered over all ranks. The last two say
+    how much of the ReLU layer feeding the class rows (MNIST's and IMDB's hidden, CIFAR-10's 2000-d) the test set
+    uses: units positive on no test example (a dead unit's weights, in and out, leave the loss flat around the
+    trained weights, which the RLCT counts as missing parameters) and the mean share of units positive per example."""
     net = common.unwrap(model)
     was = net.training
     net.eval()
-    correct = torch.zeros(2, device=device)
+    sums = torch.zeros(3, device=device)  # right, examples, (example, unit) pairs positive
+    fired = torch.zeros(net.head.in_features, device=device)  # per unit: the test examples it is positive on
     for x, y in batches:
         with amp:
-            pred = net.classify(x).argmax(1)
-        correct[0] += (pred == y).sum()
-        correct[1] += len(y)  # a python number: no host-to-device copy per batch
+            h = net.body(x)
+            pred = net.head(h).argmax(1)
+        on = h > 0
+        fired += on.sum(0)
+        sums[0] += (pred == y).sum()
+        sums[1] += len(y)  # a python number: no host-to-device copy per batch
+        sums[2] += on.sum()
     if dist.is_initialized():
-        dist.all_reduce(correct)
+        dist.all_reduce(sums)
+        dist.all_reduce(fired)
     net.train(was)
-    return (100.0 * correct[0] / correct[1]).item()
+    return {"test_acc": (100.0 * sums[0] / sums[1]).item(), "dead_units": int((fired == 0).sum()),
+            "active_frac": (sums[2] / (sums[1] * len(fired))).item()}
 
 
 def llc_of(model, data, cfg, seed, eps=None, gamma=None):
@@ -972,7 +985,8 @@ class Sweep:
         self.guard(model, loss, ci * total + step)
         common.sync(dev)
         train_s = self.cell_prior + time.time() - t_cell  # the cell's whole training, resumed or not
-        acc = evaluate(model, self.data.test(), dev, self.amp())
+        units = evaluate(model, self.data.test(), dev, self.amp())
+        acc = units.pop("test_acc")
         t = time.time()
         est = llc_of(model, self.data, cfg, seed)
         grid = {grid_key(e, g): llc_of(model, self.data, cfg, seed, e, g) for e, g in cfg["llc_grid"]}
@@ -983,7 +997,7 @@ class Sweep:
         common.sync(dev)
         llc = est.pop("llc")
         trace = {k: est.pop(k) for k in ("loss_trace", "init_trace", "draws_per_point")}
-        res = {"aw": aw, "seed": seed, "test_acc": acc, **weight_widths(model), "llc": llc, "llc_check": est,
+        res = {"aw": aw, "seed": seed, "test_acc": acc, **weight_widths(model), **units, "llc": llc, "llc_check": est,
                "final_loss": history[-1][1] if history else None, "steps": step,
                "train_seconds": round(train_s, 2), "llc_seconds": round(time.time() - t, 2), "loss_curve": history,
                "llc_trace": trace, **({"llc_grid": grid} if grid else {}),
@@ -991,7 +1005,8 @@ class Sweep:
         self.done[cell_key(aw, seed)] = res
         self.save(model, opt, aw, seed, False, args.epochs, 0, step, history)
         self.log(f"aw {aw:g} seed {seed}: test acc {acc:.2f}% | width {res['width']:.4f} | "
-                 f"width(all) {res['width_all']:.4f} | RLCT {llc:.2f} ({FLAT[est['flat']]}, "
+                 f"width(all) {res['width_all']:.4f} | dead units {units['dead_units']}/{cfg['hidden']}, "
+                 f"{100 * units['active_frac']:.1f}% active | RLCT {llc:.2f} ({FLAT[est['flat']]}, "
                  f"{100 * est['frac_below_init']:.0f}% of draws below L(w*)) | train {train_s:.1f}s | "
                  f"RLCT {time.time() - t:.1f}s")
         return res
@@ -1028,6 +1043,7 @@ def cell_key(aw, seed):
 
 
 METRICS = ("test_acc", "width", "width_all", "llc")
+UNITS = ("dead_units", "active_frac")  # of the layer feeding the class rows (evaluate); runs before them have none
 FLAT = {True: "trace flat", False: "trace still moving", None: "trace check needs 2 chains"}
 
 
@@ -1060,6 +1076,10 @@ def summarise(done, cfg):
         for k in METRICS:
             st = common.mean_ci([r[k] for r in runs])
             row.update({f"{k}_mean": st["mean"], f"{k}_std": st["std"], f"{k}_ci95": st["ci95"]})
+        for k in UNITS:
+            if all(k in r for r in runs):
+                st = common.mean_ci([r[k] for r in runs])
+                row.update({f"{k}_mean": st["mean"], f"{k}_ci95": st["ci95"]})
         row["llc_flat"] = sum(bool(r.get("llc_check", {}).get("flat")) for r in runs)
         row["collapsed"] = sum(collapsed(r, cfg) for r in runs)
         for extra in ("llc_grid", "llc_rescale"):  # the calibration estimates (a rescaled one also has a width)
@@ -1074,6 +1094,12 @@ def summarise(done, cfg):
     return {"rows": rows, "trend": trends(runs), "trend_learned": trends([r for r in runs if not collapsed(r, cfg)])}
 
 
+def pm(row, k, p):
+    """A table row's mean +- 95% half width of metric k, p decimals (the mean alone for one seed)."""
+    ci = row[k + "_ci95"]
+    return f"{row[k + '_mean']:.{p}f} +- {ci:.{p}f}" if ci is not None else f"{row[k + '_mean']:.{p}f}"
+
+
 def format_table(table, cfg):
     cols = (f"{'AW':>6} | {'n':>2} | {'test acc %':>15} | {'width (class rows)':>19} | {'width (all)':>19} | "
             f"{'RLCT':>15} | flat | collapsed")
@@ -1083,11 +1109,8 @@ def format_table(table, cfg):
     lines = [f"{cfg['task']} ({cfg['preset']}, hidden {cfg['hidden']}, {cfg['epochs']} epochs{target}): mean +- "
              "half width of the 95% interval over seeds (Student t)", cols, "-" * len(cols)]
     for r in table["rows"]:
-        def f(k, p):
-            ci = r[k + "_ci95"]
-            return f"{r[k + '_mean']:.{p}f} +- {ci:.{p}f}" if ci is not None else f"{r[k + '_mean']:.{p}f}"
-        lines.append(f"{fmt_aw(r['aw']):>6} | {r['n']:>2} | {f('test_acc', 2):>15} | {f('width', 4):>19} | "
-                     f"{f('width_all', 4):>19} | {f('llc', 2):>15} | {r['llc_flat']}/{r['n']}  | "
+        lines.append(f"{fmt_aw(r['aw']):>6} | {r['n']:>2} | {pm(r, 'test_acc', 2):>15} | {pm(r, 'width', 4):>19} | "
+                     f"{pm(r, 'width_all', 4):>19} | {pm(r, 'llc', 2):>15} | {r['llc_flat']}/{r['n']}  | "
                      f"{r.get('collapsed', 0)}/{r['n']}")
     for name, key in (("", "trend"), (" (runs that learned)", "trend_learned")):
         for k, t in table.get(key, {}).items():
@@ -1095,6 +1118,9 @@ def format_table(table, cfg):
                 lines.append(f"trend in AW of {k}{name}: Spearman {t['spearman']:+.2f} (permutation p = "
                              f"{t['p']:.4f}, {t['n']} runs)")
     for r in table["rows"]:
+        if "dead_units_mean" in r:
+            lines.append(f"units AW {fmt_aw(r['aw'])}: {pm(r, 'dead_units', 1)} of the {cfg['hidden']} feeding the "
+                         f"class rows dead on the test set, {pm(r, 'active_frac', 3)} active per example")
         for key, g in r.get("llc_grid", {}).items():
             ci = f" +- {g['ci95']:.2f}" if g["ci95"] is not None else ""
             lines.append(f"calibration AW {fmt_aw(r['aw'])} {key}: RLCT {g['mean']:.2f}{ci} (flat {g['flat']}/{g['n']})")

@@ -111,6 +111,7 @@ def merge(name, dirs):
     for key, c in sorted(runs.items(), key=lambda kv: (kv[1]["aw"], kv[1]["seed"])):
         cell = {k: c[k] for k in ("aw", "seed", "test_acc", "width", "width_out", "width_all", "llc", "train_seconds",
                                   "llc_seconds", "steps", "final_loss")}
+        cell.update({k: c[k] for k in S.UNITS if k in c})  # runs since the measure, or results/selfmodel_units.py
         cell["llc_check"] = {"frac_below_init": c["llc_check"]["frac_below_init"], **recheck(c["llc_trace"], nbeta)}
         cell["llc_trace"] = c["llc_trace"]
         for extra in ("llc_grid", "llc_rescale"):  # the calibration estimates, each with its trace
@@ -483,7 +484,21 @@ def markdown(summary):
     line = paired_line(summary)
     if line:
         lines.append(line)
+    line = units_line(summary)
+    if line:
+        lines.append(line)
     return "\n".join(lines)
+
+
+def units_line(summary):
+    """The markdown line of the units feeding the class rows, per AW whose runs all measured them; '' if none."""
+    rows = [r for r in summary["table"]["rows"] if "dead_units_mean" in r]
+    if not rows:
+        return ""
+    pm = lambda r, k, p: S.pm(r, k, p).replace(" +- ", " ± ")
+    return (f"Units feeding the class rows ({summary['config']['hidden']}, ReLU), on the test set (mean ± 95% "
+            "interval over seeds): " + "; ".join(f"AW {S.fmt_aw(r['aw'])}: {pm(r, 'dead_units', 1)} dead, "
+                                                 f"{pm(r, 'active_frac', 3)} active per example" for r in rows) + ".")
 
 
 def calibration_markdown(summary):

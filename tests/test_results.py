@@ -13,6 +13,8 @@ sys.path.insert(0, os.path.join(ROOT, "results"))
 import selfmodel_figures as F  # noqa: E402
 from publish import rounded  # noqa: E402
 
+S_UNITS = F.S.UNITS
+
 
 @pytest.fixture(scope="module")
 def split_sweep(data_dir, tmp_path_factory):
@@ -413,6 +415,52 @@ def test_readme_paired_lines_are_the_committed_json():
             printed[name] = F.paired_line(json.load(fh))
     assert printed["selfmodel_imdb_paper.json"] in lines
     assert [ln for ln in lines if ln not in printed.values()] == []
+
+
+def test_units_of_older_runs_are_measured_from_their_checkpoints(split_sweep, data_dir, tmp_path):
+    """results/selfmodel_units.py gives a run made before selfmodel.py measured its units the numbers the run would
+    have recorded (the checkpointed last cell only), and the publisher's units line takes an AW only when every run
+    of it has them; a checkpoint whose accuracy is not the run's, or a folder without one, is refused."""
+    import shutil
+    import selfmodel_units as U
+    _, outs = split_sweep
+    own = json.load(open(os.path.join(outs[0], "results.json")))["metrics"]["runs"]  # AW 0, seeds 0 and 1
+    old = tmp_path / "old"
+    shutil.copytree(outs[0], old)
+    res = json.load(open(old / "results.json"))
+    for cell in res["metrics"]["runs"].values():
+        for k in S_UNITS:
+            del cell[k]
+    common.write_json(str(old / "results.json"), res)
+    U.main([str(old), "--data-dir", data_dir, "--device", "cpu"])
+    res = json.load(open(old / "results.json"))
+    runs = res["metrics"]["runs"]
+    assert {k: runs["aw=0,seed=1"][k] for k in S_UNITS} == {k: own["aw=0,seed=1"][k] for k in S_UNITS}
+    assert not any(k in runs["aw=0,seed=0"] for k in S_UNITS) and list(res["units_measured"]) == ["aw=0,seed=1"]
+    assert F.units_line(F.merge("old", [str(old)])) == ""  # seed 0 unmeasured: no mean over half the runs
+    line = F.units_line(F.merge("own", [outs[0]]))
+    dead = [own[f"aw=0,seed={s}"]["dead_units"] for s in (0, 1)]
+    assert line.startswith("Units feeding the class rows (32, ReLU)") and f"AW 0: {sum(dead) / 2:.1f} ± " in line
+    assert line in F.markdown(F.merge("own", [outs[0]])).splitlines()
+    ck = torch.load(old / "ckpt.pt", weights_only=False)
+    ck["done"]["aw=0,seed=1"]["test_acc"] += 1.0
+    torch.save(ck, old / "ckpt.pt")
+    with pytest.raises(common.UserError, match="not the run's"):
+        U.main([str(old), "--data-dir", data_dir, "--device", "cpu"])
+    (old / "ckpt.pt").unlink()
+    with pytest.raises(common.UserError, match="no ckpt.pt"):
+        U.main([str(old), "--data-dir", data_dir, "--device", "cpu"])
+
+
+def test_readme_units_lines_are_the_committed_json():
+    """A README line of the units feeding the class rows is what the publisher prints from a committed JSON."""
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        lines = [ln for ln in fh.read().splitlines() if ln.startswith("Units feeding the class rows")]
+    printed = set()
+    for name in published_sweeps():
+        with open(os.path.join(ROOT, "results", name)) as fh:
+            printed.add(F.units_line(json.load(fh)))
+    assert [ln for ln in lines if ln not in printed] == []
 
 
 def test_readme_widths_table_is_the_committed_json():

@@ -2,6 +2,7 @@
 on real MNIST, IMDB and CIFAR-10 data, and the script as a user sees it (exact resume, torchrun, NaN stop,
 bad flags)."""
 import json, math, os, statistics
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -418,6 +419,27 @@ def test_width_is_the_std_of_the_class_rows_by_hand():
     assert w["width"] == pytest.approx(statistics.stdev(cls), rel=1e-6)
     assert w["width_out"] == pytest.approx(statistics.stdev(cls + [100.0] * 9), rel=1e-6)
     assert w["width_all"] == pytest.approx(statistics.stdev(cls + [1.0] * 3 * 784), rel=1e-5)
+
+def test_evaluate_counts_dead_and_active_units_by_hand():
+    """evaluate() over two batches: accuracy of the class rows and, of the units feeding them, those positive on
+    no example (dead) and the mean share positive per example, all hand-computed."""
+    net = S.build_model({"task": "mnist", "dataset": "mnist", "hidden": 3}, self_model=False)
+    with torch.no_grad():
+        net.body.fc.weight.zero_()
+        net.body.fc.bias.copy_(torch.tensor([1.0, -1.0, 0.0]))  # unit 0 always on, unit 1 never
+        net.body.fc.weight[2, 0] = 1.0  # unit 2 on where the first pixel is > 0
+        net.head.weight.zero_()
+        net.head.bias.zero_()
+        net.head.bias[0] = 0.5
+        net.head.weight[1, 2] = 1.0  # class 1 wins where unit 2 > 0.5
+    x = torch.zeros(4, 1, 28, 28)
+    x[:, 0, 0, 0] = torch.tensor([1.0, -1.0, 2.0, -3.0])  # unit 2 on for examples 0 and 2
+    y = torch.tensor([1, 0, 0, 0])  # predictions 1, 0, 1, 0: three right
+    net.train()
+    got = S.evaluate(net, [(x[:3], y[:3]), (x[3:], y[3:])], torch.device("cpu"), nullcontext())
+    assert got == {"test_acc": 75.0, "dead_units": 1, "active_frac": pytest.approx((4 + 0 + 2) / 12)}
+    assert net.training  # the mode it came in with
+
 
 # ----------------------------------------------------------------------------------------------------
 # real data
