@@ -55,8 +55,9 @@ over an (eps, gamma) grid, to see whether that ordering depends on the sampler's
 adds estimates of every cell after a function-preserving rescaling (hidden layer x c, class rows / c): the
 width and this estimate both move under it, so they compare networks only as far as their scale split does.
 Every cell also counts the ReLU units feeding the class rows that are dead on the test set (positive on no example)
-and the mean share positive per example (`evaluate`): a dead unit's weights leave the loss flat, which the RLCT
-sees as fewer parameters, so the count says how much of a fall in RLCT is units switched off.
+and the mean share positive per example (`evaluate`): a unit silent on all data leaves its weights without effect
+on the loss, which the RLCT sees as fewer parameters, so the count hints at how much of a fall in RLCT is units
+switched off.
 Output: OUT/results.json (table + per-seed values + loss curves + RLCT traces), OUT/log.txt, and
 OUT/ckpt.pt (the sweep's state: the last cell's weights and the finished cells' results).
 """
@@ -802,8 +803,8 @@ def fused_on_cpu():
 def evaluate(model, batches, device, amp):
     """{test_acc: % of the class logits right, dead_units, active_frac}, gathered over all ranks. The last two say
     how much of the ReLU layer feeding the class rows (MNIST's and IMDB's hidden, CIFAR-10's 2000-d) the test set
-    uses: units positive on no test example (a dead unit's weights, in and out, leave the loss flat around the
-    trained weights, which the RLCT counts as missing parameters) and the mean share of units positive per example."""
+    uses: units positive on no test example (a unit silent on all data leaves its weights, in and out, without
+    effect on the loss, which the RLCT counts as missing parameters) and the mean share positive per example."""
     net = common.unwrap(model)
     was = net.training
     net.eval()
