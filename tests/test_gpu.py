@@ -341,6 +341,8 @@ def test_selfmodel_gpu(cifar, data_dir, tmp_path):
     r = results(out)
     runs = r["metrics"]["runs"]
     assert len(runs) == 2 and all(finite(v["test_acc"], v["llc"]) for v in runs.values())
+    # the units count on the bf16 ResNet: the 2000-d hidden layer's dead units and share on per image
+    assert all(0 <= v["dead_units"] <= 2000 and 0 < v["active_frac"] <= 1 for v in runs.values())
 
     x, y = cifar_batch(cifar, 32, CPU)
     ck = check_checkpoint(kept, SM.build_model, lambda m, x, y: m.classify(x),
