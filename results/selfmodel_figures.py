@@ -425,10 +425,8 @@ def widths_markdown(sweeps):
     lines = ["| hidden | AW | seeds | test acc (%) | width (class rows) | RLCT | collapsed |",
              "|---|---|---|---|---|---|---|"]
     for h, r in width_rows(sweeps):
-        f = lambda k, p: f"{r[k + '_mean']:.{p}f} ± {r[k + '_ci95']:.{p}f}" if r[k + "_ci95"] is not None \
-            else f"{r[k + '_mean']:.{p}f}"
-        lines.append(f"| {h} | {S.fmt_aw(r['aw'])} | {r['n']} | {f('test_acc', 2)} | {f('width', 4)} | "
-                     f"{f('llc', 1)} | {r.get('collapsed', 0)}/{r['n']} |")
+        lines.append(f"| {h} | {S.fmt_aw(r['aw'])} | {r['n']} | {row_pm(r, 'test_acc', 2)} | {row_pm(r, 'width', 4)} | "
+                     f"{row_pm(r, 'llc', 1)} | {r.get('collapsed', 0)}/{r['n']} |")
     return "\n".join(lines)
 
 
@@ -470,10 +468,8 @@ def markdown(summary):
     lines = ["| AW | seeds | test acc (%) | width (class rows) | RLCT | traces flat | collapsed |",
              "|---|---|---|---|---|---|---|"]
     for r in summary["table"]["rows"]:
-        f = lambda k, p: f"{r[k + '_mean']:.{p}f} ± {r[k + '_ci95']:.{p}f}" if r[k + "_ci95"] is not None \
-            else f"{r[k + '_mean']:.{p}f}"
-        lines.append(f"| {S.fmt_aw(r['aw'])} | {r['n']} | {f('test_acc', 2)} | {f('width', 4)} | {f('llc', 1)} | "
-                     f"{r['llc_flat']}/{r['n']} | {r.get('collapsed', 0)}/{r['n']} |")
+        lines.append(f"| {S.fmt_aw(r['aw'])} | {r['n']} | {row_pm(r, 'test_acc', 2)} | {row_pm(r, 'width', 4)} | "
+                     f"{row_pm(r, 'llc', 1)} | {r['llc_flat']}/{r['n']} | {r.get('collapsed', 0)}/{r['n']} |")
     lines.append("")
     for name, key in (("all runs", "trend"), ("runs that learned", "trend_learned")):
         tr = summary["table"].get(key, {})
@@ -495,10 +491,14 @@ def units_line(summary):
     rows = [r for r in summary["table"]["rows"] if "dead_units_mean" in r]
     if not rows:
         return ""
-    pm = lambda r, k, p: S.pm(r, k, p).replace(" +- ", " ± ")
     return (f"Units feeding the class rows ({summary['config']['hidden']}, ReLU), on the test set (mean ± 95% "
-            "interval over seeds): " + "; ".join(f"AW {S.fmt_aw(r['aw'])}: {pm(r, 'dead_units', 1)} dead, "
-                                                 f"{pm(r, 'active_frac', 3)} active per example" for r in rows) + ".")
+            "interval over seeds): " + "; ".join(f"AW {S.fmt_aw(r['aw'])}: {row_pm(r, 'dead_units', 1)} dead, "
+                                                 f"{row_pm(r, 'active_frac', 3)} active per example" for r in rows) + ".")
+
+
+def row_pm(row, k, digits):
+    """A table row's metric k as 'mean ± half width' (the mean alone for one seed), as the README prints it."""
+    return pm_stats({"mean": row[k + "_mean"], "ci95": row[k + "_ci95"]}, digits)
 
 
 def calibration_markdown(summary):

@@ -54,8 +54,7 @@ def measure(folder, data_dir, device, cache):
 
 def record(folder, cell, units, device):
     """Write the two measures into the cell of folder/results.json, naming what measured them."""
-    path = os.path.join(folder, "results.json")
-    common.check(os.path.isfile(path), f"{path} does not exist: pass a selfmodel output folder")
+    path = os.path.join(folder, "results.json")  # main() checked that it exists
     res = json.load(open(path))
     common.check(cell in res["metrics"]["runs"], f"{path} has no cell {cell}: the checkpoint is of another run")
     res["metrics"]["runs"][cell].update({k: units[k] for k in S.UNITS})
