@@ -974,8 +974,9 @@ class Sweep:
                     per_step = (time.time() - t_cell) / (step - step0)
                     cell_left = per_step * (total - step)
                     sweep_left, measured = self.eta(ci, cell_left, per_step * total)
+                    # mse in significant digits: a strong self-model drives it below 1e-5 (IMDB hidden, AW 500)
                     self.log(f"aw {aw:g} seed {seed} | ep {ep} | step {step}/{total} | loss {l:.4f} "
-                             f"(ce {c:.4f} mse {m:.5f}) | {ips:,.0f} ex/s | mfu {mfu} | cell eta "
+                             f"(ce {c:.4f} mse {m:.3g}) | {ips:,.0f} ex/s | mfu {mfu} | cell eta "
                              f"{common.hms(cell_left)} | sweep eta {'' if measured else '>'}{common.hms(sweep_left)}")
                     t_log, n_log = time.time(), 0
             start = 0
