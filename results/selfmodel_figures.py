@@ -7,9 +7,11 @@ README rows, the trend lines and each AW's gain over AW 0 paired by seed.
   python results/selfmodel_figures.py imdb_quick results/selfmodel_imdb_quick.json out/selfmodel/imdb_quick_s5  # more seeds
   python results/selfmodel_figures.py --widths mnist_widths results/selfmodel_mnist_h{64,128,256,512}.json
   python results/selfmodel_figures.py imdb_quick_embedding out/... --beside results/selfmodel_imdb_quick.json
+  python results/selfmodel_figures.py mnist_h64_intel out/... --against results/selfmodel_mnist_h64.json
 
-Figures: NAME.png, three panels against AW (test accuracy, width of the final layer's class rows, RLCT), each
-point the mean over seeds with its 95% Student-t interval, and the paper's own numbers beside them where the
+Figures: NAME.png, three panels against AW (test accuracy, width of the final layer's class rows, RLCT), and a
+fourth where the runs counted the hidden units feeding the class rows (the share dead, the share on per example),
+each point the mean over seeds with its 95% Student-t interval, and the paper's own numbers beside them where the
 sweep is the paper's protocol and the paper gives them (IMDB, 500 epochs), and with `--beside` another published
 sweep of the task (another --target or --aux, say) in grey, and then NAME_tradeoff.png, width and RLCT against
 test accuracy, a point per AW, to compare the two at matched accuracy; for a run with --llc-rescale,
@@ -17,7 +19,10 @@ NAME_rescale.png, width and RLCT against the rescaling c (with --beside's curves
 NAME_calibration.png, the chain-mean RLCT trace nbeta * (L(w) - L(w*)) of every (eps, gamma), AW 0 against the
 largest AW.
 `--widths NAME JSON...` takes published sweeps that differ only in the hidden width and draws the same three
-quantities against the width, one line per AW (the paper's Fig. 2 B-D), as NAME.png with its markdown table.
+quantities against the width, one line per AW (the paper's Fig. 2 B-D), as NAME.png with its markdown table
+(and the dead units, as a share of the width, where every sweep counted them).
+`--against PUBLISHED.json` compares the cells (AW, seed) this sweep shares with a sweep of the same settings made
+elsewhere (another CPU maker, say): per AW, how many repeat it and the largest differences; one README line.
 
 The runs must share every setting but the AW list and the seeds (a sweep split over processes), and the device; a
 run of AW 0 alone may have another --target or --aux (AW 0 trains the same plain network whatever they say). A
@@ -186,8 +191,43 @@ def beside_of(other, summary):
     rows = {k: [[r["aw"], r[k + "_mean"], r[k + "_ci95"]] for r in other["table"]["rows"]]
             for k in ("test_acc", "width", "llc")}
     rows["collapsed"] = [[r["aw"], r.get("collapsed", 0), r["n"]] for r in other["table"]["rows"]]
+    if has_units(other["table"]["rows"]):  # the units panel's two shares, the dead ones as a share of its width
+        h = theirs["hidden"]
+        rows["dead_units"] = [[r["aw"], r["dead_units_mean"] / h, (r["dead_units_ci95"] or 0.0) / h]
+                              for r in other["table"]["rows"]]
+        rows["active_frac"] = [[r["aw"], r["active_frac_mean"], r["active_frac_ci95"]] for r in other["table"]["rows"]]
     rows["rescale"] = rescale_curves(other)  # empty unless the other sweep ran --llc-rescale
     return {"name": other["name"], "label": label, "differ": diff, "rows": rows}
+
+
+def against_of(other, summary):
+    """The cells this sweep shares (same AW and seed) with another published sweep of the same settings, a re-run
+    on another CPU say: per AW how many, how many repeat it to the stored digit in accuracy, width and RLCT, and
+    the largest differences. Kept in the JSON, printed as one README line."""
+    mine, theirs = S.spelled_out(summary["config"]), S.spelled_out(other["config"])
+    diff = sorted(k for k in set(mine) | set(theirs) if k not in VARY and mine.get(k) != theirs.get(k))
+    common.check(other.get("task") == summary["task"] and not diff,
+                 f"--against: {other.get('name')!r} is not a sweep of this one's settings"
+                 + (f" (it differs in {', '.join(diff)})" if diff else ""))
+    keys = ("test_acc", "width", "llc")
+    rows = []
+    for aw in sorted({float(c["aw"]) for c in summary["runs"].values()}):
+        pairs = [(c, other["runs"][k]) for k, c in summary["runs"].items() if float(c["aw"]) == aw and k in other["runs"]]
+        if pairs:
+            rows.append({"aw": aw, "n": len(pairs), "same": sum(all(a[k] == b[k] for k in keys) for a, b in pairs),
+                         **{f"{k}_max_diff": max(abs(a[k] - b[k]) for a, b in pairs) for k in keys}})
+    common.check(rows, f"--against: {other.get('name')!r} has none of this sweep's cells (AW and seed)")
+    return {"name": other["name"], "cpu_model": other.get("cpu_model"), "rows": rows}
+
+
+def against_line(summary):
+    """The markdown line of `against_of`; '' without it."""
+    a = summary.get("against")
+    if not a:
+        return ""
+    return (f"Against {a['name']} ({a['cpu_model'] or 'its device'}), the same cells: " + "; ".join(
+        f"AW {S.fmt_aw(r['aw'])}: {r['same']} of {r['n']} repeat it, largest difference {r['test_acc_max_diff']:.2f} "
+        f"points, {r['width_max_diff']:.4f} width, {r['llc_max_diff']:.1f} RLCT" for r in a["rows"]) + ".")
 
 
 def own_label(summary):
@@ -282,8 +322,11 @@ def figure(summary):
     rows = summary["table"]["rows"]
     paper = paper_levels(summary)
     aws = _x([r["aw"] for r in rows])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    units = has_units(rows)
+    fig, axes = plt.subplots(1, 4 if units else 3, figsize=(17 if units else 13, 3.8))
     panels = (("test_acc", "test accuracy (%)"), ("width", "width: std of the class rows"), ("llc", "RLCT (SGLD)"))
+    if units:
+        units_panel(axes[3], summary)
     for ax, (k, label) in zip(axes, panels):
         mean = [r[k + "_mean"] for r in rows]
         ci = [r[k + "_ci95"] or 0.0 for r in rows]
@@ -323,6 +366,39 @@ def figure(summary):
         fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.07 if summary.get("beside") else 0, 1, 1))
     return fig
+
+
+def has_units(rows):
+    """Whether every table row has the units count (runs made since selfmodel.py measures it, or measured later)."""
+    return bool(rows) and all(k + "_mean" in r for r in rows for k in S.UNITS)
+
+
+def units_panel(ax, summary):
+    """The fourth panel: of the hidden units feeding the class rows, the share dead on the whole test set and the
+    share on per test example, against AW (mean and 95% interval; the seeds faint)."""
+    h = summary["config"]["hidden"]
+    rows = summary["table"]["rows"]
+    aws = _x([r["aw"] for r in rows])
+    every = list(aws)  # the x range: this sweep's AWs and the other's
+    for k, scale, fmt, color, label in (("dead_units", 1.0 / h, "v-", "C3", f"dead (of {h})"),
+                                        ("active_frac", 1.0, "o-", "C2", "on per example")):
+        ax.errorbar(aws, [scale * r[k + "_mean"] for r in rows], yerr=[scale * (r[k + "_ci95"] or 0.0) for r in rows],
+                    fmt=fmt, capsize=3, color=color, label=label)
+        ax.plot([float(c["aw"]) for c in summary["runs"].values()],
+                [scale * c[k] for c in summary["runs"].values()], ".", color="0.6", ms=4, zorder=0)
+        b = summary.get("beside", {}).get("rows", {}).get(k)
+        if b:  # the other sweep's, grey and hollow as in the other panels
+            ax.errorbar(_x([r[0] for r in b]), [r[1] for r in b], yerr=[r[2] or 0.0 for r in b], fmt=fmt[0] + "--",
+                        capsize=3, color="0.45", mfc="none", ms=5, lw=0.9)
+            every += _x([r[0] for r in b])
+    lin = min([1.0] + [a for a in every if a > 0])
+    ax.set_xscale("symlog", linthresh=lin)
+    ax.set_xlim(-0.5 * lin, max(every) * 1.8)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("auxiliary weight AW")
+    ax.set_title("hidden units (share of the layer)", fontsize=10)
+    ax.legend(loc="best", fontsize=7.5, frameon=False)
+    ax.grid(alpha=0.3)
 
 
 def plot_calibration(summary, out_png):
@@ -398,15 +474,19 @@ def plot_widths(name, sweeps, out_png):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = width_rows(sweeps)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    units = has_units([r for _, r in rows])
+    fig, axes = plt.subplots(1, 4 if units else 3, figsize=(17 if units else 13, 3.8))
     panels = (("test_acc", "test accuracy (%)"), ("width", "width: std of the class rows"), ("llc", "RLCT (SGLD)"))
+    if units:  # dead units as a share of the width, so that the widths compare
+        panels += (("dead_units", "dead hidden units (share of the width)"),)
     aws = sorted({r["aw"] for _, r in rows})
     for ax, (k, label) in zip(axes, panels):
         for i, aw in enumerate(aws):
             pts = [(h, r) for h, r in rows if r["aw"] == aw]
-            ax.errorbar([h for h, _ in pts], [r[k + "_mean"] for _, r in pts],
-                        yerr=[r[k + "_ci95"] or 0.0 for _, r in pts], fmt="o-", capsize=3, color=f"C{i}",
-                        label=f"AW {S.fmt_aw(aw)}" + (" (baseline)" if aw == 0 else ""))
+            scale = [1.0 / h if k == "dead_units" else 1.0 for h, _ in pts]
+            ax.errorbar([h for h, _ in pts], [f * r[k + "_mean"] for f, (_, r) in zip(scale, pts)],
+                        yerr=[f * (r[k + "_ci95"] or 0.0) for f, (_, r) in zip(scale, pts)], fmt="o-", capsize=3,
+                        color=f"C{i}", label=f"AW {S.fmt_aw(aw)}" + (" (baseline)" if aw == 0 else ""))
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(sweeps), [str(h) for h in sweeps])
         ax.set_xlabel("hidden width")
@@ -422,11 +502,15 @@ def plot_widths(name, sweeps, out_png):
 
 
 def widths_markdown(sweeps):
-    lines = ["| hidden | AW | seeds | test acc (%) | width (class rows) | RLCT | collapsed |",
-             "|---|---|---|---|---|---|---|"]
-    for h, r in width_rows(sweeps):
+    """The README table of `--widths`: a row per (AW, width), with the units columns when every row has them."""
+    rows = width_rows(sweeps)
+    units = has_units([r for _, r in rows])
+    lines = ["| hidden | AW | seeds | test acc (%) | width (class rows) | RLCT | collapsed |"
+             + (" dead units | on per example |" if units else ""), "|---|---|---|---|---|---|---|" + "---|---|" * units]
+    for h, r in rows:
         lines.append(f"| {h} | {S.fmt_aw(r['aw'])} | {r['n']} | {row_pm(r, 'test_acc', 2)} | {row_pm(r, 'width', 4)} | "
-                     f"{row_pm(r, 'llc', 1)} | {r.get('collapsed', 0)}/{r['n']} |")
+                     f"{row_pm(r, 'llc', 1)} | {r.get('collapsed', 0)}/{r['n']} |"
+                     + (f" {row_pm(r, 'dead_units', 1)} | {row_pm(r, 'active_frac', 3)} |" if units else ""))
     return "\n".join(lines)
 
 
@@ -480,9 +564,9 @@ def markdown(summary):
     line = paired_line(summary)
     if line:
         lines.append(line)
-    line = units_line(summary)
-    if line:
-        lines.append(line)
+    for line in (units_line(summary), against_line(summary)):
+        if line:
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -592,6 +676,8 @@ def main(argv=None):
                         "against the width")
     p.add_argument("--beside", default=None, help="a published results/selfmodel_*.json of the same task with another "
                    "setting (e.g. --target) to draw beside this sweep; kept in its JSON")
+    p.add_argument("--against", default=None, help="a published results/selfmodel_*.json of the same settings (made "
+                   "on another CPU, say): compare the cells both measured; kept in its JSON")
     p.add_argument("--out-dir", default=HERE, help="where the JSON and figures go")
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -615,6 +701,9 @@ def main(argv=None):
         if args.beside:
             common.check(os.path.exists(args.beside), f"--beside {args.beside} does not exist")
             summary["beside"] = beside_of(json.load(open(args.beside)), summary)
+        if args.against:
+            common.check(os.path.exists(args.against), f"--against {args.against} does not exist")
+            summary["against"] = against_of(json.load(open(args.against)), summary)
         common.write_json(os.path.join(args.out_dir, f"selfmodel_{args.name}.json"), summary, indent=None)
     base = os.path.join(args.out_dir, f"selfmodel_{summary['name']}")
     print(S.format_table(summary["table"], {**summary["config"], "task": summary["task"]}))

@@ -260,6 +260,59 @@ def test_beside_draws_another_setting_of_the_task_and_survives_redraw(split_swee
         F.main(["x", outs[0], "--beside", str(tmp_path / "selfmodel_other.json"), "--out-dir", str(tmp_path)])
 
 
+def test_figure_has_a_units_panel_when_every_aw_counted_them(split_sweep):
+    """The runs counted their units: a fourth panel draws, per AW, the dead units as a share of the width and the
+    share on per example (mean and interval over the seeds); an AW without the count leaves the panel out."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    _, outs = split_sweep
+    s = F.merge("u", [outs[0]])
+    h, row = s["config"]["hidden"], s["table"]["rows"][0]
+    fig = F.figure(s)
+    try:
+        assert len(fig.axes) == 4 and fig.axes[3].get_title() == "hidden units (share of the layer)"
+        lines = {c.get_label(): c.lines[0] for c in fig.axes[3].containers}  # errorbar: (data line, caps, bars)
+        assert sorted(lines) == [f"dead (of {h})", "on per example"]
+        assert list(lines[f"dead (of {h})"].get_ydata()) == pytest.approx([row["dead_units_mean"] / h])
+        assert list(lines["on per example"].get_ydata()) == pytest.approx([row["active_frac_mean"]])
+    finally:
+        plt.close(fig)
+    del row["active_frac_mean"]
+    fig = F.figure(s)
+    assert len(fig.axes) == 3
+    plt.close(fig)
+
+
+def test_against_compares_the_cells_two_sweeps_of_one_setting_share(split_sweep, tmp_path):
+    """--against: per AW, the cells (AW, seed) both sweeps measured, how many repeat the other to the stored digit
+    in accuracy, width and RLCT, and the largest differences; kept in the JSON; other settings or no shared cell
+    are refused."""
+    _, outs = split_sweep
+    other = F.merge("there", [outs[0]])  # AW 0, seeds 0 and 1: as if published from another CPU
+    other["cpu_model"] = "Some CPU"
+    other["runs"]["aw=0,seed=1"]["test_acc"] += 0.3  # seed 1 came out otherwise there
+    other["runs"]["aw=0,seed=1"]["llc"] -= 2.0
+    common.write_json(str(tmp_path / "there.json"), other)
+    F.main(["here", outs[0], "--against", str(tmp_path / "there.json"), "--out-dir", str(tmp_path)])
+    here = json.load(open(tmp_path / "selfmodel_here.json"))
+    (row,) = here["against"]["rows"]
+    assert (row["aw"], row["n"], row["same"], row["width_max_diff"]) == (0.0, 2, 1, 0.0)
+    assert row["test_acc_max_diff"] == pytest.approx(0.3) and row["llc_max_diff"] == pytest.approx(2.0)
+    line = ("Against there (Some CPU), the same cells: AW 0: 1 of 2 repeat it, largest difference 0.30 points, "
+            "0.0000 width, 2.0 RLCT.")
+    assert F.against_line(here) == line and line in F.markdown(here).splitlines()
+    assert F.against_line(F.merge("alone", [outs[0]])) == ""
+    other["config"]["lr"] = 1.0
+    common.write_json(str(tmp_path / "there.json"), other)
+    with pytest.raises(common.UserError, match="differs in lr"):
+        F.main(["x", outs[0], "--against", str(tmp_path / "there.json"), "--out-dir", str(tmp_path)])
+    other["config"]["lr"] = here["config"]["lr"]
+    other["runs"] = {k.replace("seed=", "seed=1"): c for k, c in other["runs"].items()}  # seeds 10 and 11
+    common.write_json(str(tmp_path / "there.json"), other)
+    with pytest.raises(common.UserError, match="none of this sweep's cells"):
+        F.main(["x", outs[0], "--against", str(tmp_path / "there.json"), "--out-dir", str(tmp_path)])
+
+
 def test_paper_levels_only_for_the_papers_protocol_and_measured_aws():
     """The paper's numbers are drawn only where our run is its protocol, and only at the AWs we measured."""
     def summary(task, preset, aws, *flags):
@@ -322,6 +375,18 @@ def test_widths_figure_and_table(split_sweep, tmp_path):
     acc = s["table"]["rows"][0]["test_acc_mean"]
     assert len(table) == 4 and table[2].startswith(f"| 32 | 0 | 2 | {acc:.2f} ± ")
     assert table[3].startswith(f"| 64 | 0 | 2 | {acc + 1:.2f} ± ")
+    # the runs counted their units: two more columns, dead units and the share on per example, mean ± interval
+    cells = list(s["runs"].values())
+    dead, on = common.mean_ci([c["dead_units"] for c in cells]), common.mean_ci([c["active_frac"] for c in cells])
+    assert table[0].endswith("| collapsed | dead units | on per example |") and table[1].count("|") == 10
+    assert table[2].endswith(f"| 0/2 | {dead['mean']:.1f} ± {dead['ci95']:.1f} | {on['mean']:.3f} ± {on['ci95']:.3f} |")
+    t = json.load(open(files[0]))
+    for k in ("dead_units_mean", "dead_units_ci95"):
+        del t["table"]["rows"][0][k]  # one width without the count: no units columns at all
+    common.write_json(files[0], t)
+    plain = F.widths_markdown(F.by_width(files)).splitlines()
+    assert plain[0].endswith("| collapsed |") and plain[2] == table[2].rsplit(" | 0/2 |", 1)[0] + " | 0/2 |"
+    common.write_json(files[0], s | {"config": {**s["config"], "hidden": 32}})
     with pytest.raises(common.UserError, match="same hidden width"):
         F.by_width([files[0], files[0]])
     t = json.load(open(files[1]))
@@ -452,24 +517,27 @@ def test_units_of_older_runs_are_measured_from_their_checkpoints(split_sweep, da
         U.main([str(old), "--data-dir", data_dir, "--device", "cpu"])
 
 
-def test_readme_units_lines_are_the_committed_json():
-    """A README line of the units feeding the class rows is what the publisher prints from a committed JSON."""
+@pytest.mark.parametrize("start, line_of", [("Units feeding the class rows", "units_line"), ("Against ", "against_line")])
+def test_readme_units_and_against_lines_are_the_committed_json(start, line_of):
+    """A README line of the units feeding the class rows, or of the cells shared with a sweep made elsewhere, is
+    what the publisher prints from a committed JSON."""
     with open(os.path.join(ROOT, "README.md")) as fh:
-        lines = [ln for ln in fh.read().splitlines() if ln.startswith("Units feeding the class rows")]
+        lines = [ln for ln in fh.read().splitlines() if ln.startswith(start)]
     printed = set()
     for name in published_sweeps():
         with open(os.path.join(ROOT, "results", name)) as fh:
-            printed.add(F.units_line(json.load(fh)))
+            printed.add(getattr(F, line_of)(json.load(fh)))
     assert [ln for ln in lines if ln not in printed] == []
 
 
-def test_readme_widths_table_is_the_committed_json():
-    """The hidden-width table of the README is what `--widths` prints from the committed per-width JSON files."""
+@pytest.mark.parametrize("figure, suffix", [("mnist_widths", ""), ("mnist_intel_widths", "_intel")])
+def test_readme_widths_table_is_the_committed_json(figure, suffix):
+    """A hidden-width table of the README is what `--widths` prints from the committed per-width JSON files."""
     with open(os.path.join(ROOT, "README.md")) as fh:
         readme = fh.read()
-    files = [os.path.join(ROOT, "results", f"selfmodel_mnist_h{h}.json") for h in (64, 128, 256, 512)]
-    if "results/selfmodel_mnist_widths.png" not in readme:
-        pytest.skip("no hidden-width section in README")
+    files = [os.path.join(ROOT, "results", f"selfmodel_mnist_h{h}{suffix}.json") for h in (64, 128, 256, 512)]
+    if f"results/selfmodel_{figure}.png" not in readme:
+        pytest.skip(f"no section of README draws results/selfmodel_{figure}.png")
     rows = [r for r in F.widths_markdown(F.by_width(files)).splitlines() if r.startswith("| ")]
     aws = []
     for f in files:
