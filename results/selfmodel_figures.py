@@ -179,13 +179,19 @@ def paper_levels(summary):
     return {k: v for k, v in out.items() if v}
 
 
+def settings_diff(summary, other):
+    """(the other sweep's spelled-out config, the settings it differs in from this one's beside AW, seeds and the
+    like)."""
+    mine, theirs = S.spelled_out(summary["config"]), S.spelled_out(other["config"])
+    return theirs, sorted(k for k in set(mine) | set(theirs) if k not in VARY and mine.get(k) != theirs.get(k))
+
+
 def beside_of(other, summary):
     """Another published sweep of the same task, to draw beside this one (e.g. another --target): its label names
     the settings that differ, and per metric its [AW, mean, 95% half width] rows; kept in the JSON for --redraw."""
     common.check(other.get("task") == summary["task"] and "table" in other,
                  f"--beside: {other.get('name')!r} is not a published {summary['task']} sweep")
-    mine, theirs = S.spelled_out(summary["config"]), S.spelled_out(other["config"])
-    diff = sorted(k for k in set(mine) | set(theirs) if k not in VARY and mine.get(k) != theirs.get(k))
+    theirs, diff = settings_diff(summary, other)
     common.check(diff, f"--beside: {other['name']} has this sweep's settings: merge its runs instead")
     label = f"{other['name']} ({', '.join(f'{k} {theirs.get(k)}' for k in diff)})"
     rows = {k: [[r["aw"], r[k + "_mean"], r[k + "_ci95"]] for r in other["table"]["rows"]]
@@ -204,8 +210,7 @@ def against_of(other, summary):
     """The cells this sweep shares (same AW and seed) with another published sweep of the same settings, a re-run
     on another CPU say: per AW how many, how many repeat it to the stored digit in accuracy, width and RLCT, and
     the largest differences. Kept in the JSON, printed as one README line."""
-    mine, theirs = S.spelled_out(summary["config"]), S.spelled_out(other["config"])
-    diff = sorted(k for k in set(mine) | set(theirs) if k not in VARY and mine.get(k) != theirs.get(k))
+    _, diff = settings_diff(summary, other)
     common.check(other.get("task") == summary["task"] and not diff,
                  f"--against: {other.get('name')!r} is not a sweep of this one's settings"
                  + (f" (it differs in {', '.join(diff)})" if diff else ""))
@@ -292,6 +297,14 @@ def save_with_key(fig, axes, title, out_png, ncol):
     return out_png
 
 
+def aw_axis(ax, aws):
+    """AW on a symlog x axis spanning `aws` (every AW drawn on the panel), 0 included."""
+    lin = min([1.0] + [a for a in aws if a > 0])  # AWs below 1 (a control's 0.01) get their own decade
+    ax.set_xscale("symlog", linthresh=lin)
+    ax.set_xlim(-0.5 * lin, max(aws) * 1.8)
+    ax.set_xlabel("auxiliary weight AW")
+
+
 def _x(aws):
     """AW on a symlog axis, so 0 and 100 both show."""
     return [float(a) for a in aws]
@@ -349,10 +362,7 @@ def figure(summary):
         pad = 0.15 * (max(vals) - min(vals) or abs(max(vals)) or 1.0)
         ax.set_ylim(min(vals) - pad, max(vals) + pad)
         every = aws + [r[0] for r in summary.get("beside", {}).get("rows", {}).get(k, [])]
-        lin = min([1.0] + [a for a in every if a > 0])  # AWs below 1 (a control's 0.01) get their own decade
-        ax.set_xscale("symlog", linthresh=lin)
-        ax.set_xlim(-0.5 * lin, max(every) * 1.8)
-        ax.set_xlabel("auxiliary weight AW")
+        aw_axis(ax, every)
         ax.set_title(label, fontsize=10)
         t, tl = summary["table"]["trend"].get(k), summary["table"].get("trend_learned", {}).get(k)
         text = [f"Spearman {t['spearman']:+.2f} ({fmt_p(t['p'])}), all runs"] if t and t["spearman"] is not None else []
@@ -391,11 +401,8 @@ def units_panel(ax, summary):
             ax.errorbar(_x([r[0] for r in b]), [r[1] for r in b], yerr=[r[2] or 0.0 for r in b], fmt=fmt[0] + "--",
                         capsize=3, color="0.45", mfc="none", ms=5, lw=0.9)
             every += _x([r[0] for r in b])
-    lin = min([1.0] + [a for a in every if a > 0])
-    ax.set_xscale("symlog", linthresh=lin)
-    ax.set_xlim(-0.5 * lin, max(every) * 1.8)
+    aw_axis(ax, every)
     ax.set_ylim(-0.03, 1.03)
-    ax.set_xlabel("auxiliary weight AW")
     ax.set_title("hidden units (share of the layer)", fontsize=10)
     ax.legend(loc="best", fontsize=7.5, frameon=False)
     ax.grid(alpha=0.3)
@@ -572,7 +579,7 @@ def markdown(summary):
 
 def units_line(summary):
     """The markdown line of the units feeding the class rows, per AW whose runs all measured them; '' if none."""
-    rows = [r for r in summary["table"]["rows"] if "dead_units_mean" in r]
+    rows = [r for r in summary["table"]["rows"] if has_units([r])]
     if not rows:
         return ""
     return (f"Units feeding the class rows ({summary['config']['hidden']}, ReLU), on the test set (mean ± 95% "
