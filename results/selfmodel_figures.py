@@ -14,7 +14,8 @@ fourth where the runs counted the hidden units feeding the class rows (the share
 each point the mean over seeds with its 95% Student-t interval, and the paper's own numbers beside them where the
 sweep is the paper's protocol and the paper gives them (IMDB, 500 epochs), and with `--beside` another published
 sweep of the task (another --target or --aux, say) in grey, and then NAME_tradeoff.png, width and RLCT against
-test accuracy, a point per AW, to compare the two at matched accuracy; for a run with --llc-rescale,
+test accuracy, a point per AW, to compare the two at matched accuracy (and the units' two shares where both
+counted them); for a run with --llc-rescale,
 NAME_rescale.png, width and RLCT against the rescaling c (with --beside's curves); for a run with --llc-grid-*,
 NAME_calibration.png, the chain-mean RLCT trace nbeta * (L(w) - L(w*)) of every (eps, gamma), AW 0 against the
 largest AW.
@@ -246,31 +247,48 @@ def tradeoff_points(summary):
     no run collapsed (a collapsed run's width and RLCT mean nothing), for accuracy against width and RLCT."""
     def keep(pts, dead):
         return [(aw, m) for aw, m in sorted(pts.items()) if not dead.get(aw)]
-    ours = {r["aw"]: {k: (r[k + "_mean"], r[k + "_ci95"] or 0.0) for k in ("test_acc", "width", "llc")}
-            for r in summary["table"]["rows"]}
-    dead = {r["aw"]: r.get("collapsed", 0) for r in summary["table"]["rows"]}
+    rows = summary["table"]["rows"]
+    scale = {"test_acc": 1.0, "width": 1.0, "llc": 1.0}
+    if has_units(rows):  # the dead units as a share of the layer, as beside_of stores the other sweep's
+        scale.update(dead_units=1.0 / summary["config"]["hidden"], active_frac=1.0)
+    ours = {r["aw"]: {k: (s * r[k + "_mean"], s * (r[k + "_ci95"] or 0.0)) for k, s in scale.items()} for r in rows}
+    dead = {r["aw"]: r.get("collapsed", 0) for r in rows}
     out = [(own_label(summary) if summary.get("beside") else summary["name"], keep(ours, dead))]
     b = summary.get("beside")
     if b:
         theirs = {}
-        for k in ("test_acc", "width", "llc"):
-            for aw, mean, ci in b["rows"][k]:
+        for k in ("test_acc", "width", "llc") + S.UNITS:
+            for aw, mean, ci in b["rows"].get(k, []):
                 theirs.setdefault(aw, {})[k] = (mean, ci or 0.0)
         out.append((b["label"], keep(theirs, {aw: c for aw, c, _ in b["rows"].get("collapsed", [])})))
     return out
 
 
 def plot_tradeoff(summary, out_png):
-    """With --beside: width and RLCT against test accuracy, a point per AW (mean, 95% interval both ways), so two
-    settings compare at matched accuracy rather than at matched AW (whose scale differs between them)."""
+    """With --beside: `tradeoff_figure` saved as out_png; None without."""
     if not summary.get("beside"):
         return None
+    fig, axes = tradeoff_figure(summary)
+    return save_with_key(fig, axes, f"{summary['name']} against {summary['beside']['name']}: a point per AW "
+                         "(written beside it), mean and 95% interval; AWs with a collapsed run left out", out_png, 2)
+
+
+def tradeoff_figure(summary):
+    """Width and RLCT against test accuracy, a point per AW of this sweep and its --beside (mean, 95% interval both
+    ways), so two settings compare at matched accuracy rather than at matched AW (whose scale differs between
+    them); where both sweeps counted their hidden units, two more panels: the share of the layer dead and on per
+    example. Returns (figure, axes)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, (k, label) in zip(axes, (("width", "width: std of the class rows"), ("llc", "RLCT (SGLD)"))):
-        for i, (name, pts) in enumerate(tradeoff_points(summary)):
+    sweeps = tradeoff_points(summary)
+    panels = [("width", "width: std of the class rows"), ("llc", "RLCT (SGLD)")]
+    if all(k in m for _, pts in sweeps for _, m in pts for k in S.UNITS):
+        panels += [("dead_units", "hidden units dead (share of the layer)"),
+                   ("active_frac", "hidden units on per example (share)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (k, label) in zip(axes, panels):
+        for i, (name, pts) in enumerate(sweeps):
             style = dict(fmt="o-", color="C0", capsize=3) if i == 0 else dict(fmt="s--", color="0.45", mfc="none",
                                                                                capsize=2, lw=0.9)
             ax.errorbar([m["test_acc"][0] for _, m in pts], [m[k][0] for _, m in pts],
@@ -281,12 +299,11 @@ def plot_tradeoff(summary, out_png):
         ax.set_xlabel("test accuracy (%)")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
-    return save_with_key(fig, axes, f"{summary['name']} against {summary['beside']['name']}: a point per AW "
-                         "(written beside it), mean and 95% interval; AWs with a collapsed run left out", out_png, 2)
+    return fig, axes
 
 
 def save_with_key(fig, axes, title, out_png, ncol):
-    """A two-panel figure's title and one key under the panels (clear of the data), saved and closed."""
+    """A figure's title and one key under its panels (clear of the data), saved and closed."""
     import matplotlib.pyplot as plt
     import textwrap
     fig.suptitle("\n".join(textwrap.wrap(title, int(fig.get_figwidth() * 12))), fontsize=9)  # long names: wrapped

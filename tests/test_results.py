@@ -234,8 +234,9 @@ def test_beside_draws_another_setting_of_the_task_and_survives_redraw(split_swee
     # collapsed is left out of that sweep's line (its width and RLCT mean nothing)
     (label, ours), (blabel, theirs) = F.tradeoff_points(mine)
     assert (label, blabel) == ("mine (target hidden)", "other (target embedding)")
-    row = mine["table"]["rows"][0]
-    point = {k: (row[k + "_mean"], row[k + "_ci95"] or 0.0) for k in ("test_acc", "width", "llc")}
+    row, h = mine["table"]["rows"][0], mine["config"]["hidden"]
+    point = {k: (row[k + "_mean"], row[k + "_ci95"] or 0.0) for k in ("test_acc", "width", "llc", "active_frac")}
+    point["dead_units"] = (row["dead_units_mean"] / h, (row["dead_units_ci95"] or 0.0) / h)  # a share of the layer
     assert ours == [(0.0, point)] == theirs  # both sweeps here are the same runs
     assert mine["beside"]["rows"]["collapsed"] == [[0.0, 0, 2]]
     more = {**row, "aw": 5.0, "test_acc_mean": 50.0, "collapsed": 1}  # as if AW 5 had run too, one seed dead
@@ -244,7 +245,21 @@ def test_beside_draws_another_setting_of_the_task_and_survives_redraw(split_swee
         for k, v in mine["beside"]["rows"].items() if k != "rescale"}}}
     (_, ours), (_, theirs) = F.tradeoff_points(two)
     assert [a for a, _ in ours] == [0.0] and [a for a, _ in theirs] == [0.0, 5.0]
-    assert theirs[1][1] == {"test_acc": (1.0, 0.0), "width": (1.0, 0.0), "llc": (1.0, 0.0)}
+    assert theirs[1][1] == {k: (1.0, 0.0) for k in ("test_acc", "width", "llc", "dead_units", "active_frac")}
+    # both counted their units: two more panels at matched accuracy, the dead share and the share on per example
+    import matplotlib.pyplot as plt
+    fig, axes = F.tradeoff_figure(mine)
+    assert [ax.get_title() for ax in axes] == ["width: std of the class rows", "RLCT (SGLD)",
+                                               "hidden units dead (share of the layer)",
+                                               "hidden units on per example (share)"]
+    assert list(axes[2].containers[0].lines[0].get_ydata()) == pytest.approx([point["dead_units"][0]])
+    assert list(axes[3].containers[1].lines[0].get_xdata()) == pytest.approx([row["test_acc_mean"]])
+    plt.close(fig)
+    for k in F.S.UNITS:  # the other sweep did not count them: width and RLCT only
+        del mine["beside"]["rows"][k]
+    fig, axes = F.tradeoff_figure(mine)
+    assert len(axes) == 2
+    plt.close(fig)
     for f in ("selfmodel_mine.png", "selfmodel_mine_tradeoff.png"):
         assert (tmp_path / f).stat().st_size > 10_000
         (tmp_path / f).unlink()
@@ -531,7 +546,7 @@ def test_readme_units_and_against_lines_are_the_committed_json(start, line_of):
 
 
 @pytest.mark.parametrize("figure, widths, suffix", [("mnist_widths", (64, 128, 256, 512), ""),
-                                                     ("mnist_intel_widths", (64, 128, 512), "_intel")])
+                                                     ("mnist_intel_widths", (64, 128, 256, 512), "_intel")])
 def test_readme_widths_table_is_the_committed_json(figure, widths, suffix):
     """A hidden-width table of the README is what `--widths` prints from the committed per-width JSON files."""
     with open(os.path.join(ROOT, "README.md")) as fh:
