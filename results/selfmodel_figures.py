@@ -244,7 +244,8 @@ def own_label(summary):
 
 def tradeoff_points(summary):
     """[(label, [(aw, {metric: (mean, ci95)}), ...]), ...] for this sweep and its --beside: one point per AW where
-    no run collapsed (a collapsed run's width and RLCT mean nothing), for accuracy against width and RLCT."""
+    no run collapsed (a collapsed run's width and RLCT mean nothing), for accuracy against width and RLCT, and
+    against the dead units (a share of the layer) and the share on per example where a sweep counted them."""
     def keep(pts, dead):
         return [(aw, m) for aw, m in sorted(pts.items()) if not dead.get(aw)]
     rows = summary["table"]["rows"]
