@@ -8,6 +8,7 @@ README rows, the trend lines and each AW's gain over AW 0 paired by seed.
   python results/selfmodel_figures.py --widths mnist_widths results/selfmodel_mnist_h{64,128,256,512}.json
   python results/selfmodel_figures.py imdb_quick_embedding out/... --beside results/selfmodel_imdb_quick.json
   python results/selfmodel_figures.py mnist_h64_intel out/... --against results/selfmodel_mnist_h64.json
+  python results/selfmodel_figures.py --rescaled mnist_h64_rlct_width results/selfmodel_mnist_h64_rescale.json ...
 
 Figures: NAME.png, three panels against AW (test accuracy, width of the final layer's class rows, RLCT), and a
 fourth where the runs counted the hidden units feeding the class rows (the share dead, the share on per example),
@@ -19,6 +20,8 @@ counted them); for a run with --llc-rescale,
 NAME_rescale.png, width and RLCT against the rescaling c (with --beside's curves); for a run with --llc-grid-*,
 NAME_calibration.png, the chain-mean RLCT trace nbeta * (L(w) - L(w*)) of every (eps, gamma), AW 0 against the
 largest AW.
+`--rescaled NAME JSON...` takes published sweeps run with --llc-rescale (one task and hidden width) and draws
+NAME.png, every network's RLCT against its class-row width over its rescalings, a line per (loss, AW).
 `--widths NAME JSON...` takes published sweeps that differ only in the hidden width and draws the same three
 quantities against the width, one line per AW (the paper's Fig. 2 B-D), as NAME.png with its markdown table
 (and the dead units, as a share of the width, where every sweep counted them).
@@ -674,6 +677,57 @@ def plot_rescale(summary, out_png):
                          f"over {seed_counts(summary['table']['rows'])} seeds", out_png, 3)
 
 
+def rescaled_curves(summaries):
+    """Published --llc-rescale sweeps of one task and hidden width -> {'aux AUX, AW a': [[width, RLCT, 95% half
+    width, c], ...] sorted by width}: every network's RLCT against its class-row width over the rescalings, so that
+    networks of different losses compare at one head width. A (loss, AW) in two sweeps joins them (its c = 1 once);
+    they must hold the same seeds of it."""
+    common.check(bool(summaries), "--rescaled needs published results/selfmodel_*.json sweeps run with --llc-rescale")
+    first = summaries[0]
+    out, seeds = {}, {}
+    for s in summaries:
+        common.check(s["task"] == first["task"] and s["config"]["hidden"] == first["config"]["hidden"],
+                     f"--rescaled: {s['name']} is not a {first['task']} sweep at hidden {first['config']['hidden']}")
+        curves = rescale_curves(s)
+        common.check(bool(curves), f"--rescaled: {s['name']} ran without --llc-rescale (nothing to draw)")
+        for aw, pts in curves.items():
+            label = f"aux {S.aux_of(s['config'])}, AW {aw}"
+            mine = sorted(k for k, c in s["runs"].items() if S.fmt_aw(float(c["aw"])) == aw)
+            common.check(seeds.setdefault(label, mine) == mine,
+                         f"--rescaled: {label} holds other seeds in {s['name']} than in an earlier file")
+            for c, width, llc, ci, _, _ in pts:
+                out.setdefault(label, {}).setdefault(c, [width, llc, ci, c])
+    return {label: sorted(by_c.values()) for label, by_c in out.items()}
+
+
+def plot_rescaled(name, curves, out_png):
+    """RLCT against the class-row width (both log), a line per network over its rescalings, c = 1 ringed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    for k, (label, pts) in enumerate(curves.items()):
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], fmt="o-", ms=4,
+                    capsize=3, color=f"C{k}", label=label)
+        trained = [p for p in pts if p[3] == 1.0]
+        ax.plot([p[0] for p in trained], [p[1] for p in trained], "o", ms=11, mfc="none", color=f"C{k}")
+        for w, m, _, c in pts:
+            ax.annotate(f"{c:g}", (w, m), textcoords="offset points", xytext=(4, 4), fontsize=6.5, color=f"C{k}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("width: std of the class rows (log)")
+    ax.set_ylabel("RLCT (SGLD, log)")
+    import textwrap
+    ax.set_title("\n".join(textwrap.wrap(f"{name}: each network rescaled by c (written beside it; ringed: as "
+                                          "trained), mean and 95% interval over seeds", 80)), fontsize=8.5)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7.5, frameon=False, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
 def rescale_markdown(summary):
     """Per AW: width and RLCT of the network as trained (c = 1) and after each function-preserving rescaling
     (hidden layer x c, class rows / c); mean over seeds, traces flat."""
@@ -699,6 +753,9 @@ def main(argv=None):
     p.add_argument("--widths", action="store_true",
                    help="NAME then published results/selfmodel_*.json sweeps at several hidden widths: one figure "
                         "against the width")
+    p.add_argument("--rescaled", action="store_true",
+                   help="NAME then published results/selfmodel_*.json sweeps run with --llc-rescale: one figure of "
+                        "RLCT against the class-row width, a line per network over its rescalings")
     p.add_argument("--beside", default=None, help="a published results/selfmodel_*.json of the same task with another "
                    "setting (e.g. --target) to draw beside this sweep; kept in its JSON")
     p.add_argument("--against", default=None, help="a published results/selfmodel_*.json of the same settings (made "
@@ -716,6 +773,20 @@ def main(argv=None):
             print("matplotlib is not installed: figure skipped (pip install -r requirements-figures.txt)")
             return
         print("figure:", plot_widths(args.name, sweeps, os.path.join(args.out_dir, f"selfmodel_{args.name}.png")))
+        return
+    if args.rescaled:
+        common.check(args.name and args.runs, "--rescaled needs a NAME and one or more results JSON files")
+        for f in args.runs:
+            common.check(f.endswith(".json") and os.path.exists(f), f"--rescaled: {f} is not a results JSON file")
+        curves = rescaled_curves([json.load(open(f)) for f in args.runs])
+        for label, pts in curves.items():
+            print(f"{label}: " + ", ".join(f"c = {c:g}: {w:.4f} / {m:.1f}" for w, m, _, c in pts))
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("matplotlib is not installed: figure skipped (pip install -r requirements-figures.txt)")
+            return
+        print("figure:", plot_rescaled(args.name, curves, os.path.join(args.out_dir, f"selfmodel_{args.name}.png")))
         return
     if args.redraw:
         common.check(os.path.exists(args.redraw), f"--redraw {args.redraw} does not exist")

@@ -198,6 +198,55 @@ def test_rescaled_estimates_merge_into_their_own_table(split_sweep, tmp_path):
         assert F.plot_rescale(F.merge("plain", [outs[0]]), str(tmp_path / "none.png")) is None
 
 
+def test_rescaled_draws_rlct_against_the_class_row_width_across_sweeps(split_sweep, tmp_path):
+    """--rescaled: published --llc-rescale sweeps -> a line per (loss, AW) of RLCT against the class-row width over
+    c, sorted by width; a (loss, AW) in two sweeps joins them (c = 1 once); other seeds, another hidden width or a
+    sweep without rescalings are refused."""
+    _, outs = split_sweep
+
+    def rescaled(cs, llc_of, aux="self-model"):
+        res = json.load(open(os.path.join(outs[0], "results.json")))  # AW 0, seeds 0 and 1
+        res["config"].update(llc_rescale=",".join(f"{c:g}" for c in cs), aux=aux)
+        for i, cell in enumerate(res["metrics"]["runs"].values()):
+            cell["llc_rescale"] = {f"c={c:g}": {"width": cell["width"] / c, "llc": llc_of(c) + i, "frac_below_init": 0.0,
+                                                **cell["llc_trace"], "flat": None} for c in cs}
+        d = tmp_path / f"{aux}_{cs[0]:g}"
+        d.mkdir()
+        common.write_json(str(d / "results.json"), res)
+        return F.merge(d.name, [str(d)])
+
+    wide, fine, penalty = rescaled([0.5, 2], lambda c: 10.0 * c), rescaled([0.9], lambda c: 7.0), \
+        rescaled([2], lambda c: 3.0, aux="act-l2")
+    row = wide["table"]["rows"][0]
+    curves = F.rescaled_curves([wide, fine, penalty])
+    assert list(curves) == ["aux self-model, AW 0", "aux act-l2, AW 0"]
+    sm = curves["aux self-model, AW 0"]
+    assert [p[3] for p in sm] == [2.0, 1.0, 0.9, 0.5]  # c = 1 (the network as trained) once, widths ascending
+    assert [p[0] for p in sm] == sorted(p[0] for p in sm)
+    assert sm[1][:3] == [row["width_mean"], row["llc_mean"], row["llc_ci95"]] and sm[0][1] == pytest.approx(20.5)
+    assert sm[2][0] == pytest.approx(row["width_mean"] / 0.9, rel=1e-4) and sm[2][1] == pytest.approx(7.5)
+    assert [p[3] for p in curves["aux act-l2, AW 0"]] == [2.0, 1.0]
+    files = []
+    for s in (wide, fine):
+        files.append(str(tmp_path / f"selfmodel_{s['name']}.json"))
+        common.write_json(files[-1], s)
+    if importlib.util.find_spec("matplotlib"):
+        F.main(["--rescaled", "rw", *files, "--out-dir", str(tmp_path)])
+        assert open(tmp_path / "selfmodel_rw.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(common.UserError, match="is not a results JSON file"):
+        F.main(["--rescaled", "rw", outs[0], "--out-dir", str(tmp_path)])
+    other = json.loads(json.dumps(fine))
+    other["runs"] = {k.replace("seed=1", "seed=7"): c for k, c in other["runs"].items()}
+    with pytest.raises(common.UserError, match="other seeds"):
+        F.rescaled_curves([wide, other])
+    other = json.loads(json.dumps(fine))
+    other["config"]["hidden"] = 2 * wide["config"]["hidden"]
+    with pytest.raises(common.UserError, match="not a mnist sweep at hidden"):
+        F.rescaled_curves([wide, other])
+    with pytest.raises(common.UserError, match="without --llc-rescale"):
+        F.rescaled_curves([wide, F.merge("plain", [outs[0]])])
+
+
 def test_figures_and_redraw(split_sweep, tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is the optional figure extra (requirements-figures.txt)")
     _, outs = split_sweep
