@@ -743,6 +743,16 @@ def rescale_markdown(summary):
     return "\n".join(lines)
 
 
+def draw_one(plot_fn, *args):
+    """plot_fn(*args) and its path printed, where the optional figure extra (matplotlib) is installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib is not installed: figure skipped (pip install -r requirements-figures.txt)")
+        return
+    print("figure:", plot_fn(*args))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.one_line_errors(p)
@@ -767,13 +777,7 @@ def main(argv=None):
         common.check(args.name and len(args.runs) >= 2, "--widths needs a NAME and two or more results JSON files")
         sweeps = by_width(args.runs)
         print(widths_markdown(sweeps))
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("matplotlib is not installed: figure skipped (pip install -r requirements-figures.txt)")
-            return
-        print("figure:", plot_widths(args.name, sweeps, os.path.join(args.out_dir, f"selfmodel_{args.name}.png")))
-        return
+        return draw_one(plot_widths, args.name, sweeps, os.path.join(args.out_dir, f"selfmodel_{args.name}.png"))
     if args.rescaled:
         common.check(args.name and args.runs, "--rescaled needs a NAME and one or more results JSON files")
         for f in args.runs:
@@ -781,13 +785,7 @@ def main(argv=None):
         curves = rescaled_curves([json.load(open(f)) for f in args.runs])
         for label, pts in curves.items():
             print(f"{label}: " + ", ".join(f"c = {c:g}: {w:.4f} / {m:.1f}" for w, m, _, c in pts))
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("matplotlib is not installed: figure skipped (pip install -r requirements-figures.txt)")
-            return
-        print("figure:", plot_rescaled(args.name, curves, os.path.join(args.out_dir, f"selfmodel_{args.name}.png")))
-        return
+        return draw_one(plot_rescaled, args.name, curves, os.path.join(args.out_dir, f"selfmodel_{args.name}.png"))
     if args.redraw:
         common.check(os.path.exists(args.redraw), f"--redraw {args.redraw} does not exist")
         summary = json.load(open(args.redraw))
