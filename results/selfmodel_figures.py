@@ -35,7 +35,7 @@ check ("flat") is recomputed here from the stored traces with the current selfmo
 made by older code are judged by the same rule. matplotlib is an optional extra: the training scripts never
 import it; this script needs it only for the figures (the JSON is written without it).
 """
-import argparse, json, os, sys
+import argparse, json, os, sys, textwrap
 
 import torch
 
@@ -309,7 +309,6 @@ def tradeoff_figure(summary):
 def save_with_key(fig, axes, title, out_png, ncol):
     """A figure's title and one key under its panels (clear of the data), saved and closed."""
     import matplotlib.pyplot as plt
-    import textwrap
     fig.suptitle("\n".join(textwrap.wrap(title, int(fig.get_figwidth() * 12))), fontsize=9)  # long names: wrapped
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
@@ -467,14 +466,20 @@ def plot_calibration(summary, out_png):
     return out_png
 
 
+def load_published(f):
+    """A results/selfmodel_NAME.json file, refused in one line if it is missing or not a published sweep."""
+    common.check(os.path.exists(f), f"{f} does not exist: pass results/selfmodel_NAME.json files")
+    s = json.load(open(f)) if f.endswith(".json") else {}
+    common.check("table" in s and "config" in s, f"{f} is not a published selfmodel sweep")
+    return s
+
+
 def by_width(files):
     """Published sweeps of one task at several hidden widths -> {width: summary}; they must agree in every
     setting but the width, the AWs and the seeds."""
     out = []
     for f in files:
-        common.check(os.path.exists(f), f"{f} does not exist: pass results/selfmodel_NAME.json files")
-        s = json.load(open(f))
-        common.check("table" in s and "config" in s, f"{f} is not a published selfmodel sweep")
+        s = load_published(f)
         s["config"] = S.spelled_out(s["config"])
         out.append((f, s))
     first, ref = out[0]
@@ -717,7 +722,6 @@ def plot_rescaled(name, curves, out_png):
     ax.set_yscale("log")
     ax.set_xlabel("width: std of the class rows (log)")
     ax.set_ylabel("RLCT (SGLD, log)")
-    import textwrap
     ax.set_title("\n".join(textwrap.wrap(f"{name}: each network rescaled by c (written beside it; ringed: as "
                                           "trained), mean and 95% interval over seeds", 80)), fontsize=8.5)
     ax.grid(alpha=0.3, which="both")
@@ -780,9 +784,7 @@ def main(argv=None):
         return draw_one(plot_widths, args.name, sweeps, os.path.join(args.out_dir, f"selfmodel_{args.name}.png"))
     if args.rescaled:
         common.check(args.name and args.runs, "--rescaled needs a NAME and one or more results JSON files")
-        for f in args.runs:
-            common.check(f.endswith(".json") and os.path.exists(f), f"--rescaled: {f} is not a results JSON file")
-        curves = rescaled_curves([json.load(open(f)) for f in args.runs])
+        curves = rescaled_curves([load_published(f) for f in args.runs])
         for label, pts in curves.items():
             print(f"{label}: " + ", ".join(f"c = {c:g}: {w:.4f} / {m:.1f}" for w, m, _, c in pts))
         return draw_one(plot_rescaled, args.name, curves, os.path.join(args.out_dir, f"selfmodel_{args.name}.png"))
