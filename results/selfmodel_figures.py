@@ -466,11 +466,13 @@ def plot_calibration(summary, out_png):
     return out_png
 
 
-def load_published(f):
-    """A results/selfmodel_NAME.json file, refused in one line if it is missing or not a published sweep."""
-    common.check(os.path.exists(f), f"{f} does not exist: pass results/selfmodel_NAME.json files")
-    s = json.load(open(f)) if f.endswith(".json") else {}
-    common.check("table" in s and "config" in s, f"{f} is not a published selfmodel sweep")
+def load_published(f, flag=""):
+    """A results/selfmodel_NAME.json file, refused in one line (naming `flag`, if given) if it is missing or not a
+    published sweep (an output folder, say, where a published JSON is asked for)."""
+    what = f"{flag} {f}".strip()
+    common.check(os.path.exists(f), f"{what} does not exist: pass results/selfmodel_NAME.json files")
+    s = json.load(open(f)) if f.endswith(".json") and os.path.isfile(f) else {}
+    common.check("table" in s and "config" in s, f"{what} is not a published selfmodel sweep (results/selfmodel_NAME.json)")
     return s
 
 
@@ -789,17 +791,14 @@ def main(argv=None):
             print(f"{label}: " + ", ".join(f"c = {c:g}: {w:.4f} / {m:.1f}" for w, m, _, c in pts))
         return draw_one(plot_rescaled, args.name, curves, os.path.join(args.out_dir, f"selfmodel_{args.name}.png"))
     if args.redraw:
-        common.check(os.path.exists(args.redraw), f"--redraw {args.redraw} does not exist")
-        summary = json.load(open(args.redraw))
+        summary = load_published(args.redraw, "--redraw")
     else:
         common.check(args.name and args.runs, "give a NAME and at least one selfmodel output folder (see --help)")
         summary = merge(args.name, args.runs)
         if args.beside:
-            common.check(os.path.exists(args.beside), f"--beside {args.beside} does not exist")
-            summary["beside"] = beside_of(json.load(open(args.beside)), summary)
+            summary["beside"] = beside_of(load_published(args.beside, "--beside"), summary)
         if args.against:
-            common.check(os.path.exists(args.against), f"--against {args.against} does not exist")
-            summary["against"] = against_of(json.load(open(args.against)), summary)
+            summary["against"] = against_of(load_published(args.against, "--against"), summary)
         common.write_json(os.path.join(args.out_dir, f"selfmodel_{args.name}.json"), summary, indent=None)
     base = os.path.join(args.out_dir, f"selfmodel_{summary['name']}")
     print(S.format_table(summary["table"], {**summary["config"], "task": summary["task"]}))

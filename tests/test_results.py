@@ -416,9 +416,13 @@ def test_figure_draws_the_papers_levels_beside_ours():
             plt.close(fig)
 
 
-def test_bad_inputs_give_one_line(tmp_path):
+def test_bad_inputs_give_one_line(split_sweep, tmp_path):
     p = run_script([os.path.join("results", "selfmodel_figures.py"), "x", str(tmp_path / "missing")])
     assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr
+    out = split_sweep[1][0]
+    for flag in ("--beside", "--against", "--redraw"):  # an output folder where a published JSON is asked for
+        with pytest.raises(common.UserError, match=f"{flag} {out} is not a published selfmodel sweep"):
+            F.main(["x", out, flag, out, "--out-dir", str(tmp_path)])
 
 
 def test_widths_figure_and_table(split_sweep, tmp_path):
