@@ -26,7 +26,8 @@ NAME.png, every network's RLCT against its class-row width over its rescalings, 
 quantities against the width, one line per AW (the paper's Fig. 2 B-D), as NAME.png with its markdown table
 (and the dead units, as a share of the width, where every sweep counted them).
 `--against PUBLISHED.json` compares the cells (AW, seed) this sweep shares with a sweep of the same settings made
-elsewhere (another CPU maker, say): per AW, how many repeat it and the largest differences; one README line.
+elsewhere (another CPU maker, say, or with extra estimates: --llc-rescale, --llc-grid-*): per AW, how many repeat
+it and the largest differences; one README line.
 
 The runs must share every setting but the AW list and the seeds (a sweep split over processes), and the device; a
 run of AW 0 alone may have another --target or --aux (AW 0 trains the same plain network whatever they say). A
@@ -210,11 +211,17 @@ def beside_of(other, summary):
     return {"name": other["name"], "label": label, "differ": diff, "rows": rows}
 
 
+# Settings that only add RLCT estimates of the trained cell after its own (calibration grid, rescalings): a
+# sweep run with them still repeats the cells of one run without, so --against may compare the two.
+EXTRA_ESTIMATES = {"llc_grid", "llc_grid_eps", "llc_grid_gamma", "llc_rescale"}
+
+
 def against_of(other, summary):
     """The cells this sweep shares (same AW and seed) with another published sweep of the same settings, a re-run
     on another CPU say: per AW how many, how many repeat it to the stored digit in accuracy, width and RLCT, and
     the largest differences. Kept in the JSON, printed as one README line."""
     _, diff = settings_diff(summary, other)
+    diff = [k for k in diff if k not in EXTRA_ESTIMATES]  # they add estimates after the cell's own
     common.check(other.get("task") == summary["task"] and not diff,
                  f"--against: {other.get('name')!r} is not a sweep of this one's settings"
                  + (f" (it differs in {', '.join(diff)})" if diff else ""))
@@ -775,7 +782,7 @@ def main(argv=None):
     p.add_argument("--beside", default=None, help="a published results/selfmodel_*.json of the same task with another "
                    "setting (e.g. --target) to draw beside this sweep; kept in its JSON")
     p.add_argument("--against", default=None, help="a published results/selfmodel_*.json of the same settings (made "
-                   "on another CPU, say): compare the cells both measured; kept in its JSON")
+                   "on another CPU, say, or without --llc-rescale / --llc-grid-*): compare the cells both measured; kept in its JSON")
     p.add_argument("--out-dir", default=HERE, help="where the JSON and figures go")
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)

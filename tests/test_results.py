@@ -366,6 +366,14 @@ def test_against_compares_the_cells_two_sweeps_of_one_setting_share(split_sweep,
             "0.0000 width, 2.0 RLCT.")
     assert F.against_line(here) == line and line in F.markdown(here).splitlines()
     assert F.against_line(F.merge("alone", [outs[0]])) == ""
+    # a sweep with extra estimates (here the AW 5 run's calibration grid) still holds the cells of one without
+    plain = tmp_path / "aw5_plain"
+    plain.mkdir()
+    common.write_json(str(plain / "results.json"), without_grid(outs[1]))
+    common.write_json(str(tmp_path / "plain.json"), F.merge("plain", [str(plain)]))
+    F.main(["grid", outs[1], "--against", str(tmp_path / "plain.json"), "--out-dir", str(tmp_path)])
+    (row,) = json.load(open(tmp_path / "selfmodel_grid.json"))["against"]["rows"]
+    assert (row["aw"], row["n"], row["same"], row["llc_max_diff"]) == (5.0, 2, 2, 0.0)
     other["config"]["lr"] = 1.0
     common.write_json(str(tmp_path / "there.json"), other)
     with pytest.raises(common.UserError, match="differs in lr"):
