@@ -22,6 +22,8 @@ NAME_calibration.png, the chain-mean RLCT trace nbeta * (L(w) - L(w*)) of every 
 largest AW.
 `--rescaled NAME JSON...` takes published sweeps run with --llc-rescale (one task and hidden width) and draws
 NAME.png, every network's RLCT against its class-row width over its rescalings, a line per (loss, AW).
+It also prints, per seed, each network's RLCT as a ratio of the plain network's (AW 0) where the two have class rows
+as wide (within 2%): a comparison at one head width.
 `--widths NAME JSON...` takes published sweeps that differ only in the hidden width and draws the same three
 quantities against the width, one line per AW (the paper's Fig. 2 B-D), as NAME.png with its markdown table
 (and the dead units, as a share of the width, where every sweep counted them).
@@ -714,6 +716,45 @@ def rescaled_curves(summaries):
     return {label: sorted(by_c.values()) for label, by_c in out.items()}
 
 
+def matched_pairs(summaries, tol=0.02):
+    """Every network against the plain one (AW 0) at one head width: for each (loss, AW, c) whose mean class-row
+    width lies within tol (relative) of one of AW 0's (any c), the per-seed ratio of their RLCTs (mean, 95%
+    interval, seeds below 1) over the seeds both hold. Rescaling either side to the other's width removes the
+    part of a difference in RLCT that only reads the head's width (README, the rescaling sections)."""
+    plain = "AW 0"  # one network whatever --aux says (AW 0 trains without it)
+    est = {}  # network -> {c: {seed: (width, RLCT)}}
+    for s in summaries:
+        for cell in s["runs"].values():
+            aw = float(cell["aw"])
+            label = plain if aw == 0 else f"aux {S.aux_of(s['config'])}, AW {S.fmt_aw(aw)}"
+            points = [(1.0, cell)] + [(float(k[2:]), g) for k, g in cell.get("llc_rescale", {}).items()]
+            for c, g in points:
+                seen = est.setdefault(label, {}).setdefault(c, {}).setdefault(cell["seed"], (g["width"], g["llc"]))
+                common.check(seen == (g["width"], g["llc"]),
+                             f"--rescaled: {label} at c = {c:g}, seed {cell['seed']} differs between files")
+    if plain not in est:
+        return []
+    width = {label: {c: sum(w for w, _ in v.values()) / len(v) for c, v in by_c.items()} for label, by_c in est.items()}
+    out = []
+    for label, by_c in est.items():
+        for c, cells in sorted(by_c.items()) if label != plain else ():
+            for c0, ref in sorted(est[plain].items()):
+                seeds = sorted(set(cells) & set(ref))
+                if seeds and abs(width[label][c] / width[plain][c0] - 1) <= tol:
+                    ratios = [cells[k][1] / ref[k][1] for k in seeds]
+                    out.append({"network": label, "c": c, "width": width[label][c], "c_plain": c0,
+                                "width_plain": width[plain][c0], "seeds": seeds, "below": sum(r < 1 for r in ratios),
+                                "llc_ratio": common.mean_ci(ratios)})
+    return out
+
+
+def matched_line(m):
+    """One README line of `matched_pairs`."""
+    return (f"At class-row width {m['width']:.4f}: {m['network']} (c = {m['c']:g}) reads x{pm_stats(m['llc_ratio'], 3)} "
+            f"of the plain network's RLCT (AW 0 at c = {m['c_plain']:g}, {m['width_plain']:.4f}) per seed, "
+            f"{m['below']} of {len(m['seeds'])} seeds below 1.")
+
+
 def plot_rescaled(name, curves, out_png):
     """RLCT against the class-row width (both log), a line per network over its rescalings, c = 1 ringed."""
     import matplotlib
@@ -796,6 +837,8 @@ def main(argv=None):
         curves = rescaled_curves([load_published(f) for f in args.runs])
         for label, pts in curves.items():
             print(f"{label}: " + ", ".join(f"c = {c:g}: {w:.4f} / {m:.1f}" for w, m, _, c in pts))
+        for m in matched_pairs([load_published(f) for f in args.runs]):
+            print(matched_line(m))
         return draw_one(plot_rescaled, args.name, curves, os.path.join(args.out_dir, f"selfmodel_{args.name}.png"))
     if args.redraw:
         summary = load_published(args.redraw, "--redraw")

@@ -347,6 +347,38 @@ def test_figure_has_a_units_panel_when_every_aw_counted_them(split_sweep):
     plt.close(fig)
 
 
+def test_matched_pairs_compare_each_network_with_the_plain_one_at_its_head_width():
+    """--rescaled's matched lines, by hand: a network's estimate at c against AW 0's at the c of the same mean
+    class-row width (within 2%), as per-seed RLCT ratios over the seeds both hold; AW 0 is one network whatever
+    --aux says, and the same (c, seed) read otherwise in two files is refused."""
+    def sweep(aux, cells):  # cells: (aw, seed, {c: (width, RLCT)}), c = 1 the network as trained
+        runs = {}
+        for aw, seed, est in cells:
+            runs[f"aw={aw:g},seed={seed}"] = {"aw": aw, "seed": seed, "width": est[1.0][0], "llc": est[1.0][1],
+                                               "llc_rescale": {f"c={c:g}": {"width": w, "llc": m}
+                                                               for c, (w, m) in est.items() if c != 1.0}}
+        return {"config": {"aux": aux}, "runs": runs}
+
+    plain = sweep("self-model", [(0.0, 0, {1.0: (0.2, 10.0), 0.5: (0.4, 20.0)}),
+                                 (0.0, 1, {1.0: (0.2, 12.0), 0.5: (0.4, 24.0)})])
+    penalty = sweep("act-l2", [(3.0, 0, {1.0: (0.4, 15.0), 2.0: (0.2, 5.0), 0.9: (0.4082, 1.0)}),
+                               (3.0, 1, {1.0: (0.4, 18.0), 2.0: (0.2, 12.0), 0.9: (0.4082, 1.0)}),
+                               (3.0, 2, {1.0: (0.4, 99.0), 2.0: (0.2, 99.0), 0.9: (0.4082, 1.0)})])  # no AW 0 seed 2
+    again = sweep("act-l2", [(0.0, 1, {1.0: (0.2, 12.0)})])  # AW 0 published with the penalty: the same network
+    got = F.matched_pairs([plain, penalty, again])
+    assert [(m["network"], m["c"], m["c_plain"], m["seeds"], m["below"]) for m in got] == [
+        ("aux act-l2, AW 3", 1.0, 0.5, [0, 1], 2), ("aux act-l2, AW 3", 2.0, 1.0, [0, 1], 1)]  # 0.4082: 2.05% off
+    # seed 2 has no AW 0 (its 99 would show); ratios 15/20, 18/24 = 0.75 twice; 5/10, 12/12 = 0.5, 1: sd 0.3536
+    assert got[0]["llc_ratio"]["mean"] == pytest.approx(0.75) and got[0]["llc_ratio"]["ci95"] == pytest.approx(0)
+    assert got[1]["llc_ratio"]["mean"] == pytest.approx(0.75)
+    assert got[1]["llc_ratio"]["ci95"] == pytest.approx(12.706205 * 0.3535534 / 2 ** 0.5, rel=1e-5)
+    assert F.matched_line(got[0]) == ("At class-row width 0.4000: aux act-l2, AW 3 (c = 1) reads x0.750 ± 0.000 of "
+                                      "the plain network's RLCT (AW 0 at c = 0.5, 0.4000) per seed, 2 of 2 seeds below 1.")
+    assert F.matched_pairs([penalty]) == []  # no plain network to match
+    with pytest.raises(common.UserError, match="AW 0 at c = 1, seed 1 differs between files"):
+        F.matched_pairs([plain, sweep("act-l2", [(0.0, 1, {1.0: (0.2, 12.5)})])])
+
+
 def test_against_compares_the_cells_two_sweeps_of_one_setting_share(split_sweep, tmp_path):
     """--against: per AW, the cells (AW, seed) both sweeps measured, how many repeat the other to the stored digit
     in accuracy, width and RLCT, and the largest differences; kept in the JSON; other settings or no shared cell
@@ -604,6 +636,21 @@ def test_readme_units_and_against_lines_are_the_committed_json(start, line_of):
         with open(os.path.join(ROOT, "results", name)) as fh:
             printed.add(getattr(F, line_of)(json.load(fh)))
     assert [ln for ln in lines if ln not in printed] == []
+
+
+def test_readme_matched_lines_are_the_committed_json():
+    """Each README `--rescaled` command's matched lines (every network against the plain one at one head width)
+    are in the README as it prints them from the committed JSON files, and the README has no other."""
+    import re
+    import shlex
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        readme = fh.read()
+    printed = []
+    for cmd in re.findall(r"^python results/selfmodel_figures.py --rescaled .*$", readme, flags=re.M):
+        files = [a for a in shlex.split(cmd)[4:] if a.endswith(".json")]
+        printed += [F.matched_line(m) for m in F.matched_pairs([F.load_published(os.path.join(ROOT, f)) for f in files])]
+    lines = [ln for ln in readme.splitlines() if ln.startswith("At class-row width")]
+    assert printed and [ln for ln in printed if ln not in lines] == [] and [ln for ln in lines if ln not in printed] == []
 
 
 @pytest.mark.parametrize("figure, suffix", [("mnist_widths", ""), ("mnist_intel_widths", "_intel")])
