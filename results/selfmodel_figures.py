@@ -823,7 +823,8 @@ def main(argv=None):
     p.add_argument("--beside", default=None, help="a published results/selfmodel_*.json of the same task with another "
                    "setting (e.g. --target) to draw beside this sweep; kept in its JSON")
     p.add_argument("--against", default=None, help="a published results/selfmodel_*.json of the same settings (made "
-                   "on another CPU, say, or without --llc-rescale / --llc-grid-*): compare the cells both measured; kept in its JSON")
+                   "on another CPU, say, or without --llc-rescale / --llc-grid-*): compare the cells both measured; "
+                   "kept in its JSON")
     p.add_argument("--out-dir", default=HERE, help="where the JSON and figures go")
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -834,10 +835,11 @@ def main(argv=None):
         return draw_one(plot_widths, args.name, sweeps, os.path.join(args.out_dir, f"selfmodel_{args.name}.png"))
     if args.rescaled:
         common.check(args.name and args.runs, "--rescaled needs a NAME and one or more results JSON files")
-        curves = rescaled_curves([load_published(f) for f in args.runs])
+        published = [load_published(f) for f in args.runs]
+        curves = rescaled_curves(published)
         for label, pts in curves.items():
             print(f"{label}: " + ", ".join(f"c = {c:g}: {w:.4f} / {m:.1f}" for w, m, _, c in pts))
-        for m in matched_pairs([load_published(f) for f in args.runs]):
+        for m in matched_pairs(published):
             print(matched_line(m))
         return draw_one(plot_rescaled, args.name, curves, os.path.join(args.out_dir, f"selfmodel_{args.name}.png"))
     if args.redraw:
