@@ -737,7 +737,9 @@ def matched_pairs(summaries, tol=0.02):
     width = {label: {c: sum(w for w, _ in v.values()) / len(v) for c, v in by_c.items()} for label, by_c in est.items()}
     out = []
     for label, by_c in est.items():
-        for c, cells in sorted(by_c.items()) if label != plain else ():
+        if label == plain:
+            continue
+        for c, cells in sorted(by_c.items()):
             for c0, ref in sorted(est[plain].items()):
                 seeds = sorted(set(cells) & set(ref))
                 if seeds and abs(width[label][c] / width[plain][c0] - 1) <= tol:
