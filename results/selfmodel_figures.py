@@ -23,7 +23,7 @@ largest AW.
 `--rescaled NAME JSON...` takes published sweeps run with --llc-rescale (one task and hidden width) and draws
 NAME.png, every network's RLCT against its class-row width over its rescalings, a line per (loss, AW).
 It also prints, per seed, each network's RLCT as a ratio of the plain network's (AW 0) where the two have class rows
-as wide (within 2%): a comparison at one head width.
+as wide (mean widths within 2%, or --match-tol): a comparison at one head width.
 `--widths NAME JSON...` takes published sweeps that differ only in the hidden width and draws the same three
 quantities against the width, one line per AW (the paper's Fig. 2 B-D), as NAME.png with its markdown table
 (and the dead units, as a share of the width, where every sweep counted them).
@@ -822,6 +822,10 @@ def main(argv=None):
     p.add_argument("--rescaled", action="store_true",
                    help="NAME then published results/selfmodel_*.json sweeps run with --llc-rescale: one figure of "
                         "RLCT against the class-row width, a line per network over its rescalings")
+    p.add_argument("--match-tol", type=float, default=0.02,
+                   help="with --rescaled: how far apart (relative) two networks' mean class-row widths may be to be "
+                        "compared as one head width (a sweep over some of the seeds whose c came from all of them "
+                        "may miss 2%%; the printed line names both widths)")
     p.add_argument("--beside", default=None, help="a published results/selfmodel_*.json of the same task with another "
                    "setting (e.g. --target) to draw beside this sweep; kept in its JSON")
     p.add_argument("--against", default=None, help="a published results/selfmodel_*.json of the same settings (made "
@@ -837,11 +841,12 @@ def main(argv=None):
         return draw_one(plot_widths, args.name, sweeps, os.path.join(args.out_dir, f"selfmodel_{args.name}.png"))
     if args.rescaled:
         common.check(args.name and args.runs, "--rescaled needs a NAME and one or more results JSON files")
+        common.check(0 < args.match_tol < 1, f"--match-tol {args.match_tol:g}: give a relative gap in (0, 1), e.g. 0.03")
         published = [load_published(f) for f in args.runs]
         curves = rescaled_curves(published)
         for label, pts in curves.items():
             print(f"{label}: " + ", ".join(f"c = {c:g}: {w:.4f} / {m:.1f}" for w, m, _, c in pts))
-        for m in matched_pairs(published):
+        for m in matched_pairs(published, args.match_tol):
             print(matched_line(m))
         return draw_one(plot_rescaled, args.name, curves, os.path.join(args.out_dir, f"selfmodel_{args.name}.png"))
     if args.redraw:

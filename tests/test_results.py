@@ -235,6 +235,8 @@ def test_rescaled_draws_rlct_against_the_class_row_width_across_sweeps(split_swe
         assert open(tmp_path / "selfmodel_rw.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(common.UserError, match="is not a published selfmodel sweep"):
         F.main(["--rescaled", "rw", outs[0], "--out-dir", str(tmp_path)])
+    with pytest.raises(common.UserError, match="--match-tol 2: give a relative gap"):
+        F.main(["--rescaled", "rw", *files, "--match-tol", "2", "--out-dir", str(tmp_path)])
     other = json.loads(json.dumps(fine))
     other["runs"] = {k.replace("seed=1", "seed=7"): c for k, c in other["runs"].items()}
     with pytest.raises(common.UserError, match="other seeds"):
@@ -374,6 +376,9 @@ def test_matched_pairs_compare_each_network_with_the_plain_one_at_its_head_width
     assert got[1]["llc_ratio"]["ci95"] == pytest.approx(12.706205 * 0.3535534 / 2 ** 0.5, rel=1e-5)
     assert F.matched_line(got[0]) == ("At class-row width 0.4000: aux act-l2, AW 3 (c = 1) reads x0.750 ± 0.000 of "
                                       "the plain network's RLCT (AW 0 at c = 0.5, 0.4000) per seed, 2 of 2 seeds below 1.")
+    wider = F.matched_pairs([plain, penalty, again], tol=0.03)  # --match-tol 0.03 takes in the c = 0.9 estimate
+    assert [(m["c"], m["c_plain"]) for m in wider] == [(0.9, 0.5), (1.0, 0.5), (2.0, 1.0)]
+    assert wider[0]["llc_ratio"]["mean"] == pytest.approx((1 / 20 + 1 / 24) / 2) and wider[0]["below"] == 2
     assert F.matched_pairs([penalty]) == []  # no plain network to match
     with pytest.raises(common.UserError, match="AW 0 at c = 1, seed 1 differs between files"):
         F.matched_pairs([plain, sweep("act-l2", [(0.0, 1, {1.0: (0.2, 12.5)})])])
@@ -647,8 +652,11 @@ def test_readme_matched_lines_are_the_committed_json():
         readme = fh.read()
     printed = []
     for cmd in re.findall(r"^python results/selfmodel_figures.py --rescaled .*$", readme, flags=re.M):
-        files = [a for a in shlex.split(cmd)[4:] if a.endswith(".json")]
-        printed += [F.matched_line(m) for m in F.matched_pairs([F.load_published(os.path.join(ROOT, f)) for f in files])]
+        args = shlex.split(cmd)[4:]
+        files = [a for a in args if a.endswith(".json")]
+        tol = float(args[args.index("--match-tol") + 1]) if "--match-tol" in args else 0.02
+        printed += [F.matched_line(m)
+                    for m in F.matched_pairs([F.load_published(os.path.join(ROOT, f)) for f in files], tol)]
     lines = [ln for ln in readme.splitlines() if ln.startswith("At class-row width")]
     assert printed and [ln for ln in printed if ln not in lines] == [] and [ln for ln in lines if ln not in printed] == []
 
