@@ -23,7 +23,8 @@ largest AW.
 `--rescaled NAME JSON...` takes published sweeps run with --llc-rescale (one task and hidden width) and draws
 NAME.png, every network's RLCT against its class-row width over its rescalings, a line per (loss, AW).
 It also prints, per seed, each network's RLCT as a ratio of the plain network's (AW 0) where the two have class rows
-as wide (mean widths within 2%, or --match-tol): a comparison at one head width.
+as wide (mean widths within 2%, or --match-tol): a comparison at one head width; and, where both have rescaled
+estimates, the same at each seed's own two head widths, each network's estimates joined in log-log.
 `--widths NAME JSON...` takes published sweeps that differ only in the hidden width and draws the same three
 quantities against the width, one line per AW (the paper's Fig. 2 B-D), as NAME.png with its markdown table
 (and the dead units, as a share of the width, where every sweep counted them).
@@ -38,7 +39,7 @@ check ("flat") is recomputed here from the stored traces with the current selfmo
 made by older code are judged by the same rule. matplotlib is an optional extra: the training scripts never
 import it; this script needs it only for the figures (the JSON is written without it).
 """
-import argparse, json, os, sys, textwrap
+import argparse, json, math, os, sys, textwrap
 
 import torch
 
@@ -757,6 +758,59 @@ def matched_line(m):
             f"{m['below']} of {len(m['seeds'])} seeds below 1.")
 
 
+def loglog_at(points, w):
+    """RLCT at class-row width w from one seed's estimates [(width, RLCT), ...] of one network: straight in log-log
+    between the two that bracket w (beyond them, the line through the nearest two). Returns (RLCT, how far w lies
+    outside the estimates' widths as a factor >= 1)."""
+    pts = sorted(points)
+    i = min(max(sum(pw < w for pw, _ in pts), 1), len(pts) - 1)  # pts[i - 1], pts[i]: the bracket or nearest pair
+    (w1, m1), (w2, m2) = pts[i - 1], pts[i]
+    slope = math.log(m2 / m1) / math.log(w2 / w1)
+    return m1 * (w / w1) ** slope, max(pts[0][0] / w, w / pts[-1][0], 1.0)
+
+
+def seedwise_pairs(summaries):
+    """Every network against the plain one at a seed's own head widths: the mean-width match of `matched_pairs`
+    pairs a seed's widths only on average, and a seed whose head is much narrower than the mean is then compared
+    at another width. Here each seed's estimates of one network (c = 1 and its rescalings) are joined in log-log
+    (`loglog_at`), and per seed the network's RLCT at the plain network's trained width (c = 1) is divided by the
+    plain network's, and its own trained RLCT by the plain network's at its trained width."""
+    est, trained = {}, {}  # network -> seed -> {(width, RLCT): None} over every c; -> (width, RLCT) at c = 1
+    for s in summaries:
+        for cell in s["runs"].values():
+            aw = float(cell["aw"])
+            label = "AW 0" if aw == 0 else f"aux {S.aux_of(s['config'])}, AW {S.fmt_aw(aw)}"
+            trained.setdefault(label, {})[cell["seed"]] = (cell["width"], cell["llc"])
+            pts = est.setdefault(label, {}).setdefault(cell["seed"], {})
+            for g in [cell, *cell.get("llc_rescale", {}).values()]:
+                pts[(g["width"], g["llc"])] = None
+    plain, out = est.pop("AW 0", {}), []
+    for label, by_seed in est.items():
+        seeds = sorted(k for k in set(by_seed) & set(plain) if len(by_seed[k]) >= 2 and len(plain[k]) >= 2)
+        if not seeds:
+            continue
+        at_plain, at_own, beyond = [], [], 1.0
+        for k in seeds:
+            (w0, m0), (w, m) = trained["AW 0"][k], trained[label][k]
+            theirs, far = loglog_at(list(by_seed[k]), w0)  # this network read at the plain head
+            ours, far2 = loglog_at(list(plain[k]), w)  # the plain network read at this network's head
+            at_plain.append(theirs / m0)
+            at_own.append(m / ours)
+            beyond = max(beyond, far, far2)
+        out.append({"network": label, "seeds": seeds, "at_plain": common.mean_ci(at_plain),
+                    "below_plain": sum(r < 1 for r in at_plain), "at_own": common.mean_ci(at_own),
+                    "below_own": sum(r < 1 for r in at_own), "beyond": beyond})
+    return out
+
+
+def seedwise_line(m):
+    """One README line of `seedwise_pairs`."""
+    return (f"Seed by seed (each network's estimates joined in log-log): {m['network']} reads "
+            f"x{pm_stats(m['at_plain'], 3)} of the plain network's RLCT at the plain network's trained head width "
+            f"({m['below_plain']} of {len(m['seeds'])} seeds below 1) and x{pm_stats(m['at_own'], 3)} at its own "
+            f"({m['below_own']} of {len(m['seeds'])}); widths read up to x{m['beyond']:.2f} beyond the estimates.")
+
+
 def plot_rescaled(name, curves, out_png):
     """RLCT against the class-row width (both log), a line per network over its rescalings, c = 1 ringed."""
     import matplotlib
@@ -848,6 +902,8 @@ def main(argv=None):
             print(f"{label}: " + ", ".join(f"c = {c:g}: {w:.4f} / {m:.1f}" for w, m, _, c in pts))
         for m in matched_pairs(published, args.match_tol):
             print(matched_line(m))
+        for m in seedwise_pairs(published):
+            print(seedwise_line(m))
         return draw_one(plot_rescaled, args.name, curves, os.path.join(args.out_dir, f"selfmodel_{args.name}.png"))
     if args.redraw:
         summary = load_published(args.redraw, "--redraw")

@@ -384,6 +384,42 @@ def test_matched_pairs_compare_each_network_with_the_plain_one_at_its_head_width
         F.matched_pairs([plain, sweep("act-l2", [(0.0, 1, {1.0: (0.2, 12.5)})])])
 
 
+def test_seedwise_pairs_read_each_network_at_the_other_one_s_head_by_hand():
+    """--rescaled's seed-by-seed lines: each seed's estimates of one network joined straight in log-log (a power
+    law between two, piecewise between more, the end pair's line beyond), read at the other network's trained
+    head width; by hand for power laws whose ratios are known."""
+    assert F.loglog_at([(1.0, 10.0), (4.0, 20.0)], 2.0) == (pytest.approx(10 * 2 ** 0.5), 1.0)  # slope 1/2
+    assert F.loglog_at([(4.0, 20.0), (1.0, 10.0)], 16.0) == (pytest.approx(40.0), 4.0)  # beyond: the same line
+    assert F.loglog_at([(1.0, 10.0), (2.0, 20.0), (4.0, 20.0)], 1.5)[0] == pytest.approx(15.0)  # the bracket's
+    assert F.loglog_at([(1.0, 10.0), (2.0, 20.0), (4.0, 20.0)], 3.0)[0] == pytest.approx(20.0)
+    assert F.loglog_at([(1.0, 10.0), (2.0, 20.0)], 0.5) == (pytest.approx(5.0), 2.0)
+
+    def sweep(aux, cells):  # cells: (aw, seed, {c: (width, RLCT)}), c = 1 the network as trained
+        return {"config": {"aux": aux}, "runs": {
+            f"aw={aw:g},seed={seed}": {"aw": aw, "seed": seed, "width": est[1.0][0], "llc": est[1.0][1],
+                                       "llc_rescale": {f"c={c:g}": {"width": w, "llc": m}
+                                                       for c, (w, m) in est.items() if c != 1.0}}
+            for aw, seed, est in cells}}
+
+    # plain: RLCT = 10 w^0.5 (seed 0) and 12 w^0.5 (seed 1); AW 5: RLCT = 4 w (both seeds), heads 0.25 and 1
+    plain = sweep("self-model", [(0.0, 0, {1.0: (1.0, 10.0), 4.0: (0.25, 5.0)}),
+                                 (0.0, 1, {1.0: (1.0, 12.0), 4.0: (0.25, 6.0)}),
+                                 (0.0, 2, {1.0: (1.0, 12.0)})])  # seed 2: no rescaled estimate, left out
+    net = sweep("self-model", [(5.0, 0, {1.0: (0.25, 1.0), 0.25: (1.0, 4.0)}),
+                               (5.0, 1, {1.0: (1.0, 4.0), 4.0: (0.25, 1.0)}),
+                               (5.0, 2, {1.0: (0.25, 1.0), 0.25: (1.0, 4.0)})])
+    (m,) = F.seedwise_pairs([plain, net])
+    assert m["network"] == "aux self-model, AW 5" and m["seeds"] == [0, 1]
+    # at the plain head (w 1): 4 / 10 and 4 / 12; at the network's own (0.25 and 1): 1 / 5 and 4 / 12
+    assert m["at_plain"]["mean"] == pytest.approx((0.4 + 1 / 3) / 2)
+    assert m["at_own"]["mean"] == pytest.approx((0.2 + 1 / 3) / 2)
+    assert (m["below_plain"], m["below_own"], m["beyond"]) == (2, 2, 1.0)
+    assert F.seedwise_line(m).startswith("Seed by seed (each network's estimates joined in log-log): aux self-model, "
+                                         "AW 5 reads x0.367 ± ")
+    assert F.seedwise_pairs([net]) == [] and F.seedwise_pairs([sweep("self-model", [(0.0, 0, {1.0: (1.0, 10.0)})]),
+                                                               net]) == []  # nothing to read the other at
+
+
 def test_against_compares_the_cells_two_sweeps_of_one_setting_share(split_sweep, tmp_path):
     """--against: per AW, the cells (AW, seed) both sweeps measured, how many repeat the other to the stored digit
     in accuracy, width and RLCT, and the largest differences; kept in the JSON; other settings or no shared cell
@@ -644,8 +680,8 @@ def test_readme_units_and_against_lines_are_the_committed_json(start, line_of):
 
 
 def test_readme_matched_lines_are_the_committed_json():
-    """Each README `--rescaled` command's matched lines (every network against the plain one at one head width)
-    are in the README as it prints them from the committed JSON files, and the README has no other."""
+    """Each README `--rescaled` command's matched and seed-by-seed lines (every network against the plain one at
+    one head width) are in the README as it prints them from the committed JSON files, and the README has no other."""
     import re
     import shlex
     with open(os.path.join(ROOT, "README.md")) as fh:
@@ -655,9 +691,10 @@ def test_readme_matched_lines_are_the_committed_json():
         args = shlex.split(cmd)[4:]
         files = [a for a in args if a.endswith(".json")]
         tol = float(args[args.index("--match-tol") + 1]) if "--match-tol" in args else 0.02
-        printed += [F.matched_line(m)
-                    for m in F.matched_pairs([F.load_published(os.path.join(ROOT, f)) for f in files], tol)]
-    lines = [ln for ln in readme.splitlines() if ln.startswith("At class-row width")]
+        published = [F.load_published(os.path.join(ROOT, f)) for f in files]
+        printed += [F.matched_line(m) for m in F.matched_pairs(published, tol)]
+        printed += [F.seedwise_line(m) for m in F.seedwise_pairs(published)]
+    lines = [ln for ln in readme.splitlines() if ln.startswith(("At class-row width", "Seed by seed"))]
     assert printed and [ln for ln in printed if ln not in lines] == [] and [ln for ln in lines if ln not in printed] == []
 
 
