@@ -717,22 +717,32 @@ def rescaled_curves(summaries):
     return {label: sorted(by_c.values()) for label, by_c in out.items()}
 
 
-def matched_pairs(summaries, tol=0.02):
-    """Every network against the plain one (AW 0) at one head width: for each (loss, AW, c) whose mean class-row
-    width lies within tol (relative) of one of AW 0's (any c), the per-seed ratio of their RLCTs (mean, 95%
-    interval, seeds below 1) over the seeds both hold. Rescaling either side to the other's width removes the
-    part of a difference in RLCT that only reads the head's width (README, the rescaling sections)."""
-    plain = "AW 0"  # one network whatever --aux says (AW 0 trains without it)
-    est = {}  # network -> {c: {seed: (width, RLCT)}}
+PLAIN = "AW 0"  # one network whatever --aux says (AW 0 trains without it)
+
+
+def estimates(summaries):
+    """network -> c -> seed -> (class-row width, RLCT), over every sweep's cells and their rescalings (c = 1: the
+    network as trained). AW 0 is one network whatever --aux says; the same (c, seed) read otherwise in two files
+    is refused."""
+    est = {}
     for s in summaries:
         for cell in s["runs"].values():
             aw = float(cell["aw"])
-            label = plain if aw == 0 else f"aux {S.aux_of(s['config'])}, AW {S.fmt_aw(aw)}"
+            label = PLAIN if aw == 0 else f"aux {S.aux_of(s['config'])}, AW {S.fmt_aw(aw)}"
             points = [(1.0, cell)] + [(float(k[2:]), g) for k, g in cell.get("llc_rescale", {}).items()]
             for c, g in points:
                 seen = est.setdefault(label, {}).setdefault(c, {}).setdefault(cell["seed"], (g["width"], g["llc"]))
                 common.check(seen == (g["width"], g["llc"]),
                              f"--rescaled: {label} at c = {c:g}, seed {cell['seed']} differs between files")
+    return est
+
+
+def matched_pairs(summaries, tol=0.02):
+    """Every network against the plain one (AW 0) at one head width: for each (loss, AW, c) whose mean class-row
+    width lies within tol (relative) of one of AW 0's (any c), the per-seed ratio of their RLCTs (mean, 95%
+    interval, seeds below 1) over the seeds both hold. Rescaling either side to the other's width removes the
+    part of a difference in RLCT that only reads the head's width (README, the rescaling sections)."""
+    est, plain = estimates(summaries), PLAIN
     if plain not in est:
         return []
     width = {label: {c: sum(w for w, _ in v.values()) / len(v) for c, v in by_c.items()} for label, by_c in est.items()}
@@ -775,25 +785,22 @@ def seedwise_pairs(summaries):
     at another width. Here each seed's estimates of one network (c = 1 and its rescalings) are joined in log-log
     (`loglog_at`), and per seed the network's RLCT at the plain network's trained width (c = 1) is divided by the
     plain network's, and its own trained RLCT by the plain network's at its trained width."""
-    est, trained = {}, {}  # network -> seed -> {(width, RLCT): None} over every c; -> (width, RLCT) at c = 1
-    for s in summaries:
-        for cell in s["runs"].values():
-            aw = float(cell["aw"])
-            label = "AW 0" if aw == 0 else f"aux {S.aux_of(s['config'])}, AW {S.fmt_aw(aw)}"
-            trained.setdefault(label, {})[cell["seed"]] = (cell["width"], cell["llc"])
-            pts = est.setdefault(label, {}).setdefault(cell["seed"], {})
-            for g in [cell, *cell.get("llc_rescale", {}).values()]:
-                pts[(g["width"], g["llc"])] = None
-    plain, out = est.pop("AW 0", {}), []
-    for label, by_seed in est.items():
-        seeds = sorted(k for k in set(by_seed) & set(plain) if len(by_seed[k]) >= 2 and len(plain[k]) >= 2)
+    est = estimates(summaries)
+    plain, out = est.pop(PLAIN, {}), []
+
+    def seed_points(by_c, seed):
+        return [v[seed] for v in by_c.values() if seed in v]
+
+    for label, by_c in est.items():
+        seeds = sorted(k for k in by_c.get(1.0, {}) if k in plain.get(1.0, {})
+                       and len(seed_points(by_c, k)) >= 2 and len(seed_points(plain, k)) >= 2)
         if not seeds:
             continue
         at_plain, at_own, beyond = [], [], 1.0
         for k in seeds:
-            (w0, m0), (w, m) = trained["AW 0"][k], trained[label][k]
-            theirs, far = loglog_at(list(by_seed[k]), w0)  # this network read at the plain head
-            ours, far2 = loglog_at(list(plain[k]), w)  # the plain network read at this network's head
+            (w0, m0), (w, m) = plain[1.0][k], by_c[1.0][k]
+            theirs, far = loglog_at(seed_points(by_c, k), w0)  # this network read at the plain head
+            ours, far2 = loglog_at(seed_points(plain, k), w)  # the plain network read at this network's head
             at_plain.append(theirs / m0)
             at_own.append(m / ours)
             beyond = max(beyond, far, far2)
