@@ -1,5 +1,6 @@
 """Shared test fixtures: the real data root (skip when absent) and running a script as a user would."""
-import os, subprocess, sys
+import os, subprocess, sys, threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -76,6 +77,33 @@ def run_script(args, *, env=None, timeout=300, torchrun=0):
             p.wait()
         raise
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def side_by_side(*calls):
+    """Call each zero-argument function (a run_script each) in a thread, two at a time, and return their
+    results in order: independent runs of one test (a straight run and the one to be resumed) take the wall
+    time of one on CI's two cores, each script process having one thread."""
+    with ThreadPoolExecutor(2) as ex:
+        return [f.result() for f in [ex.submit(c) for c in calls]]
+
+
+@pytest.fixture(scope="session")
+def readme_smoke(data_dir, tmp_path_factory):
+    """`python SCRIPT.py --smoke` exactly as the README writes it (the data root from $DATA_DIR, as a user's),
+    run once a session per script for the tests that only read what it wrote: run(script) -> (the finished
+    process, its output folder). Safe to call from side_by_side's threads."""
+    root = tmp_path_factory.mktemp("readme_smoke")
+    done, locks, guard = {}, {}, threading.Lock()
+
+    def run(script):
+        with guard:
+            lock = locks.setdefault(script, threading.Lock())
+        with lock:
+            if script not in done:
+                out = root / script
+                done[script] = (run_script([f"{script}.py", "--smoke", "--out", out], env={"DATA_DIR": data_dir}), out)
+        return done[script]
+    return run
 
 
 PNG = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file

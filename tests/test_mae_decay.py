@@ -10,7 +10,7 @@ import torch
 
 import common
 import mae_decay as M
-from conftest import assert_clean_error, need, randomize, run_script, tiny_cifar10, tiny_cifar100
+from conftest import assert_clean_error, need, randomize, run_script, side_by_side, tiny_cifar10, tiny_cifar100
 
 TINY = dict(img_size=32, patch=8, dim=32, depth=4, heads=2, mlp_ratio=4.0, dec_dim=16, dec_depth=2, dec_heads=2,
             pos_embed="sincos", alpha_min=0.6, decay="linear", decay_where="both", skip=True, mask_ratio=0.75,
@@ -528,9 +528,9 @@ def test_cifar100_path(tmp_path):
 
 def test_resume_continues_bitwise(data_dir, tmp_path):
     base = ["mae_decay.py", "--smoke", "--data-dir", cifar(data_dir)]
-    full = run_script(base + ["--out", tmp_path / "full"])
+    full, part = side_by_side(lambda: run_script(base + ["--out", tmp_path / "full"]),  # and one stopped mid
+                              lambda: run_script(base + ["--out", tmp_path / "part", "--stop-at-step", 11]))  # epoch 2
     assert full.returncode == 0, full.stderr[-2000:]
-    part = run_script(base + ["--out", tmp_path / "part", "--stop-at-step", 11])  # mid epoch 2, after an eval
     assert part.returncode == 0 and "stopped at step 11" in part.stdout, part.stderr[-2000:]
     assert not (tmp_path / "part" / "results.json").exists()
     assert torch.load(tmp_path / "part" / "ckpt.pt", weights_only=False)["step"] == 11

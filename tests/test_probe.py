@@ -7,25 +7,31 @@ import torch.nn as nn
 
 import common
 import probe
-from conftest import assert_clean_error, need, run_script
+from conftest import assert_clean_error, need, run_script, side_by_side
 
-SMOKE = {  # script -> extra smoke flags; each writes OUT/ckpt.pt
+SMOKE = {  # script -> its smoke flags; each writes OUT/ckpt.pt (None: the README's `--smoke` run, shared)
     "mae_decay": ["--seed", "1"],  # seeds other than 0: probe.py must evaluate with the run's own seed
     "diffusion_decay": ["--seed", "2", "--knn-k", "7"],  # and a k of its own: probe.py must use it too
-    "sim_cifar": [],
-    "selfmodel": ["--task", "mnist"],
+    "sim_cifar": None,
+    "selfmodel": None,  # MNIST, its default task
 }
 
 
 @pytest.fixture(scope="module")
-def ckpts(data_dir, tmp_path_factory):
+def ckpts(data_dir, tmp_path_factory, readme_smoke):
     need(data_dir, "cifar10", "cifar-10-batches-py")
     need(data_dir, "mnist", "MNIST", "raw")
     root = tmp_path_factory.mktemp("probe_ckpts")
-    out = {}
-    for script, extra in SMOKE.items():
+
+    def smoke(script):
+        if SMOKE[script] is None:
+            return readme_smoke(script)
         d = root / script
-        p = run_script([f"{script}.py", "--smoke", "--out", d, "--data-dir", data_dir] + extra, timeout=300)
+        return run_script([f"{script}.py", "--smoke", "--out", d, "--data-dir", data_dir] + SMOKE[script],
+                          timeout=300), d
+    out = {}
+    order = sorted(SMOKE, key=lambda s: s != "sim_cifar")  # the longest beside the three others, one by one
+    for script, (p, d) in zip(order, side_by_side(*[lambda s=s: smoke(s) for s in order])):
         assert p.returncode == 0, f"{script} --smoke failed:\n{p.stderr[-3000:]}"
         ck = next(d.rglob("ckpt.pt"))
         out[script] = (ck, ck.parent / "results.json")

@@ -9,7 +9,7 @@ import diffusion_decay
 import mae_decay
 import selfmodel
 import sim_cifar
-from conftest import ROOT, need, run_script
+from conftest import ROOT, need, side_by_side
 
 PARSERS = {  # script -> f(argv, world_size): the parse the script itself does first
     "sim_cifar": lambda argv, world: sim_cifar.parse_args(argv),
@@ -44,17 +44,18 @@ def test_readme_command_parses(script, argv, world, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smoke_data(data_dir):
+def smoke_data(data_dir, readme_smoke):
     need(data_dir, "cifar10", "cifar-10-batches-py")
     need(data_dir, "mnist", "MNIST", "raw")
+    side_by_side(*[lambda s=s: readme_smoke(s) for s in sorted(PARSERS)])  # the four runs, two at a time
     return data_dir
 
 
 @pytest.mark.parametrize("script", sorted(PARSERS))
-def test_readme_smoke_command_runs(script, smoke_data, tmp_path):
+def test_readme_smoke_command_runs(script, smoke_data, readme_smoke):
     """`python SCRIPT.py --smoke` exactly as the README writes it; the data root comes from $DATA_DIR (as a
-    user's would), and only the output folder is moved out of the clone."""
-    argv = next(a for s, a, _ in readme_commands() if s == script and a == ["--smoke"])
-    p = run_script([f"{script}.py"] + argv + ["--out", tmp_path / "out"], env={"DATA_DIR": smoke_data})
+    user's would), and only the output folder is moved out of the clone (the run other tests read as well)."""
+    assert ["--smoke"] in [a for s, a, _ in readme_commands() if s == script]
+    p, _ = readme_smoke(script)
     assert p.returncode == 0, f"python {script}.py --smoke failed:\n{p.stderr[-3000:]}"
     assert re.search(r"(?i)\beta\b", p.stdout), f"{script}: no ETA in its log lines:\n{p.stdout[-2000:]}"

@@ -349,24 +349,26 @@ def test_figure_has_a_units_panel_when_every_aw_counted_them(split_sweep):
     plt.close(fig)
 
 
+def rescaled_sweep(aux, cells):
+    """A published --llc-rescale sweep, only the fields --rescaled reads. cells: (aw, seed, {c: (width, RLCT)}),
+    c = 1 the network as trained."""
+    return {"config": {"aux": aux}, "runs": {
+        f"aw={aw:g},seed={seed}": {"aw": aw, "seed": seed, "width": est[1.0][0], "llc": est[1.0][1],
+                                   "llc_rescale": {f"c={c:g}": {"width": w, "llc": m}
+                                                   for c, (w, m) in est.items() if c != 1.0}}
+        for aw, seed, est in cells}}
+
+
 def test_matched_pairs_compare_each_network_with_the_plain_one_at_its_head_width():
     """--rescaled's matched lines, by hand: a network's estimate at c against AW 0's at the c of the same mean
     class-row width (within 2%), as per-seed RLCT ratios over the seeds both hold; AW 0 is one network whatever
     --aux says, and the same (c, seed) read otherwise in two files is refused."""
-    def sweep(aux, cells):  # cells: (aw, seed, {c: (width, RLCT)}), c = 1 the network as trained
-        runs = {}
-        for aw, seed, est in cells:
-            runs[f"aw={aw:g},seed={seed}"] = {"aw": aw, "seed": seed, "width": est[1.0][0], "llc": est[1.0][1],
-                                               "llc_rescale": {f"c={c:g}": {"width": w, "llc": m}
-                                                               for c, (w, m) in est.items() if c != 1.0}}
-        return {"config": {"aux": aux}, "runs": runs}
-
-    plain = sweep("self-model", [(0.0, 0, {1.0: (0.2, 10.0), 0.5: (0.4, 20.0)}),
-                                 (0.0, 1, {1.0: (0.2, 12.0), 0.5: (0.4, 24.0)})])
-    penalty = sweep("act-l2", [(3.0, 0, {1.0: (0.4, 15.0), 2.0: (0.2, 5.0), 0.9: (0.4082, 1.0)}),
-                               (3.0, 1, {1.0: (0.4, 18.0), 2.0: (0.2, 12.0), 0.9: (0.4082, 1.0)}),
-                               (3.0, 2, {1.0: (0.4, 99.0), 2.0: (0.2, 99.0), 0.9: (0.4082, 1.0)})])  # no AW 0 seed 2
-    again = sweep("act-l2", [(0.0, 1, {1.0: (0.2, 12.0)})])  # AW 0 published with the penalty: the same network
+    plain = rescaled_sweep("self-model", [(0.0, 0, {1.0: (0.2, 10.0), 0.5: (0.4, 20.0)}),
+                                          (0.0, 1, {1.0: (0.2, 12.0), 0.5: (0.4, 24.0)})])
+    penalty = rescaled_sweep("act-l2", [(3.0, 0, {1.0: (0.4, 15.0), 2.0: (0.2, 5.0), 0.9: (0.4082, 1.0)}),
+                                        (3.0, 1, {1.0: (0.4, 18.0), 2.0: (0.2, 12.0), 0.9: (0.4082, 1.0)}),
+                                        (3.0, 2, {1.0: (0.4, 99.0), 2.0: (0.2, 99.0), 0.9: (0.4082, 1.0)})])  # no AW 0 s2
+    again = rescaled_sweep("act-l2", [(0.0, 1, {1.0: (0.2, 12.0)})])  # AW 0 published with the penalty: one network
     got = F.matched_pairs([plain, penalty, again])
     assert [(m["network"], m["c"], m["c_plain"], m["seeds"], m["below"]) for m in got] == [
         ("aux act-l2, AW 3", 1.0, 0.5, [0, 1], 2), ("aux act-l2, AW 3", 2.0, 1.0, [0, 1], 1)]  # 0.4082: 2.05% off
@@ -381,7 +383,7 @@ def test_matched_pairs_compare_each_network_with_the_plain_one_at_its_head_width
     assert wider[0]["llc_ratio"]["mean"] == pytest.approx((1 / 20 + 1 / 24) / 2) and wider[0]["below"] == 2
     assert F.matched_pairs([penalty]) == []  # no plain network to match
     with pytest.raises(common.UserError, match="AW 0 at c = 1, seed 1 differs between files"):
-        F.matched_pairs([plain, sweep("act-l2", [(0.0, 1, {1.0: (0.2, 12.5)})])])
+        F.matched_pairs([plain, rescaled_sweep("act-l2", [(0.0, 1, {1.0: (0.2, 12.5)})])])
 
 
 def test_seedwise_pairs_read_each_network_at_the_other_one_s_head_by_hand():
@@ -394,20 +396,13 @@ def test_seedwise_pairs_read_each_network_at_the_other_one_s_head_by_hand():
     assert F.loglog_at([(1.0, 10.0), (2.0, 20.0), (4.0, 20.0)], 3.0)[0] == pytest.approx(20.0)
     assert F.loglog_at([(1.0, 10.0), (2.0, 20.0)], 0.5) == (pytest.approx(5.0), 2.0)
 
-    def sweep(aux, cells):  # cells: (aw, seed, {c: (width, RLCT)}), c = 1 the network as trained
-        return {"config": {"aux": aux}, "runs": {
-            f"aw={aw:g},seed={seed}": {"aw": aw, "seed": seed, "width": est[1.0][0], "llc": est[1.0][1],
-                                       "llc_rescale": {f"c={c:g}": {"width": w, "llc": m}
-                                                       for c, (w, m) in est.items() if c != 1.0}}
-            for aw, seed, est in cells}}
-
     # plain: RLCT = 10 w^0.5 (seed 0) and 12 w^0.5 (seed 1); AW 5: RLCT = 4 w (both seeds), heads 0.25 and 1
-    plain = sweep("self-model", [(0.0, 0, {1.0: (1.0, 10.0), 4.0: (0.25, 5.0)}),
-                                 (0.0, 1, {1.0: (1.0, 12.0), 4.0: (0.25, 6.0)}),
-                                 (0.0, 2, {1.0: (1.0, 12.0)})])  # seed 2: no rescaled estimate, left out
-    net = sweep("self-model", [(5.0, 0, {1.0: (0.25, 1.0), 0.25: (1.0, 4.0)}),
-                               (5.0, 1, {1.0: (1.0, 4.0), 4.0: (0.25, 1.0)}),
-                               (5.0, 2, {1.0: (0.25, 1.0), 0.25: (1.0, 4.0)})])
+    plain = rescaled_sweep("self-model", [(0.0, 0, {1.0: (1.0, 10.0), 4.0: (0.25, 5.0)}),
+                                          (0.0, 1, {1.0: (1.0, 12.0), 4.0: (0.25, 6.0)}),
+                                          (0.0, 2, {1.0: (1.0, 12.0)})])  # seed 2: no rescaled estimate, left out
+    net = rescaled_sweep("self-model", [(5.0, 0, {1.0: (0.25, 1.0), 0.25: (1.0, 4.0)}),
+                                        (5.0, 1, {1.0: (1.0, 4.0), 4.0: (0.25, 1.0)}),
+                                        (5.0, 2, {1.0: (0.25, 1.0), 0.25: (1.0, 4.0)})])
     (m,) = F.seedwise_pairs([plain, net])
     assert m["network"] == "aux self-model, AW 5" and m["seeds"] == [0, 1]
     # at the plain head (w 1): 4 / 10 and 4 / 12; at the network's own (0.25 and 1): 1 / 5 and 4 / 12
@@ -416,8 +411,8 @@ def test_seedwise_pairs_read_each_network_at_the_other_one_s_head_by_hand():
     assert (m["below_plain"], m["below_own"], m["beyond"]) == (2, 2, 1.0)
     assert F.seedwise_line(m).startswith("Seed by seed (each network's estimates joined in log-log): aux self-model, "
                                          "AW 5 reads x0.367 ± ")
-    assert F.seedwise_pairs([net]) == [] and F.seedwise_pairs([sweep("self-model", [(0.0, 0, {1.0: (1.0, 10.0)})]),
-                                                               net]) == []  # nothing to read the other at
+    lone = rescaled_sweep("self-model", [(0.0, 0, {1.0: (1.0, 10.0)})])
+    assert F.seedwise_pairs([net]) == [] and F.seedwise_pairs([lone, net]) == []  # nothing to read the other at
 
 
 def test_against_compares_the_cells_two_sweeps_of_one_setting_share(split_sweep, tmp_path):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import common
 import selfmodel as S
-from conftest import assert_clean_error, need, run_script
+from conftest import assert_clean_error, need, run_script, side_by_side
 
 CPU = common.Dist(0, 0, 1, torch.device("cpu"), True)
 
@@ -616,9 +616,9 @@ def test_resume_is_bitwise_and_keeps_finished_cells(mnist, tmp_path):
     """Smoke sweep = 2 cells (AW 0, 1) x 96 steps. Stopped at sweep step 150 (mid-epoch of the second
     cell), then resumed: the same final weights and the same per-seed numbers as one straight run."""
     full, part = tmp_path / "full", tmp_path / "part"
-    p = run_script(SMOKE + ["--data-dir", mnist, "--out", full])
-    assert p.returncode == 0, p.stderr[-3000:]
-    p = run_script(SMOKE + ["--data-dir", mnist, "--out", part, "--stop-at-step", "150"])
+    p_full, p = side_by_side(lambda: run_script(SMOKE + ["--data-dir", mnist, "--out", full]),
+                             lambda: run_script(SMOKE + ["--data-dir", mnist, "--out", part, "--stop-at-step", "150"]))
+    assert p_full.returncode == 0, p_full.stderr[-3000:]
     assert p.returncode == 0 and "stopped at step 150" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
     ck = torch.load(part / "ckpt.pt", weights_only=False)
     assert ck["cell"] == [1.0, 0] and ck["step"] == 54 and list(ck["done"]) == ["aw=0,seed=0"]
