@@ -818,6 +818,18 @@ def seedwise_line(m):
             f"({m['below_own']} of {len(m['seeds'])}); widths read up to x{m['beyond']:.2f} beyond the estimates.")
 
 
+def plain_log_ticks(ax):
+    """Round numbers, written plainly, as the labels of both log axes (call once the data are drawn): inside one
+    decade matplotlib labels the minor ticks 1.6e-1 style, and they collide. A span under x5 gets evenly spaced
+    ticks, a wider one 1-2-5 steps; minor ticks stay unlabelled."""
+    import matplotlib.ticker as T
+    for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+        axis.set_major_locator(T.MaxNLocator(6, steps=[1, 2, 5, 10]) if hi / lo < 5 else
+                               T.LogLocator(subs=(1, 2, 5)))
+        axis.set_major_formatter(T.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(T.NullFormatter())
+
+
 def plot_rescaled(name, curves, out_png):
     """RLCT against the class-row width (both log), a line per network over its rescalings, c = 1 ringed."""
     import matplotlib
@@ -833,6 +845,7 @@ def plot_rescaled(name, curves, out_png):
             ax.annotate(f"{c:g}", (w, m), textcoords="offset points", xytext=(4, 4), fontsize=6.5, color=f"C{k}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    plain_log_ticks(ax)
     ax.set_xlabel("width: std of the class rows (log)")
     ax.set_ylabel("RLCT (SGLD, log)")
     ax.set_title("\n".join(textwrap.wrap(f"{name}: each network rescaled by c (written beside it; ringed: as "

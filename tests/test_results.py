@@ -1,6 +1,6 @@
 """results/: the self-modeling publisher merges split sweeps, recomputes the trace check, writes the JSON
 and (with matplotlib) the figures, and refuses runs that do not belong together."""
-import importlib.util, json, os, platform, shlex, sys
+import importlib.util, json, math, os, platform, re, shlex, sys
 
 import pytest
 import torch
@@ -347,6 +347,32 @@ def test_figure_has_a_units_panel_when_every_aw_counted_them(split_sweep):
     fig = F.figure(s)
     assert len(fig.axes) == 3
     plt.close(fig)
+
+
+def test_rescaled_figure_labels_its_log_axes_with_plain_round_numbers():
+    """A narrow span (class rows 0.154 to 0.19, RLCT 25 to 38) gets evenly spaced round ticks, a wide one (0.055 to
+    2.3, 14 to 170) 1-2-5 steps; every label a plain number (no 1.6e-01), the minor ticks unlabelled."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    for xs, ys, wide in (([0.154, 0.19], [25.0, 38.0], False), ([0.055, 2.3], [14.0, 170.0], True)):
+        fig, ax = plt.subplots()
+        try:
+            ax.plot(xs, ys)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            F.plain_log_ticks(ax)
+            fig.canvas.draw()
+            for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+                ticks = [t for t in axis.get_majorticklocs() if lo <= t <= hi]
+                steps = sorted({round(b - a, 12) for a, b in zip(ticks, ticks[1:])})
+                assert len(ticks) >= 3 and (len(steps) > 1) == wide, (ticks, steps)  # even steps when narrow
+                mantissa = [t / 10 ** math.floor(math.log10(t) + 1e-9) for t in ticks]  # round: 1, 2 or 5 when
+                assert all(round(m) in (1, 2, 5) and m == pytest.approx(round(m)) if wide  # wide, two digits when not
+                           else m * 10 == pytest.approx(round(m * 10)) for m in mantissa), ticks
+                labels = [t.get_text() for t in axis.get_ticklabels() if lo <= t.get_position()[axis is ax.yaxis] <= hi]
+                assert len(labels) == len(ticks) and all(re.fullmatch(r"\d+(\.\d+)?", t) for t in labels), labels
+                assert {t.get_text() for t in axis.get_ticklabels(minor=True)} <= {""}
+        finally:
+            plt.close(fig)
 
 
 def rescaled_sweep(aux, cells):
