@@ -742,22 +742,20 @@ def matched_pairs(summaries, tol=0.02):
     width lies within tol (relative) of one of AW 0's (any c), the per-seed ratio of their RLCTs (mean, 95%
     interval, seeds below 1) over the seeds both hold. Rescaling either side to the other's width removes the
     part of a difference in RLCT that only reads the head's width (README, the rescaling sections)."""
-    est, plain = estimates(summaries), PLAIN
-    if plain not in est:
+    est = estimates(summaries)
+    plain = est.pop(PLAIN, None)
+    if plain is None:
         return []
-    width = {label: {c: sum(w for w, _ in v.values()) / len(v) for c, v in by_c.items()} for label, by_c in est.items()}
     out = []
     for label, by_c in est.items():
-        if label == plain:
-            continue
         for c, cells in sorted(by_c.items()):
-            for c0, ref in sorted(est[plain].items()):
+            for c0, ref in sorted(plain.items()):
                 seeds = sorted(set(cells) & set(ref))
-                if seeds and abs(width[label][c] / width[plain][c0] - 1) <= tol:
+                w, w0 = (sum(w for w, _ in v.values()) / len(v) for v in (cells, ref))  # mean class-row widths
+                if seeds and abs(w / w0 - 1) <= tol:
                     ratios = [cells[k][1] / ref[k][1] for k in seeds]
-                    out.append({"network": label, "c": c, "width": width[label][c], "c_plain": c0,
-                                "width_plain": width[plain][c0], "seeds": seeds, "below": sum(r < 1 for r in ratios),
-                                "llc_ratio": common.mean_ci(ratios)})
+                    out.append({"network": label, "c": c, "width": w, "c_plain": c0, "width_plain": w0,
+                                "seeds": seeds, "below": sum(r < 1 for r in ratios), "llc_ratio": common.mean_ci(ratios)})
     return out
 
 

@@ -528,8 +528,9 @@ def test_cifar100_path(tmp_path):
 
 def test_resume_continues_bitwise(data_dir, tmp_path):
     base = ["mae_decay.py", "--smoke", "--data-dir", cifar(data_dir)]
-    full, part = side_by_side(lambda: run_script(base + ["--out", tmp_path / "full"]),  # and one stopped mid
-                              lambda: run_script(base + ["--out", tmp_path / "part", "--stop-at-step", 11]))  # epoch 2
+    # the straight run beside one stopped mid epoch 2, after an eval
+    full, part = side_by_side(lambda: run_script(base + ["--out", tmp_path / "full"]),
+                              lambda: run_script(base + ["--out", tmp_path / "part", "--stop-at-step", 11]))
     assert full.returncode == 0, full.stderr[-2000:]
     assert part.returncode == 0 and "stopped at step 11" in part.stdout, part.stderr[-2000:]
     assert not (tmp_path / "part" / "results.json").exists()
