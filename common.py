@@ -463,7 +463,8 @@ def load_imdb(data_dir, vocab_size=20000, download=False):
     Reads `imdb/aclImdb/` or extracts an archive beside it (`aclImdb_v1.tar.gz` as downloaded, or
     `aclImdb.tar.xz`) into the user cache (cache_dir()/imdb/<key>/); data folders are read-only to this
     code, writable or not (only a download, when allowed and needed, adds the archive there).
-    Vocabulary: id 0 = padding, 1 = unknown, then the most frequent training words.
+    Vocabulary: id 0 = padding, 1 = unknown, then the most frequent training words. The tokenised reviews
+    are cached too (`_imdb_tokens`): a run after the first skips the ~10 s of reading and tokenising.
     """
     base = os.path.join(data_dir, "imdb")
     key = hashlib.sha1(os.path.realpath(base).encode()).hexdigest()[:10]  # one cache per data folder
@@ -492,23 +493,57 @@ def load_imdb(data_dir, vocab_size=20000, download=False):
                 raise
         shutil.rmtree(tmp, ignore_errors=True)
 
-    def read(split):
-        texts, labels = [], []
-        for label, sub in ((0, "neg"), (1, "pos")):
-            d = os.path.join(src, split, sub)
-            for f in sorted(os.listdir(d)):
-                with open(os.path.join(d, f), encoding="utf-8") as fh:
-                    texts.append(tokenize(fh.read()))
-                labels.append(label)
-        return texts, torch.tensor(labels, dtype=torch.int64)
+    full = _imdb_tokens(src)
+    vocab = full["vocab"][:max(vocab_size, 2)]  # most_common(n) is the first n of most_common(): ties too
+    ids = full["ids"].masked_fill(full["ids"] >= len(vocab), 1).split(full["lengths"].tolist())
+    n = len(full["train_y"])
+    return Imdb(list(ids[:n]), full["train_y"], list(ids[n:]), full["test_y"], vocab)
 
-    train_t, train_y = read("train")
-    test_t, test_y = read("test")
-    counts = Counter(w for t in train_t for w in t)
-    vocab = ["<pad>", "<unk>"] + [w for w, _ in counts.most_common(max(vocab_size - 2, 0))]
-    ids = {w: i for i, w in enumerate(vocab)}
-    enc = lambda ts: [torch.tensor([ids.get(w, 1) for w in t], dtype=torch.int64) for t in ts]
-    return Imdb(enc(train_t), train_y, enc(test_t), test_y, vocab)
+
+def _imdb_tokens(src):
+    """Every review of src (an aclImdb folder) as ids into the full training vocabulary, by frequency:
+    {vocab, ids (one flat int64 tensor, train then test), lengths, train_y, test_y}. Reading and tokenising
+    the 50,000 files takes ~10 s a run; the result is kept in the user cache, under a name that hashes the
+    tokenizer's rules and every file's name, size and modification time, so an edited review or tokenizer
+    builds it again. Written atomically; an unwritable or unreadable cache only costs the time."""
+    files = [(split, label, os.path.join(src, split, sub, f)) for split in ("train", "test")
+             for label, sub in ((0, "neg"), (1, "pos")) for f in sorted(os.listdir(os.path.join(src, split, sub)))]
+    stamp = hashlib.sha1(repr([(p.pattern, r) for p, r in _BASIC_ENGLISH]).encode() + tokenize.__code__.co_code)
+    for *_, f in files:
+        st = os.stat(f)
+        stamp.update(f"{os.path.relpath(f, src)} {st.st_size} {st.st_mtime_ns}\n".encode())
+    prefix = "tokens-" + hashlib.sha1(os.path.realpath(src).encode()).hexdigest()[:10]  # one file per folder
+    folder = os.path.join(cache_dir(), "imdb", "tokens")
+    path = os.path.join(folder, f"{prefix}-{stamp.hexdigest()[:16]}.pt")
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:  # not there yet, or unreadable: build it (again)
+        pass
+    texts = []
+    for *_, f in files:
+        with open(f, encoding="utf-8") as fh:
+            texts.append(tokenize(fh.read()))
+    n_train = sum(split == "train" for split, *_ in files)
+    counts = Counter(w for t in texts[:n_train] for w in t)
+    vocab = ["<pad>", "<unk>"] + [w for w, _ in counts.most_common()]
+    index = {w: i for i, w in enumerate(vocab)}
+    labels = torch.tensor([label for _, label, _ in files], dtype=torch.int64)
+    ids = np.fromiter((index.get(w, 1) for t in texts for w in t), np.int64, sum(map(len, texts)))
+    full = {"vocab": vocab, "ids": torch.from_numpy(ids),
+            "lengths": torch.tensor([len(t) for t in texts], dtype=torch.int64),
+            "train_y": labels[:n_train], "test_y": labels[n_train:]}
+    tmp = f"{path}.partial{os.getpid()}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        torch.save(full, tmp)
+        os.replace(tmp, path)
+        for f in os.listdir(folder):  # this folder's older tokens (reviews or tokenizer changed since)
+            if f.startswith(prefix) and f.endswith(".pt") and f != os.path.basename(path):
+                os.remove(os.path.join(folder, f))
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return full
 
 
 def imagenet100_datasets(root, class_file=None, img_size=224, crop_scale=(0.2, 1.0)):

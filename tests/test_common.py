@@ -152,8 +152,31 @@ def test_imdb_two_runs_unpacking_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(tarfile.TarFile, "extractall", extract_then_other_run_finishes)
     d = common.load_imdb(str(tmp_path / "data"), vocab_size=100)
     assert raced and len(d.train_x) == 6 and d.train_y.tolist() == [0, 0, 0, 1, 1, 1]
-    (cache,) = (tmp_path / "cache" / "decay-sim-selfmodel" / "imdb").iterdir()
-    assert sorted(p.name for p in cache.iterdir()) == ["aclImdb"]  # ours dropped, theirs kept
+    cache = [p for p in (tmp_path / "cache" / "decay-sim-selfmodel" / "imdb").iterdir() if p.name != "tokens"]
+    assert len(cache) == 1 and sorted(p.name for p in cache[0].iterdir()) == ["aclImdb"]  # ours dropped, theirs kept
+
+
+def test_imdb_token_cache_is_reused_and_rebuilt_when_a_review_changes(tmp_path, monkeypatch):
+    """The second load reads the cached tokens (it must not open a review), gives the same tensors, and any vocabulary
+    size cuts the cached full vocabulary as a fresh count would: by frequency, ties in order of first use
+    (worked by hand for _review_tree). An edited review builds the cache again, in place of the old file."""
+    _review_tree(tmp_path / "data" / "imdb")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = common.load_imdb(str(tmp_path / "data"), vocab_size=100)
+    assert first.vocab == ["<pad>", "<unk>", "a", "awful", "movie", ".", "truly", "!", "wonderful", "0", "1", "2"]
+    monkeypatch.setattr(common, "open", lambda *a, **k: pytest.fail("a review read again despite the cache"),
+                        raising=False)  # shadows the builtin inside common only
+    again = common.load_imdb(str(tmp_path / "data"), vocab_size=100)
+    assert again.vocab == first.vocab and torch.equal(again.train_y, first.train_y)
+    assert all(torch.equal(a, b) for a, b in zip(first.train_x + first.test_x, again.train_x + again.test_x))
+    small = common.load_imdb(str(tmp_path / "data"), vocab_size=6)
+    assert small.vocab == first.vocab[:6] and small.train_x[0].tolist() == [2, 3, 4, 5, 1, 3, 1, 1]
+    monkeypatch.delattr(common, "open")
+    (tmp_path / "data" / "imdb" / "aclImdb" / "test" / "pos" / "1_7.txt").write_text("A brand new review")
+    edited = common.load_imdb(str(tmp_path / "data"), vocab_size=100)
+    assert [edited.vocab[i] for i in edited.test_x[4]] == ["a", "<unk>", "<unk>", "<unk>"]
+    assert edited.vocab == first.vocab  # the vocabulary comes from the training reviews only
+    assert len(list((tmp_path / "cache").rglob("tokens-*.pt"))) == 1
 
 
 def test_imdb_missing_one_line(tmp_path):
