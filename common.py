@@ -532,17 +532,14 @@ def _imdb_tokens(src):
     full = {"vocab": vocab, "ids": torch.from_numpy(ids),
             "lengths": torch.tensor([len(t) for t in texts], dtype=torch.int64),
             "train_y": labels[:n_train], "test_y": labels[n_train:]}
-    tmp = f"{path}.partial{os.getpid()}"
     try:
         os.makedirs(folder, exist_ok=True)
-        torch.save(full, tmp)
-        os.replace(tmp, path)
+        save_checkpoint(path, full)
         for f in os.listdir(folder):  # this folder's older tokens (reviews or tokenizer changed since)
             if f.startswith(prefix) and f.endswith(".pt") and f != os.path.basename(path):
                 os.remove(os.path.join(folder, f))
     except OSError:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        pass
     return full
 
 
