@@ -754,7 +754,7 @@ def test_a_published_cell_reproduces_bit_for_bit(data_dir, tmp_path):
     seed 0 on AMD, 92.00%; AW 25, seed 7 on Intel, 30.66%, a run that half-learned), run alone
     from its own command (each cell draws from its own (AW, seed)), with the torch release, one thread and the
     AVX2 kernels it ran on (README, Determinism), equals the committed values to the JSON's 5 digits, its RLCT
-    trace included. About 40-55 s."""
+    trace included. About 35-55 s."""
     need(data_dir, "mnist", "MNIST", "raw", "t10k-images-idx3-ubyte.gz")
     vendor = common.cpuinfo("vendor_id")
     if platform.machine().lower() not in ("x86_64", "amd64") or vendor not in BITWISE_CELLS:
