@@ -694,11 +694,16 @@ def plot_rescale(summary, out_png):
                          f"over {seed_counts(summary['table']['rows'])} seeds", out_png, 3)
 
 
+PLAIN = "AW 0"  # one network whatever --aux says (AW 0 trains without it)
+PLAIN_LABEL = "plain network (AW 0)"
+
+
 def rescaled_curves(summaries):
     """Published --llc-rescale sweeps of one task and hidden width -> {'aux AUX, AW a': [[width, RLCT, 95% half
     width, c], ...] sorted by width}: every network's RLCT against its class-row width over the rescalings, so that
     networks of different losses compare at one head width. A (loss, AW) in two sweeps joins them (its c = 1 once);
-    they must hold the same seeds of it."""
+    they must hold the same seeds of it. AW 0 is one curve, the plain network, whatever --aux says (as in
+    `estimates`): a point two sweeps both hold must then agree."""
     common.check(bool(summaries), "--rescaled needs published results/selfmodel_*.json sweeps run with --llc-rescale")
     first = summaries[0]
     out, seeds = {}, {}
@@ -708,16 +713,15 @@ def rescaled_curves(summaries):
         curves = rescale_curves(s)
         common.check(bool(curves), f"--rescaled: {s['name']} ran without --llc-rescale (nothing to draw)")
         for aw, pts in curves.items():
-            label = f"aux {S.aux_of(s['config'])}, AW {aw}"
+            label = PLAIN_LABEL if float(aw) == 0 else f"aux {S.aux_of(s['config'])}, AW {aw}"
             mine = sorted(k for k, c in s["runs"].items() if S.fmt_aw(float(c["aw"])) == aw)
             common.check(seeds.setdefault(label, mine) == mine,
                          f"--rescaled: {label} holds other seeds in {s['name']} than in an earlier file")
             for c, width, llc, ci, _, _ in pts:
-                out.setdefault(label, {}).setdefault(c, [width, llc, ci, c])
+                seen = out.setdefault(label, {}).setdefault(c, [width, llc, ci, c])
+                common.check(seen == [width, llc, ci, c],
+                             f"--rescaled: {label} at c = {c:g} in {s['name']} differs from an earlier file's")
     return {label: sorted(by_c.values()) for label, by_c in out.items()}
-
-
-PLAIN = "AW 0"  # one network whatever --aux says (AW 0 trains without it)
 
 
 def estimates(summaries):

@@ -200,8 +200,9 @@ def test_rescaled_estimates_merge_into_their_own_table(split_sweep, tmp_path):
 
 def test_rescaled_draws_rlct_against_the_class_row_width_across_sweeps(split_sweep, tmp_path):
     """--rescaled: published --llc-rescale sweeps -> a line per (loss, AW) of RLCT against the class-row width over
-    c, sorted by width; a (loss, AW) in two sweeps joins them (c = 1 once); other seeds, another hidden width or a
-    sweep without rescalings are refused."""
+    c, sorted by width; a (loss, AW) in two sweeps joins them (c = 1 once), AW 0 whatever its --aux (one network:
+    the plain one), and a point two sweeps read differently is refused; so are other seeds, another hidden width
+    and a sweep without rescalings."""
     _, outs = split_sweep
 
     def rescaled(cs, llc_of, aux="self-model"):
@@ -216,16 +217,18 @@ def test_rescaled_draws_rlct_against_the_class_row_width_across_sweeps(split_swe
         return F.merge(d.name, [str(d)])
 
     wide, fine, penalty = rescaled([0.5, 2], lambda c: 10.0 * c), rescaled([0.9], lambda c: 7.0), \
-        rescaled([2], lambda c: 3.0, aux="act-l2")
+        rescaled([3], lambda c: 30.0, aux="act-l2")
     row = wide["table"]["rows"][0]
     curves = F.rescaled_curves([wide, fine, penalty])
-    assert list(curves) == ["aux self-model, AW 0", "aux act-l2, AW 0"]
-    sm = curves["aux self-model, AW 0"]
-    assert [p[3] for p in sm] == [2.0, 1.0, 0.9, 0.5]  # c = 1 (the network as trained) once, widths ascending
+    assert list(curves) == ["plain network (AW 0)"]  # the act-l2 sweep's AW 0 is the same network: one curve
+    sm = curves["plain network (AW 0)"]
+    assert [p[3] for p in sm] == [3.0, 2.0, 1.0, 0.9, 0.5]  # c = 1 (the network as trained) once, widths ascending
     assert [p[0] for p in sm] == sorted(p[0] for p in sm)
-    assert sm[1][:3] == [row["width_mean"], row["llc_mean"], row["llc_ci95"]] and sm[0][1] == pytest.approx(20.5)
-    assert sm[2][0] == pytest.approx(row["width_mean"] / 0.9, rel=1e-4) and sm[2][1] == pytest.approx(7.5)
-    assert [p[3] for p in curves["aux act-l2, AW 0"]] == [2.0, 1.0]
+    assert sm[2][:3] == [row["width_mean"], row["llc_mean"], row["llc_ci95"]] and sm[1][1] == pytest.approx(20.5)
+    assert sm[3][0] == pytest.approx(row["width_mean"] / 0.9, rel=1e-4) and sm[3][1] == pytest.approx(7.5)
+    assert sm[0][1] == pytest.approx(30.5)
+    with pytest.raises(common.UserError, match="plain network \\(AW 0\\) at c = 2 in act-l2_2 differs"):
+        F.rescaled_curves([wide, rescaled([2], lambda c: 3.0, aux="act-l2")])  # c = 2 read twice, not alike
     files = []
     for s in (wide, fine):
         files.append(str(tmp_path / f"selfmodel_{s['name']}.json"))
