@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import common
-from conftest import ROOT, need, run_script
+from conftest import ROOT, need, run_script, side_by_side
 
 
 # ---------------------------------------------------------------------------------------------- real data
@@ -582,18 +582,19 @@ def test_gloo_ranks_leave_without_interpreter_teardown(tmp_path, fail, code):
     never runs). Without torchrun the same script ends the ordinary way."""
     script = tmp_path / "leave.py"
     script.write_text(LEAVE_SCRIPT)
-    p = run_script([script, tmp_path, fail], torchrun=2, timeout=180, env={"PYTHONUNBUFFERED": None})
+    single = tmp_path / "single"
+    single.mkdir()
+    env = {"PYTHONUNBUFFERED": None}
+    p, p1 = side_by_side(lambda: run_script([script, tmp_path, fail], torchrun=2, timeout=180, env=env),
+                         lambda: run_script([script, single, fail], env=env))
     assert p.returncode == (1 if code else 0), p.stderr[-3000:]  # torchrun: 1 when a rank failed
     assert (f"exitcode  : {code}" in p.stderr) == bool(code), p.stderr[-3000:]
     assert ("error: bad flag: fix it" in p.stderr) == (fail == "user")
     assert (p.stderr.count("Traceback (most recent call last)") >= 2) == (fail == "crash")  # both ranks'
     assert ("RuntimeError: an uncaught failure" in p.stderr) == (fail == "crash")
     assert "rank 0 done" in p.stdout and "rank 1 done" in p.stdout
-    assert sorted(os.listdir(tmp_path)) == ["atexit0", "atexit1", "leave.py"]
-    single = tmp_path / "single"
-    single.mkdir()
-    p = run_script([script, single, fail], env={"PYTHONUNBUFFERED": None})
-    assert p.returncode == code and "rank 0 done" in p.stdout
+    assert sorted(os.listdir(tmp_path)) == ["atexit0", "atexit1", "leave.py", "single"]
+    assert p1.returncode == code and "rank 0 done" in p1.stdout
     assert sorted(os.listdir(single)) == ["atexit0", "teardown0"]  # no gloo: the ordinary exit, __del__ runs
 
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import common
 import diffusion_decay as dd
-from conftest import assert_clean_error, need, randomize, run_script, save_fid_standin, tiny_cifar10, tiny_cifar100
+from conftest import (assert_clean_error, need, randomize, run_script, save_fid_standin, side_by_side, tiny_cifar10,
+                      tiny_cifar100)
 
 
 TINY = dict(patch=4, dim=32, depth=5, heads=2, mlp_ratio=2.0, dataset="cifar10", cond=False, alpha_min=0.7)
@@ -584,8 +585,10 @@ def test_corrupt_checkpoint_is_one_line_error(data_dir, tmp_path):
 
 
 def test_bad_flags_cli(data_dir, tmp_path):
-    assert_clean_error(run_script(["diffusion_decay.py", "--smoke", "--lr", "abc"]), "--lr")
-    assert_clean_error(run_script(["diffusion_decay.py", "--smoke", "--alpha-min", "1.5"]), "--alpha-min", "(0, 1]")
+    lr, alpha = side_by_side(lambda: run_script(["diffusion_decay.py", "--smoke", "--lr", "abc"]),
+                             lambda: run_script(["diffusion_decay.py", "--smoke", "--alpha-min", "1.5"]))
+    assert_clean_error(lr, "--lr")
+    assert_clean_error(alpha, "--alpha-min", "(0, 1]")
 
 
 BAD = [

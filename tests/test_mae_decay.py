@@ -557,8 +557,8 @@ def test_nan_loss_stops_with_step_and_checkpoint(data_dir, tmp_path):
 
 def test_torchrun_two_processes_match_one(data_dir, tmp_path):
     base = ["mae_decay.py", "--smoke", "--data-dir", cifar(data_dir), "--dump-grads", 3]
-    one = run_script(base + ["--out", tmp_path / "one", "--stop-at-step", 3])
-    two = run_script(base + ["--out", tmp_path / "two"], torchrun=2)
+    one, two = side_by_side(lambda: run_script(base + ["--out", tmp_path / "one", "--stop-at-step", 3]),
+                            lambda: run_script(base + ["--out", tmp_path / "two"], torchrun=2))
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (torch.load(tmp_path / d / "grads.pt", weights_only=False) for d in ("one", "two"))
@@ -633,9 +633,10 @@ def test_resume_with_other_flags_is_refused(learned_run, data_dir):
 
 def test_bad_flags_on_the_command_line(tmp_path):
     """As a user sees them: exit code 2, one line, no traceback (argparse's own errors included)."""
-    for argv, word in ((["--alpha-min", "0"], "--alpha-min"), (["--decay", "foo"], "--decay"),
-                       (["--img-size", "30", "--patch", "4"], "--img-size")):
-        p = run_script(["mae_decay.py", "--out", tmp_path / "o"] + argv)
+    cases = ((["--alpha-min", "0"], "--alpha-min"), (["--decay", "foo"], "--decay"),
+             (["--img-size", "30", "--patch", "4"], "--img-size"))
+    procs = side_by_side(*[lambda a=a: run_script(["mae_decay.py", "--out", tmp_path / "o"] + a) for a, _ in cases])
+    for (_, word), p in zip(cases, procs):
         assert p.returncode == 2
         assert_clean_error(p, word)
     assert not (tmp_path / "o").exists()

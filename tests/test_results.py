@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import common
-from conftest import need, run_script
+from conftest import need, run_script, side_by_side
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "results"))
@@ -23,12 +23,12 @@ def split_sweep(data_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweeps")
     base = ["selfmodel.py", "--smoke", "--device", "cpu", "--data-dir", data_dir, "--seeds", "2",
             "--train-subset", "1024", "--sgld-draws", "20"]
-    outs = []
-    for aw, extra in (("0", []), ("5", ["--llc-grid-eps", "1e-4,1e-3", "--llc-grid-gamma", "100"])):
-        out = tmp / f"aw{aw}"
-        p = run_script(base + ["--aw", aw, "--out", str(out)] + extra)
+    sweeps = (("0", []), ("5", ["--llc-grid-eps", "1e-4,1e-3", "--llc-grid-gamma", "100"]))
+    outs = [str(tmp / f"aw{aw}") for aw, _ in sweeps]
+    procs = side_by_side(*[lambda aw=aw, extra=extra, out=out: run_script(base + ["--aw", aw, "--out", out] + extra)
+                           for (aw, extra), out in zip(sweeps, outs)])
+    for p in procs:
         assert p.returncode == 0, p.stderr[-2000:]
-        outs.append(str(out))
     return tmp, outs
 
 

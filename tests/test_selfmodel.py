@@ -649,9 +649,9 @@ def test_torchrun_two_processes_match_one(mnist, tmp_path):
     from both ranks; only rank 0 writes files and logs."""
     flags = ["--data-dir", mnist, "--aw", "1", "--epochs", "1", "--log-every", "1"]
     one, two = tmp_path / "one", tmp_path / "two"
-    p1 = run_script(SMOKE + flags + ["--out", one])
+    p1, p2 = side_by_side(lambda: run_script(SMOKE + flags + ["--out", one]),
+                          lambda: run_script(SMOKE + flags + ["--out", two], torchrun=2))
     assert p1.returncode == 0, p1.stderr[-3000:]
-    p2 = run_script(SMOKE + flags + ["--out", two], torchrun=2)
     assert p2.returncode == 0, p2.stdout[-2000:] + p2.stderr[-3000:]
     assert files_under(two) == ["ckpt.pt", "log.txt", "results.json"]
     assert p2.stdout.count("aw 1 seed 0 | ep 0 | step 1/32 ") == 1  # one log, from rank 0

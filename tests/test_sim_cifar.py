@@ -1,7 +1,6 @@
 """sim_cifar.py: the SIM / rho-SIM objective by hand, its plumbing, and the script's behaviour as a user
 sees it (learning on real CIFAR-10, exact resume, torchrun, NaN stop, bad flags)."""
 import json, math, os, shutil, signal, statistics, textwrap, time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -716,24 +715,29 @@ def test_flag_validation(argv, words):
         assert w in str(e.value)
 
 
-def test_bad_invocations(cifar, tmp_path):
+def test_bad_invocations(cifar, tmp_path, capsys):
+    """Each mistake ends in one line naming it, no traceback. The two argparse refusals run as a user types
+    them (a process each, side by side); the rest through main() as the command line runs it (common.run_main),
+    in this process: the same code path without a torch import per case."""
     bad_ck = tmp_path / "corrupt" / "off_seed0"
     bad_ck.mkdir(parents=True)
     (bad_ck / "ckpt.pt").write_bytes(b"\x80\x02 truncated")
-    cases = [
-        (["--sim", "half"], ["--sim"]),
-        (["--epochs", "zero"], ["--epochs"]),
+    base = ["--smoke", "--data-dir", cifar, "--out", str(tmp_path / "o")]
+    typed = [(["--sim", "half"], ["--sim"]), (["--epochs", "zero"], ["--epochs"])]
+    for (argv, words), p in zip(typed, side_by_side(*[lambda a=a: run_script(["sim_cifar.py"] + base + a)
+                                                       for a, _ in typed])):
+        assert p.returncode == 2
+        assert_clean_error(p, *words)
+    for argv, words in [
         (["--rho", "2"], ["--rho"]),
         (["--width", "4", "--compile", "--device", "cpu"], ["--width 4", "--compile"]),
         (["--out", "/proc/no/such/dir"], ["--out"]),
         (["--data-dir", str(tmp_path / "nowhere"), "--no-download"], ["--data-dir"]),
         (["--resume", "--out", str(tmp_path / "empty")], ["no checkpoint", "--resume"]),
         (["--sim", "off", "--resume", "--out", str(tmp_path / "corrupt")], ["not a readable checkpoint"]),
-    ]
-
-    def one(case):
-        return run_script(["sim_cifar.py", "--smoke", "--data-dir", cifar, "--out", str(tmp_path / "o")] + case[0])
-    with ThreadPoolExecutor(4) as ex:
-        procs = list(ex.map(one, cases))
-    for (argv, words), p in zip(cases, procs):
-        assert_clean_error(p, *words)
+    ]:
+        with pytest.raises(SystemExit) as e:
+            common.run_main(lambda: S.main(base + argv))
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, (argv, err)
+        assert all(w in err for w in words), (argv, err)

@@ -15,7 +15,7 @@ import mae_decay as M
 import probe as P
 import selfmodel as SM
 import sim_cifar as S
-from conftest import ROOT, assert_clean_error, need, run_script
+from conftest import ROOT, assert_clean_error, need, run_script, side_by_side
 
 CPU = common.Dist(0, 0, 1, torch.device("cpu"), True)
 
@@ -464,12 +464,12 @@ def test_help_shows_every_default(name, parser):
 
 
 def test_help_shows_the_preset_defaults():
-    out = subprocess.run([sys.executable, "mae_decay.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
-    flat = " ".join(out.split())
+    mae, sim = side_by_side(lambda: run_script(["mae_decay.py", "--help"]), lambda: run_script(["sim_cifar.py", "--help"]))
+    assert mae.returncode == sim.returncode == 0
+    flat = " ".join(mae.stdout.split())
     assert "--dec-dim DEC_DIM (default: 256)" in flat  # cifar_quick's, not the parser's 512
     assert "(1 = plain residual; default 0.6; --decay linear only)" in flat
-    out = subprocess.run([sys.executable, "sim_cifar.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
-    flat = " ".join(out.split())
+    flat = " ".join(sim.stdout.split())
     assert "--seeds SEEDS number of seeds: seed, seed+1, ... (default: 1)" in flat
     assert "Nesterov momentum (default: 0.9)" in flat and "weight decay (default: 0.0005)" in flat
 
