@@ -79,6 +79,15 @@ def run_script(args, *, env=None, timeout=300, torchrun=0):
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
+def run_in_process(main, argv, capsys):
+    """A script's main(argv) as its command line runs it (common.run_main), in this process: (exit code, stderr
+    text). Skips a torch import per case where a test only needs the error a flag gets."""
+    import common
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda: main(argv))
+    return e.value.code, capsys.readouterr().err
+
+
 def side_by_side(*calls):
     """Call each zero-argument function (a run_script each) in a thread, two at a time, and return their
     results in order: independent runs of one test (a straight run and the one to be resumed) take the wall

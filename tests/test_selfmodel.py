@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import common
 import selfmodel as S
-from conftest import assert_clean_error, need, run_script, side_by_side
+from conftest import assert_clean_error, need, run_in_process, run_script, side_by_side
 
 CPU = common.Dist(0, 0, 1, torch.device("cpu"), True)
 
@@ -727,13 +727,6 @@ def test_each_seed_has_its_own_init_batches_and_rlct_draws(mnist, tmp_path, monk
     assert torch.equal(by_cell["aw=0,seed=4"][0], by_cell["aw=1,seed=4"][0])
 
 
-def run_in_process(argv, capsys):
-    """main() as the CLI runs it (common.run_main): the exit code and the stderr text."""
-    with pytest.raises(SystemExit) as e:
-        common.run_main(lambda: S.main(argv))
-    return e.value.code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("argv, words", [
     (["--task", "svhn"], ["--task", "mnist"]),
     (["--aw", ""], ["--aw", "empty"]),
@@ -773,7 +766,7 @@ def run_in_process(argv, capsys):
 ])
 def test_bad_invocations_give_one_line_errors(argv, words, mnist, tmp_path, capsys):
     base = ["--smoke", "--data-dir", mnist, "--no-download", "--out", str(tmp_path / "run")]
-    code, err = run_in_process(base + argv, capsys)
+    code, err = run_in_process(S.main, base + argv, capsys)
     lines = err.strip().splitlines()
     assert code == 2 and "Traceback" not in err and lines, err
     assert all(w in lines[-1] for w in words), lines[-1]
@@ -785,11 +778,11 @@ def test_bad_checkpoints_and_the_real_cli(mnist, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "ckpt.pt").write_bytes(b"not a checkpoint")
-    code, err = run_in_process(["--smoke", "--data-dir", mnist, "--out", str(out), "--resume"], capsys)
+    code, err = run_in_process(S.main, ["--smoke", "--data-dir", mnist, "--out", str(out), "--resume"], capsys)
     assert code == 2 and "not a readable checkpoint" in err and len(err.strip().splitlines()) == 1
     common.save_checkpoint(str(out / "ckpt.pt"), {"script": "selfmodel", "model": {},
                                                   "config": {**vars(S.get_args(["--smoke"])), "lr": 1.0}})
-    code, err = run_in_process(["--smoke", "--data-dir", mnist, "--out", str(out), "--resume"], capsys)
+    code, err = run_in_process(S.main, ["--smoke", "--data-dir", mnist, "--out", str(out), "--resume"], capsys)
     assert code == 2 and "other settings: --lr 0.005 (run: 1.0)" in err
     # a checkpoint from before --target and --aux self-modeled the task's default: it resumes as that, only as that
     old = {k: v for k, v in vars(S.get_args(["--task", "imdb", "--smoke"])).items() if k not in ("target", "aux")}

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import common
 import sim_cifar as S
-from conftest import ROOT, assert_clean_error, need, run_script, side_by_side
+from conftest import ROOT, assert_clean_error, need, run_in_process, run_script, side_by_side
 
 CPU = common.Dist(0, 0, 1, torch.device("cpu"), True)
 # a tiny real-data configuration: 256 training images, batch 64 -> 4 steps per epoch
@@ -736,8 +736,7 @@ def test_bad_invocations(cifar, tmp_path, capsys):
         (["--resume", "--out", str(tmp_path / "empty")], ["no checkpoint", "--resume"]),
         (["--sim", "off", "--resume", "--out", str(tmp_path / "corrupt")], ["not a readable checkpoint"]),
     ]:
-        with pytest.raises(SystemExit) as e:
-            common.run_main(lambda: S.main(base + argv))
-        err = capsys.readouterr().err.strip()
-        assert e.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, (argv, err)
+        code, err = run_in_process(S.main, base + argv, capsys)
+        err = err.strip()
+        assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, (argv, err)
         assert all(w in err for w in words), (argv, err)
