@@ -832,19 +832,51 @@ def plain_log_ticks(ax):
         axis.set_minor_formatter(T.NullFormatter())
 
 
+LABEL_SPOTS = ((4, 4), (4, -10), (-4, 4), (-4, -10), (4, -3), (-4, -3))  # points: right/left, above/below/level
+
+
+def label_offsets(anchors, texts, fontsize, keep_clear=5.5):
+    """Where to write short labels beside their points so that they cover neither each other nor a point.
+    anchors: the points' positions in typographic points (x right, y up); returns per label an xytext offset (in
+    points) from LABEL_SPOTS (a negative x: the label ends there, right-aligned) and a horizontal alignment. Greedy
+    in the order given: each label takes the first spot whose box overlaps no label placed so far nor another
+    point's marker (a square of half side keep_clear), else the spot where it overlaps least. A character is taken as 0.6 of the
+    font size wide."""
+    markers = [(x - keep_clear, y - keep_clear, x + keep_clear, y + keep_clear) for x, y in anchors]
+    placed, out = [], []
+
+    def overlap(a, b):
+        return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+    for i, ((x, y), text) in enumerate(zip(anchors, texts)):
+        w, best = 0.6 * fontsize * len(text), None
+        others = placed + markers[:i] + markers[i + 1:]  # a label sits beside its own point by design
+        for dx, dy in LABEL_SPOTS:
+            x0 = x + dx if dx >= 0 else x + dx - w
+            box = (x0, y + dy, x0 + w, y + dy + fontsize)
+            cost = sum(overlap(box, b) for b in others)
+            if best is None or cost < best[0]:
+                best = (cost, box, (dx, dy))
+            if cost == 0:
+                break
+        placed.append(best[1])
+        out.append((best[2], "left" if best[2][0] >= 0 else "right"))
+    return out
+
+
 def plot_rescaled(name, curves, out_png):
     """RLCT against the class-row width (both log), a line per network over its rescalings, c = 1 ringed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.6))
+    labels = []  # (width, RLCT, c, colour): written once the axes are final, so that they can keep clear
     for k, (label, pts) in enumerate(curves.items()):
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], fmt="o-", ms=4,
                     capsize=3, color=f"C{k}", label=label)
         trained = [p for p in pts if p[3] == 1.0]
         ax.plot([p[0] for p in trained], [p[1] for p in trained], "o", ms=11, mfc="none", color=f"C{k}")
-        for w, m, _, c in pts:
-            ax.annotate(f"{c:g}", (w, m), textcoords="offset points", xytext=(4, 4), fontsize=6.5, color=f"C{k}")
+        labels += [(w, m, c, f"C{k}") for w, m, _, c in pts]
     ax.set_xscale("log")
     ax.set_yscale("log")
     plain_log_ticks(ax)
@@ -855,6 +887,12 @@ def plot_rescaled(name, curves, out_png):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7.5, frameon=False, loc="upper left")
     fig.tight_layout()
+    # networks rescaled to nearly one width stand close: their c labels must not write over each other
+    to_pt = 72.0 / fig.dpi
+    anchors = [tuple(v * to_pt for v in ax.transData.transform((w, m))) for w, m, _, _ in labels]
+    spots = label_offsets(anchors, [f"{c:g}" for _, _, c, _ in labels], fontsize=6.5)
+    for (w, m, c, colour), (xy, ha) in zip(labels, spots):
+        ax.annotate(f"{c:g}", (w, m), textcoords="offset points", xytext=xy, fontsize=6.5, color=colour, ha=ha)
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png

@@ -815,3 +815,34 @@ def test_published_commands_still_mean_the_published_settings(name, command):
     differ = {k: (config[k], args.get(k)) for k in config
               if k not in ignore and rounded(args.get(k)) != rounded(config[k])}
     assert not differ, f"{name}: {command}\n(published, parsed today): {differ}"
+
+
+def test_rescaled_figure_writes_close_labels_apart():
+    """Two networks rescaled to nearly one width (the penalty's AW 10 at c = 1 and 1.047, 8 points apart): their
+    labels cover neither each other nor the other point, where the default spot (up, right) would; a point alone
+    keeps the default; and where every spot is taken the label still gets one, the least covered."""
+    fs = 6.5
+
+    def box(anchor, spot, text):
+        (dx, dy), ha = spot
+        w = 0.6 * fs * len(text)
+        x0 = anchor[0] + dx - (w if ha == "right" else 0)
+        return x0, anchor[1] + dy, x0 + w, anchor[1] + dy + fs
+
+    def apart(a, b):
+        return min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1])
+
+    pts, texts = [(100.0, 100.0), (106.0, 103.0), (300.0, 50.0)], ["1.047", "1", "0.88"]
+    default = [box(p, ((4, 4), "left"), t) for p, t in zip(pts, texts)]
+    assert not apart(default[0], default[1])  # the case: at the default spots the two labels collide
+    spots = F.label_offsets(pts, texts, fs)
+    boxes = [box(p, s, t) for p, s, t in zip(pts, spots, texts)]
+    marker = [(x - 5.5, y - 5.5, x + 5.5, y + 5.5) for x, y in pts]
+    assert apart(boxes[0], boxes[1]) and apart(boxes[0], marker[1]) and apart(boxes[1], marker[0])
+    assert spots[2] == ((4, 4), "left")
+    # a right-hand spot ends the label at the offset: the alignment follows the sign of x
+    assert all((ha == "right") == (dx < 0) for (dx, _), ha in spots)
+    # labels of one spot with no markers to keep clear of: each free spot taken once, then still one per label
+    n = len(F.LABEL_SPOTS)
+    crowd = F.label_offsets([(0.0, 0.0)] * (n + 2), ["10"] * (n + 2), fs, keep_clear=0.0)
+    assert len(crowd) == n + 2 and {s for s, _ in crowd[:n]} == set(F.LABEL_SPOTS)
