@@ -698,6 +698,14 @@ PLAIN = "AW 0"  # one network whatever --aux says (AW 0 trains without it)
 PLAIN_LABEL = "plain network (AW 0)"
 
 
+def network_label(cfg, aw):
+    """A trained network (AW > 0) as the rescaling readings name it: its loss and AW, and the layer its auxiliary
+    loss acts on where that is not the task's default (IMDB's embedding), so two targets never join as one."""
+    target = cfg.get("target")  # published sweeps spell it out (S.spelled_out)
+    of = "" if not target or target == S.TASKS[cfg["task"]]["target"] else f" of {target}"
+    return f"aux {S.aux_of(cfg)}{of}, AW {S.fmt_aw(float(aw))}"
+
+
 def rescaled_curves(summaries):
     """Published --llc-rescale sweeps of one task and hidden width -> {'aux AUX, AW a': [[width, RLCT, 95% half
     width, c], ...] sorted by width}: every network's RLCT against its class-row width over the rescalings, so that
@@ -713,7 +721,7 @@ def rescaled_curves(summaries):
         curves = rescale_curves(s)
         common.check(bool(curves), f"--rescaled: {s['name']} ran without --llc-rescale (nothing to draw)")
         for aw, pts in curves.items():
-            label = PLAIN_LABEL if float(aw) == 0 else f"aux {S.aux_of(s['config'])}, AW {aw}"
+            label = PLAIN_LABEL if float(aw) == 0 else network_label(s["config"], aw)
             mine = sorted(k for k, c in s["runs"].items() if S.fmt_aw(float(c["aw"])) == aw)
             common.check(seeds.setdefault(label, mine) == mine,
                          f"--rescaled: {label} holds other seeds in {s['name']} than in an earlier file")
@@ -732,7 +740,7 @@ def estimates(summaries):
     for s in summaries:
         for cell in s["runs"].values():
             aw = float(cell["aw"])
-            label = PLAIN if aw == 0 else f"aux {S.aux_of(s['config'])}, AW {S.fmt_aw(aw)}"
+            label = PLAIN if aw == 0 else network_label(s["config"], aw)
             points = [(1.0, cell)] + [(float(k[2:]), g) for k, g in cell.get("llc_rescale", {}).items()]
             for c, g in points:
                 seen = est.setdefault(label, {}).setdefault(c, {}).setdefault(cell["seed"], (g["width"], g["llc"]))

@@ -415,6 +415,26 @@ def test_matched_pairs_compare_each_network_with_the_plain_one_at_its_head_width
         F.matched_pairs([plain, rescaled_sweep("act-l2", [(0.0, 1, {1.0: (0.2, 12.5)})])])
 
 
+def test_rescaled_readings_keep_two_targets_of_one_loss_and_aw_apart():
+    """IMDB's self-model of the hidden layer and of the embedding, both at AW 100: two networks, named by their
+    target where it is not the task's default, each read against the one plain network (AW 0 never differs)."""
+    def on(target, sweep):
+        sweep["config"].update(task="imdb", target=target)
+        return sweep
+
+    plain = on("hidden", rescaled_sweep("self-model", [(0.0, 0, {1.0: (2.0, 14.0), 2.75: (0.73, 7.5)})]))
+    hidden = on("hidden", rescaled_sweep("self-model", [(100.0, 0, {1.0: (1.6, 11.0), 0.8: (2.0, 13.0)})]))
+    emb = on("embedding", rescaled_sweep("self-model", [(100.0, 0, {1.0: (0.8, 5.0), 0.4: (2.0, 10.0)})]))
+    got = {m["network"]: m for m in F.seedwise_pairs([plain, hidden, emb])}
+    assert sorted(got) == ["aux self-model of embedding, AW 100", "aux self-model, AW 100"]
+    assert got["aux self-model, AW 100"]["at_plain"]["mean"] == pytest.approx(13.0 / 14.0)  # its c = 0.8 is at w 2
+    assert got["aux self-model of embedding, AW 100"]["at_plain"]["mean"] == pytest.approx(10.0 / 14.0)
+    # the figure's lines are named the same way (rescaled_curves): the penalty too, and a config of old without --target
+    assert F.network_label({"task": "imdb", "target": "embedding", "aux": "act-l2"}, "10") == "aux act-l2 of embedding, AW 10"
+    assert F.network_label({"task": "mnist", "target": "hidden"}, 0.1) == "aux self-model, AW 0.1"
+    assert F.network_label({"aux": "act-l2"}, 3.0) == "aux act-l2, AW 3"
+
+
 def test_seedwise_pairs_read_each_network_at_the_other_one_s_head_by_hand():
     """--rescaled's seed-by-seed lines: each seed's estimates of one network joined straight in log-log (a power
     law between two, piecewise between more, the end pair's line beyond), read at the other network's trained
