@@ -843,28 +843,35 @@ def plain_log_ticks(ax):
 LABEL_SPOTS = ((4, 4), (4, -10), (-4, 4), (-4, -10), (4, -3), (-4, -3))  # points: right/left, above/below/level
 
 
+def label_box(anchor, offset, text, fontsize):
+    """The box (x0, y0, x1, y1), in typographic points, that `text` covers written at `offset` from `anchor` (a
+    negative x offset: right-aligned, ending there); a character taken as 0.6 of the font size wide."""
+    (x, y), (dx, dy) = anchor, offset
+    w = 0.6 * fontsize * len(text)
+    x0 = x + dx - (w if dx < 0 else 0.0)
+    return x0, y + dy, x0 + w, y + dy + fontsize
+
+
 def label_offsets(anchors, texts, fontsize, keep_clear=5.5):
     """Where to write short labels beside their points so that they cover neither each other nor a point.
     anchors: the points' positions in typographic points (x right, y up); returns per label an xytext offset (in
-    points) from LABEL_SPOTS (a negative x: the label ends there, right-aligned) and a horizontal alignment. Greedy
-    in the order given: each label takes the first spot whose box overlaps no label placed so far nor another
-    point's marker (a square of half side keep_clear), else the spot where it overlaps least. A character is taken as 0.6 of the
-    font size wide."""
+    points) from LABEL_SPOTS and a horizontal alignment (right for a negative x). Greedy in the order given: each
+    label takes the first spot whose box (`label_box`) overlaps no label placed so far nor another point's marker
+    (a square of half side keep_clear), else the spot where it overlaps least."""
     markers = [(x - keep_clear, y - keep_clear, x + keep_clear, y + keep_clear) for x, y in anchors]
     placed, out = [], []
 
     def overlap(a, b):
         return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
 
-    for i, ((x, y), text) in enumerate(zip(anchors, texts)):
-        w, best = 0.6 * fontsize * len(text), None
+    for i, (anchor, text) in enumerate(zip(anchors, texts)):
+        best = None
         others = placed + markers[:i] + markers[i + 1:]  # a label sits beside its own point by design
-        for dx, dy in LABEL_SPOTS:
-            x0 = x + dx if dx >= 0 else x + dx - w
-            box = (x0, y + dy, x0 + w, y + dy + fontsize)
+        for spot in LABEL_SPOTS:
+            box = label_box(anchor, spot, text, fontsize)
             cost = sum(overlap(box, b) for b in others)
             if best is None or cost < best[0]:
-                best = (cost, box, (dx, dy))
+                best = (cost, box, spot)
             if cost == 0:
                 break
         placed.append(best[1])
@@ -878,13 +885,13 @@ def plot_rescaled(name, curves, out_png):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.6))
-    labels = []  # (width, RLCT, c, colour): written once the axes are final, so that they can keep clear
+    labels = []  # (width, RLCT, c as text, colour): written once the axes are final, so that they can keep clear
     for k, (label, pts) in enumerate(curves.items()):
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], fmt="o-", ms=4,
                     capsize=3, color=f"C{k}", label=label)
         trained = [p for p in pts if p[3] == 1.0]
         ax.plot([p[0] for p in trained], [p[1] for p in trained], "o", ms=11, mfc="none", color=f"C{k}")
-        labels += [(w, m, c, f"C{k}") for w, m, _, c in pts]
+        labels += [(w, m, f"{c:g}", f"C{k}") for w, m, _, c in pts]
     ax.set_xscale("log")
     ax.set_yscale("log")
     plain_log_ticks(ax)
@@ -898,9 +905,9 @@ def plot_rescaled(name, curves, out_png):
     # networks rescaled to nearly one width stand close: their c labels must not write over each other
     to_pt = 72.0 / fig.dpi
     anchors = [tuple(v * to_pt for v in ax.transData.transform((w, m))) for w, m, _, _ in labels]
-    spots = label_offsets(anchors, [f"{c:g}" for _, _, c, _ in labels], fontsize=6.5)
-    for (w, m, c, colour), (xy, ha) in zip(labels, spots):
-        ax.annotate(f"{c:g}", (w, m), textcoords="offset points", xytext=xy, fontsize=6.5, color=colour, ha=ha)
+    spots = label_offsets(anchors, [text for _, _, text, _ in labels], fontsize=6.5)
+    for (w, m, text, colour), (xy, ha) in zip(labels, spots):
+        ax.annotate(text, (w, m), textcoords="offset points", xytext=xy, fontsize=6.5, color=colour, ha=ha)
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png

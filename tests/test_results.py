@@ -842,12 +842,11 @@ def test_rescaled_figure_writes_close_labels_apart():
     labels cover neither each other nor the other point, where the default spot (up, right) would; a point alone
     keeps the default; and where every spot is taken the label still gets one, the least covered."""
     fs = 6.5
+    assert F.label_box((10.0, 20.0), (4, 4), "1.0", fs) == pytest.approx((14.0, 24.0, 14.0 + 3 * 3.9, 30.5))
+    assert F.label_box((10.0, 20.0), (-4, -10), "1.0", fs) == pytest.approx((6.0 - 3 * 3.9, 10.0, 6.0, 16.5))
 
     def box(anchor, spot, text):
-        (dx, dy), ha = spot
-        w = 0.6 * fs * len(text)
-        x0 = anchor[0] + dx - (w if ha == "right" else 0)
-        return x0, anchor[1] + dy, x0 + w, anchor[1] + dy + fs
+        return F.label_box(anchor, spot[0], text, fs)
 
     def apart(a, b):
         return min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1])
