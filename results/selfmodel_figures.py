@@ -9,6 +9,7 @@ README rows, the trend lines and each AW's gain over AW 0 paired by seed.
   python results/selfmodel_figures.py imdb_quick_embedding out/... --beside results/selfmodel_imdb_quick.json
   python results/selfmodel_figures.py mnist_h64_intel out/... --against results/selfmodel_mnist_h64.json
   python results/selfmodel_figures.py --rescaled mnist_h64_rlct_width results/selfmodel_mnist_h64_rescale.json ...
+  python results/selfmodel_figures.py --rescaled NAME results/...json ... --read results/selfmodel_imdb_paper_embedding_aws.json
 
 Figures: NAME.png, three panels against AW (test accuracy, width of the final layer's class rows, RLCT), and a
 fourth where the runs counted the hidden units feeding the class rows (the share dead, the share on per example),
@@ -24,7 +25,9 @@ largest AW.
 NAME.png, every network's RLCT against its class-row width over its rescalings, a line per (loss, AW).
 It also prints, per seed, each network's RLCT as a ratio of the plain network's (AW 0) where the two have class rows
 as wide (mean widths within 2%, or --match-tol): a comparison at one head width; and, where both have rescaled
-estimates, the same at each seed's own two head widths, each network's estimates joined in log-log.
+estimates, the same at each seed's own two head widths, each network's estimates joined in log-log. With
+`--read PUBLISHED.json` (a sweep of the same task and width, no rescaling needed) it reads every trained network
+of that sweep against each rescaled one at its own head width, seed by seed, and draws them beside the lines.
 `--widths NAME JSON...` takes published sweeps that differ only in the hidden width and draws the same three
 quantities against the width, one line per AW (the paper's Fig. 2 B-D), as NAME.png with its markdown table
 (and the dead units, as a share of the width, where every sweep counted them).
@@ -828,6 +831,46 @@ def seedwise_line(m):
             f"({m['below_own']} of {len(m['seeds'])}); widths read up to x{m['beyond']:.2f} beyond the estimates.")
 
 
+def read_pairs(summaries, read):
+    """The trained cells of another published sweep `read` (one task and hidden width with the --rescaled sweeps;
+    no rescaling needed) against each network the --rescaled sweeps rescaled, at the cell's own head width: per
+    seed, the cell's RLCT over the network's, that seed's estimates joined in log-log (`loglog_at`) and read at the
+    cell's class-row width. Does a network of another AW differ from the reference by more than the width of its
+    head? -> per reference network (seeds with two or more estimates), a row per AW of `read` (not the reference's
+    own network): ratios per seed, their mean and 95% interval, how many below 1, how far beyond the estimates."""
+    task, hidden = (summaries[0]["config"].get(k) for k in ("task", "hidden"))
+    common.check((read["config"].get("task"), read["config"].get("hidden")) == (task, hidden),
+                 f"--read: {read['name']} is not a {task} sweep at hidden {hidden}, as the --rescaled files are")
+    out = []
+    for ref, by_c in estimates(summaries).items():
+        per_seed = {k: [v[k] for v in by_c.values() if k in v] for k in by_c.get(1.0, {})}
+        per_seed = {k: pts for k, pts in per_seed.items() if len(pts) >= 2}
+        rows = []
+        for aw in sorted({float(c["aw"]) for c in read["runs"].values()}):
+            label = PLAIN if aw == 0 else network_label(read["config"], aw)
+            cells = sorted((c for c in read["runs"].values() if float(c["aw"]) == aw and c["seed"] in per_seed
+                            and c.get("llc") is not None), key=lambda c: c["seed"])
+            if label == ref or not cells:
+                continue
+            readings = [loglog_at(per_seed[c["seed"]], c["width"]) for c in cells]
+            ratios = [c["llc"] / at for c, (at, _) in zip(cells, readings)]
+            rows.append({"aw": aw, "seeds": [c["seed"] for c in cells], "ratios": ratios,
+                         "ratio": common.mean_ci(ratios), "below": sum(r < 1 for r in ratios),
+                         "beyond": max(far for _, far in readings)})
+        if rows:
+            out.append({"reference": PLAIN_LABEL if ref == PLAIN else ref, "read": read["name"], "rows": rows})
+    return out
+
+
+def read_line(m):
+    """One README line of `read_pairs`: a reference network against every AW of the read sweep."""
+    rows = "; ".join(f"AW {S.fmt_aw(r['aw'])} x{pm_stats(r['ratio'])} (x{min(r['ratios']):.2f}-{max(r['ratios']):.2f}, "
+                     f"{r['below']} of {len(r['seeds'])} below 1)" for r in m["rows"])
+    return (f"Read at its own head width against {m['reference']} (its estimates of each seed joined in log-log), "
+            f"{m['read']}'s RLCT is: {rows}; widths read up to x{max(r['beyond'] for r in m['rows']):.2f} beyond "
+            f"the estimates.")
+
+
 def plain_log_ticks(ax):
     """Round numbers, written plainly, as the labels of both log axes (call once the data are drawn): inside one
     decade matplotlib labels the minor ticks 1.6e-1 style, and they collide. A span under x5 gets evenly spaced
@@ -879,8 +922,21 @@ def label_offsets(anchors, texts, fontsize, keep_clear=5.5):
     return out
 
 
-def plot_rescaled(name, curves, out_png):
-    """RLCT against the class-row width (both log), a line per network over its rescalings, c = 1 ringed."""
+def read_cells(read, curves):
+    """The trained cells of a --read sweep to draw beside the rescaled lines: {network: [(width, RLCT) per seed]}
+    for every AW whose network is not already a line."""
+    out = {}
+    for c in sorted(read["runs"].values(), key=lambda c: (float(c["aw"]), c["seed"])):
+        aw = float(c["aw"])
+        label = PLAIN_LABEL if aw == 0 else network_label(read["config"], aw)
+        if label not in curves and c.get("llc") is not None:
+            out.setdefault(label, []).append((c["width"], c["llc"]))
+    return out
+
+
+def plot_rescaled(name, curves, out_png, cells=None):
+    """RLCT against the class-row width (both log), a line per network over its rescalings, c = 1 ringed; with
+    `cells` (`read_cells`), other networks as trained, a small diamond per seed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -892,6 +948,9 @@ def plot_rescaled(name, curves, out_png):
         trained = [p for p in pts if p[3] == 1.0]
         ax.plot([p[0] for p in trained], [p[1] for p in trained], "o", ms=11, mfc="none", color=f"C{k}")
         labels += [(w, m, f"{c:g}", f"C{k}") for w, m, _, c in pts]
+    for k, (label, pts) in enumerate((cells or {}).items(), start=len(curves)):
+        ax.plot([w for w, _ in pts], [m for _, m in pts], "D", ms=4.5, color=f"C{k}",
+                label=f"{label}, as trained (a seed each)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     plain_log_ticks(ax)
@@ -900,7 +959,9 @@ def plot_rescaled(name, curves, out_png):
     ax.set_title("\n".join(textwrap.wrap(f"{name}: each network rescaled by c (written beside it; ringed: as "
                                           "trained), mean and 95% interval over seeds", 80)), fontsize=8.5)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7.5, frameon=False, loc="upper left")
+    handles, names = ax.get_legend_handles_labels()
+    first = [names.index(label) for label in curves] + [i for i, n in enumerate(names) if n not in curves]
+    ax.legend([handles[i] for i in first], [names[i] for i in first], fontsize=7.5, frameon=False, loc="upper left")
     fig.tight_layout()
     # networks rescaled to nearly one width stand close: their c labels must not write over each other
     to_pt = 72.0 / fig.dpi
@@ -955,6 +1016,9 @@ def main(argv=None):
                    help="with --rescaled: how far apart (relative) two networks' mean class-row widths may be to be "
                         "compared as one head width (a sweep over some of the seeds whose c came from all of them "
                         "may miss 2%%; the printed line names both widths)")
+    p.add_argument("--read", default=None,
+                   help="with --rescaled: a published results/selfmodel_*.json (no rescaling needed) whose trained "
+                        "networks are read against each rescaled network at their own head width, and drawn")
     p.add_argument("--beside", default=None, help="a published results/selfmodel_*.json of the same task with another "
                    "setting (e.g. --target) to draw beside this sweep; kept in its JSON")
     p.add_argument("--against", default=None, help="a published results/selfmodel_*.json of the same settings (made "
@@ -968,6 +1032,7 @@ def main(argv=None):
         sweeps = by_width(args.runs)
         print(widths_markdown(sweeps))
         return draw_one(plot_widths, args.name, sweeps, os.path.join(args.out_dir, f"selfmodel_{args.name}.png"))
+    common.check(args.rescaled or not args.read, "--read goes with --rescaled (see --help)")
     if args.rescaled:
         common.check(args.name and args.runs, "--rescaled needs a NAME and one or more results JSON files")
         common.check(0 < args.match_tol < 1, f"--match-tol {args.match_tol:g}: give a relative gap in (0, 1), e.g. 0.03")
@@ -979,7 +1044,11 @@ def main(argv=None):
             print(matched_line(m))
         for m in seedwise_pairs(published):
             print(seedwise_line(m))
-        return draw_one(plot_rescaled, args.name, curves, os.path.join(args.out_dir, f"selfmodel_{args.name}.png"))
+        read = load_published(args.read, "--read") if args.read else None
+        for m in read_pairs(published, read) if read else []:
+            print(read_line(m))
+        return draw_one(plot_rescaled, args.name, curves, os.path.join(args.out_dir, f"selfmodel_{args.name}.png"),
+                        read_cells(read, curves) if read else None)
     if args.redraw:
         summary = load_published(args.redraw, "--redraw")
     else:

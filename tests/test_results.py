@@ -464,6 +464,51 @@ def test_seedwise_pairs_read_each_network_at_the_other_one_s_head_by_hand():
     assert F.seedwise_pairs([net]) == [] and F.seedwise_pairs([lone, net]) == []  # nothing to read the other at
 
 
+def test_read_pairs_read_other_networks_against_each_rescaled_one_at_their_own_head_by_hand(tmp_path):
+    """--rescaled --read: the trained cells of a sweep without rescalings, each read against each rescaled
+    network's estimates of its seed joined in log-log at the cell's own head width; a cell of the reference's own
+    network, or of a seed the reference holds fewer than two estimates of, is left out; other task or hidden
+    width refused; the cells drawn beside the lines (not those already a line)."""
+    def imdb(sweep, name="s"):
+        sweep.update(name=name, task="imdb")
+        sweep["config"].update(task="imdb", hidden=128)
+        return sweep
+
+    # plain: RLCT = 10 w^0.5 (seed 0), 12 w^0.5 (seed 1); AW 100: RLCT = 4 w (seed 0), 5 w (seed 1)
+    plain = imdb(rescaled_sweep("self-model", [(0.0, 0, {1.0: (1.0, 10.0), 4.0: (0.25, 5.0)}),
+                                               (0.0, 1, {1.0: (1.0, 12.0), 4.0: (0.25, 6.0)})]))
+    ref = imdb(rescaled_sweep("self-model", [(100.0, 0, {1.0: (0.5, 2.0), 0.25: (2.0, 8.0)}),
+                                             (100.0, 1, {1.0: (0.5, 2.5)})]))  # seed 1: one estimate only
+    read = imdb(rescaled_sweep("self-model", [(50.0, 0, {1.0: (0.25, 1.5)}), (50.0, 1, {1.0: (1.0, 6.0)}),
+                                              (100.0, 0, {1.0: (0.5, 99.0)}), (0.0, 0, {1.0: (1.0, 11.0)})]), "aws")
+    got = {m["reference"]: m for m in F.read_pairs([plain, ref], read)}
+    assert sorted(got) == ["aux self-model, AW 100", "plain network (AW 0)"]
+    vs_plain = {r["aw"]: r for r in got["plain network (AW 0)"]["rows"]}
+    assert sorted(vs_plain) == [50.0, 100.0]  # AW 0 is the plain network itself
+    # AW 50 seed 0 at w 0.25: 1.5 / 5; seed 1 at w 1: 6 / 12; AW 100 seed 0 at w 0.5: 99 / (10 * 0.5 ** 0.5)
+    assert vs_plain[50.0]["ratios"] == pytest.approx([0.3, 0.5]) and vs_plain[50.0]["below"] == 2
+    assert vs_plain[50.0]["ratio"]["mean"] == pytest.approx(0.4)
+    assert vs_plain[100.0]["ratios"] == pytest.approx([99 / (10 * 0.5 ** 0.5)]) and vs_plain[100.0]["below"] == 0
+    vs_ref = {r["aw"]: r for r in got["aux self-model, AW 100"]["rows"]}
+    assert sorted(vs_ref) == [0.0, 50.0]  # AW 100 is the reference itself; only seed 0 has two estimates
+    # at w 0.25 the line 4 w reads 1 (half the narrowest estimate's width: x2 beyond); at w 1 it reads 4
+    assert (vs_ref[50.0]["seeds"], vs_ref[50.0]["ratios"], vs_ref[50.0]["beyond"]) == ([0], [1.5], 2.0)
+    assert vs_ref[0.0]["ratios"] == pytest.approx([11.0 / 4.0])
+    line = F.read_line(got["plain network (AW 0)"])
+    assert line == ("Read at its own head width against plain network (AW 0) (its estimates of each seed joined in "
+                    "log-log), aws's RLCT is: AW 50 x0.40 ± 1.27 (x0.30-0.50, 2 of 2 below 1); AW 100 x14.00 "
+                    "(x14.00-14.00, 0 of 1 below 1); widths read up to x1.00 beyond the estimates.")
+    curves = {"plain network (AW 0)": [], "aux self-model, AW 100": []}  # rescaled_curves' lines, by their names
+    assert F.read_cells(read, curves) == {"aux self-model, AW 50": [(0.25, 1.5), (1.0, 6.0)]}
+    other = rescaled_sweep("self-model", [(50.0, 0, {1.0: (0.25, 1.5)})])
+    other.update(name="mnist")
+    other["config"].update(task="mnist", hidden=64)
+    with pytest.raises(common.UserError, match="--read: mnist is not a imdb sweep at hidden 128"):
+        F.read_pairs([plain, ref], other)
+    with pytest.raises(common.UserError, match="--read goes with --rescaled"):
+        F.main(["x", "y", "--read", "z.json", "--out-dir", str(tmp_path)])
+
+
 def test_against_compares_the_cells_two_sweeps_of_one_setting_share(split_sweep, tmp_path):
     """--against: per AW, the cells (AW, seed) both sweeps measured, how many repeat the other to the stored digit
     in accuracy, width and RLCT, and the largest differences; kept in the JSON; other settings or no shared cell
@@ -725,7 +770,8 @@ def test_readme_units_and_against_lines_are_the_committed_json(start, line_of):
 
 def test_readme_matched_lines_are_the_committed_json():
     """Each README `--rescaled` command's matched and seed-by-seed lines (every network against the plain one at
-    one head width) are in the README as it prints them from the committed JSON files, and the README has no other."""
+    one head width), and its --read lines, are in the README as it prints them from the committed JSON files, and
+    the README has no other."""
     import re
     import shlex
     with open(os.path.join(ROOT, "README.md")) as fh:
@@ -733,12 +779,15 @@ def test_readme_matched_lines_are_the_committed_json():
     printed = []
     for cmd in re.findall(r"^python results/selfmodel_figures.py --rescaled .*$", readme, flags=re.M):
         args = shlex.split(cmd)[4:]
-        files = [a for a in args if a.endswith(".json")]
+        read = args[args.index("--read") + 1] if "--read" in args else None
+        files = [a for a in args if a.endswith(".json") and a != read]
         tol = float(args[args.index("--match-tol") + 1]) if "--match-tol" in args else 0.02
         published = [F.load_published(os.path.join(ROOT, f)) for f in files]
         printed += [F.matched_line(m) for m in F.matched_pairs(published, tol)]
         printed += [F.seedwise_line(m) for m in F.seedwise_pairs(published)]
-    lines = [ln for ln in readme.splitlines() if ln.startswith(("At class-row width", "Seed by seed"))]
+        if read:
+            printed += [F.read_line(m) for m in F.read_pairs(published, F.load_published(os.path.join(ROOT, read)))]
+    lines = [ln for ln in readme.splitlines() if ln.startswith(("At class-row width", "Seed by seed", "Read at its own"))]
     assert printed and [ln for ln in printed if ln not in lines] == [] and [ln for ln in lines if ln not in printed] == []
 
 
