@@ -1027,12 +1027,12 @@ def main(argv=None):
     p.add_argument("--out-dir", default=HERE, help="where the JSON and figures go")
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
+    common.check(args.rescaled or not args.read, "--read goes with --rescaled (see --help)")
     if args.widths:
         common.check(args.name and len(args.runs) >= 2, "--widths needs a NAME and two or more results JSON files")
         sweeps = by_width(args.runs)
         print(widths_markdown(sweeps))
         return draw_one(plot_widths, args.name, sweeps, os.path.join(args.out_dir, f"selfmodel_{args.name}.png"))
-    common.check(args.rescaled or not args.read, "--read goes with --rescaled (see --help)")
     if args.rescaled:
         common.check(args.name and args.runs, "--rescaled needs a NAME and one or more results JSON files")
         common.check(0 < args.match_tol < 1, f"--match-tol {args.match_tol:g}: give a relative gap in (0, 1), e.g. 0.03")
