@@ -709,6 +709,12 @@ def network_label(cfg, aw):
     return f"aux {S.aux_of(cfg)}{of}, AW {S.fmt_aw(float(aw))}"
 
 
+def network_of(cfg, aw, plain=PLAIN):
+    """The network a cell of a sweep with config `cfg` trained: `plain` for AW 0 (one network whatever --aux and
+    --target say), else `network_label`. The readings key on PLAIN; lines and figure keys write PLAIN_LABEL."""
+    return plain if float(aw) == 0 else network_label(cfg, aw)
+
+
 def rescaled_curves(summaries):
     """Published --llc-rescale sweeps of one task and hidden width -> {'aux AUX, AW a': [[width, RLCT, 95% half
     width, c], ...] sorted by width}: every network's RLCT against its class-row width over the rescalings, so that
@@ -724,7 +730,7 @@ def rescaled_curves(summaries):
         curves = rescale_curves(s)
         common.check(bool(curves), f"--rescaled: {s['name']} ran without --llc-rescale (nothing to draw)")
         for aw, pts in curves.items():
-            label = PLAIN_LABEL if float(aw) == 0 else network_label(s["config"], aw)
+            label = network_of(s["config"], aw, PLAIN_LABEL)
             mine = sorted(k for k, c in s["runs"].items() if S.fmt_aw(float(c["aw"])) == aw)
             common.check(seeds.setdefault(label, mine) == mine,
                          f"--rescaled: {label} holds other seeds in {s['name']} than in an earlier file")
@@ -743,7 +749,7 @@ def estimates(summaries):
     for s in summaries:
         for cell in s["runs"].values():
             aw = float(cell["aw"])
-            label = PLAIN if aw == 0 else network_label(s["config"], aw)
+            label = network_of(s["config"], aw)
             points = [(1.0, cell)] + [(float(k[2:]), g) for k, g in cell.get("llc_rescale", {}).items()]
             for c, g in points:
                 seen = est.setdefault(label, {}).setdefault(c, {}).setdefault(cell["seed"], (g["width"], g["llc"]))
@@ -847,7 +853,7 @@ def read_pairs(summaries, read):
         per_seed = {k: pts for k, pts in per_seed.items() if len(pts) >= 2}
         rows = []
         for aw in sorted({float(c["aw"]) for c in read["runs"].values()}):
-            label = PLAIN if aw == 0 else network_label(read["config"], aw)
+            label = network_of(read["config"], aw)
             cells = sorted((c for c in read["runs"].values() if float(c["aw"]) == aw and c["seed"] in per_seed
                             and c.get("llc") is not None), key=lambda c: c["seed"])
             if label == ref or not cells:
@@ -927,8 +933,7 @@ def read_cells(read, curves):
     for every AW whose network is not already a line."""
     out = {}
     for c in sorted(read["runs"].values(), key=lambda c: (float(c["aw"]), c["seed"])):
-        aw = float(c["aw"])
-        label = PLAIN_LABEL if aw == 0 else network_label(read["config"], aw)
+        label = network_of(read["config"], c["aw"], PLAIN_LABEL)
         if label not in curves and c.get("llc") is not None:
             out.setdefault(label, []).append((c["width"], c["llc"]))
     return out
