@@ -59,3 +59,36 @@ def test_readme_smoke_command_runs(script, smoke_data, readme_smoke):
     p, _ = readme_smoke(script)
     assert p.returncode == 0, f"python {script}.py --smoke failed:\n{p.stderr[-3000:]}"
     assert re.search(r"(?i)\beta\b", p.stdout), f"{script}: no ETA in its log lines:\n{p.stdout[-2000:]}"
+
+
+def github_anchor(heading):
+    """The anchor GitHub gives a heading: lower case, punctuation dropped (letters, digits, '_', '-' and spaces
+    kept), each space a hyphen."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_github_anchor_by_hand():
+    assert github_anchor("rho-SIM: FLOPs of a step (its 16.5% claim)") == "rho-sim-flops-of-a-step-its-165-claim"
+    assert github_anchor("A (arXiv 2509.18165, its 94.65 -> 94.94)") == "a-arxiv-250918165-its-9465---9494"
+    assert github_anchor("IMDB's hidden-layer units ") == "imdbs-hidden-layer-units"
+
+
+def test_readme_links_reach_their_sections_and_the_results_index_lists_every_one():
+    """Every in-page link of the README lands on a heading (a renamed heading breaks its link), headings are
+    unique (GitHub would number a repeat), and the index under the Results table names every results section."""
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        text = fh.read()
+    lines, fenced = [], False
+    for l in text.splitlines():  # a '# comment' inside a code block is no heading
+        fenced ^= l.startswith("```")
+        lines.append("" if fenced else l)
+    heads = [github_anchor(l.lstrip("#")) for l in lines if re.match(r"#{1,6} ", l)]
+    assert len(heads) == len(set(heads)), "two README headings share an anchor"
+    links = re.findall(r"\]\(#([^)\s]+)\)", text)
+    assert links, "the README has no in-page links: the Results index is gone"
+    assert sorted(set(links) - set(heads)) == [], "README links to headings that do not exist"
+    start = lines.index("## Results")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    sections = [github_anchor(l[4:]) for l in lines[start:end] if l.startswith("### ")]
+    assert len(sections) > 10
+    assert [s for s in sections if s not in links] == [], "results sections missing from the index under the table"
