@@ -8,6 +8,7 @@ README rows, the trend lines and each AW's gain over AW 0 paired by seed.
   python results/selfmodel_figures.py --widths mnist_widths results/selfmodel_mnist_h{64,128,256,512}.json
   python results/selfmodel_figures.py imdb_quick_embedding out/... --beside results/selfmodel_imdb_quick.json
   python results/selfmodel_figures.py mnist_h64_intel out/... --against results/selfmodel_mnist_h64.json
+  python results/selfmodel_figures.py --steps imdb_emb_steps results/selfmodel_imdb_paper_embedding_{aws,lr05}.json
   python results/selfmodel_figures.py --rescaled mnist_h64_rlct_width results/selfmodel_mnist_h64_rescale.json ...
   python results/selfmodel_figures.py --rescaled NAME results/...json ... --read results/selfmodel_imdb_paper_embedding_aws.json
 
@@ -31,6 +32,9 @@ of that sweep against each rescaled one at its own head width, seed by seed, and
 `--widths NAME JSON...` takes published sweeps that differ only in the hidden width and draws the same three
 quantities against the width, one line per AW (the paper's Fig. 2 B-D), as NAME.png with its markdown table
 (and the dead units, as a share of the width, where every sweep counted them).
+`--steps NAME JSON...` takes SGD sweeps that differ only in the learning rate and draws NAME.png, each
+network's width and RLCT as ratios of the plain network trained at its own learning rate, against lr x AW (the
+step SGD takes on the self-model's term per unit of its gradient), with one README line.
 `--against PUBLISHED.json` compares the cells (AW, seed) this sweep shares with a sweep of the same settings made
 elsewhere (another CPU maker, say, or with extra estimates: --llc-rescale, --llc-grid-*): per AW, how many repeat
 it and the largest differences; one README line.
@@ -489,9 +493,9 @@ def load_published(f, flag=""):
     return s
 
 
-def by_width(files):
-    """Published sweeps of one task at several hidden widths -> {width: summary}; they must agree in every
-    setting but the width, the AWs and the seeds."""
+def by_setting(files, key, what):
+    """Published sweeps of one task that differ in config[key] alone (and their AWs and seeds) -> {value:
+    summary}, sorted by value; `what` names the setting in the one-line refusals."""
     out = []
     for f in files:
         s = load_published(f)
@@ -500,11 +504,16 @@ def by_width(files):
     first, ref = out[0]
     for f, s in out:
         diff = sorted(k for k in set(ref["config"]) | set(s["config"])
-                      if k != "hidden" and s["config"].get(k) != ref["config"].get(k))
-        common.check(not diff, f"{f} differs from {first} in {', '.join(diff)}: only the hidden width may differ")
-    widths = [s["config"]["hidden"] for _, s in out]
-    common.check(len(set(widths)) == len(widths), f"two files have the same hidden width: {sorted(widths)}")
-    return {s["config"]["hidden"]: s for _, s in sorted(out, key=lambda fs: fs[1]["config"]["hidden"])}
+                      if k != key and s["config"].get(k) != ref["config"].get(k))
+        common.check(not diff, f"{f} differs from {first} in {', '.join(diff)}: only the {what} may differ")
+    values = [s["config"][key] for _, s in out]
+    common.check(len(set(values)) == len(values), f"two files have the same {what}: {sorted(values)}")
+    return {s["config"][key]: s for _, s in sorted(out, key=lambda fs: fs[1]["config"][key])}
+
+
+def by_width(files):
+    """Published sweeps of one task at several hidden widths -> {width: summary}."""
+    return by_setting(files, "hidden", "hidden width")
 
 
 def width_rows(sweeps):
@@ -562,9 +571,75 @@ def widths_markdown(sweeps):
     return "\n".join(lines)
 
 
+def by_lr(files):
+    """Published sweeps that differ in the learning rate alone -> {lr: summary}; SGD only (its momentum shared),
+    whose step on the AW-weighted term is lr x AW times its gradient (over 1 - momentum, the same for all)."""
+    sweeps = by_setting(files, "lr", "learning rate")
+    opt = next(iter(sweeps.values()))["config"].get("optimizer")
+    common.check(opt == "sgd", f"--steps: these sweeps trained with {opt}, whose step is not lr x AW times the "
+                               "gradient; pass SGD sweeps (IMDB or MNIST)")
+    return sweeps
+
+
+def step_points(sweeps):
+    """[{lr, aw, step = lr x AW, seeds, width, llc}] for every AW > 0 of each sweep: its width and RLCT per
+    seed as ratios of the same sweep's AW 0 on that seed (the plain network at that learning rate)."""
+    return [{"lr": lr, "aw": aw, "step": lr * aw, "seeds": [c["seed"] for _, c in pairs],
+             **{k: [c[k] / b[k] for b, c in pairs] for k in ("width", "llc")}}
+            for lr, s in sweeps.items() for aw, pairs in seed_pairs(list(s["runs"].values())).items() if pairs]
+
+
+def steps_line(points):
+    """The README line of --steps: per point, lr x AW and the ratios' mean ± 95% interval over the seeds."""
+    parts = [f"lr {p['lr']:g} AW {S.fmt_aw(p['aw'])}: {p['step']:g}, RLCT x{pm_stats(common.mean_ci(p['llc']), 2)}, "
+             f"width x{pm_stats(common.mean_ci(p['width']), 2)} ({len(p['seeds'])} seed{'s' * (len(p['seeds']) > 1)})"
+             for p in sorted(points, key=lambda p: (p["step"], p["lr"]))]
+    return ("Against lr x AW (each network's RLCT and class-row width as ratios of the plain network's at its "
+            "own learning rate, paired by seed; mean ± 95% interval): " + "; ".join(parts) + ".")
+
+
+def plot_steps(name, sweeps, out_png):
+    """Width and RLCT ratios (to each sweep's AW 0) against lr x AW, a colour per learning rate: a dot per
+    seed, the mean and its 95% interval joined per learning rate."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    points = step_points(sweeps)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (k, label) in zip(axes, (("width", "class-row width / plain network's"), ("llc", "RLCT / plain network's"))):
+        for i, lr in enumerate(sweeps):
+            pts = [p for p in points if p["lr"] == lr]
+            stats = [common.mean_ci(p[k]) for p in pts]
+            ax.errorbar([p["step"] for p in pts], [m["mean"] for m in stats], yerr=[m["ci95"] or 0.0 for m in stats],
+                        fmt="o-", capsize=3, color=f"C{i}", label=f"lr {lr:g}: AW " + ", ".join(S.fmt_aw(p["aw"]) for p in pts))
+            for p in pts:
+                ax.plot([p["step"]] * len(p[k]), p[k], ".", color=f"C{i}", alpha=0.45, ms=5)
+        ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({p["step"] for p in points}), [f"{v:g}" for v in sorted({p["step"] for p in points})])
+        ax.minorticks_off()
+        ax.set_xlabel("lr x AW (the SGD step on the self-model's term, per unit of its gradient)")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"self-modeling, {name}: each network against the plain one trained at its learning rate "
+                 f"(dots: seeds; mean and 95% interval; {device_text(next(iter(sweeps.values())))})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
 def fmt_p(p):
     """A permutation p-value at its resolution: 10,000 permutations cannot tell below 1e-4."""
     return "p ≤ 1e-4" if p <= 1.5e-4 else f"p = {p:.2g}"
+
+
+def seed_pairs(cells, base_aw=0.0):
+    """{aw: [(base cell, cell) of each seed run at both aw and base_aw]} for every other AW of the cells."""
+    base = {c["seed"]: c for c in cells if float(c["aw"]) == base_aw}
+    return {aw: [(base[c["seed"]], c) for c in cells if float(c["aw"]) == aw and c["seed"] in base]
+            for aw in sorted({float(c["aw"]) for c in cells} - {base_aw})}
 
 
 def paired(summary, base_aw=0.0):
@@ -573,10 +648,8 @@ def paired(summary, base_aw=0.0):
     how many seeds it is above zero) and the width and RLCT as ratios to the base (mean and interval of the
     per-seed ratios). Collapsed runs are kept: this pairs what was measured. {} without base_aw runs."""
     cells = list(summary["runs"].values())
-    base = {c["seed"]: c for c in cells if float(c["aw"]) == base_aw}
     out = {}
-    for aw in sorted({float(c["aw"]) for c in cells} - {base_aw}):
-        pairs = [(base[c["seed"]], c) for c in cells if float(c["aw"]) == aw and c["seed"] in base]
+    for aw, pairs in seed_pairs(cells, base_aw).items():
         if not pairs:
             continue
         gain = [c["test_acc"] - b["test_acc"] for b, c in pairs]
@@ -1014,6 +1087,9 @@ def main(argv=None):
     p.add_argument("--widths", action="store_true",
                    help="NAME then published results/selfmodel_*.json sweeps at several hidden widths: one figure "
                         "against the width")
+    p.add_argument("--steps", action="store_true",
+                   help="NAME then published results/selfmodel_*.json sweeps that differ in --lr alone (SGD): "
+                        "width and RLCT as ratios of each sweep's AW 0, against lr x AW")
     p.add_argument("--rescaled", action="store_true",
                    help="NAME then published results/selfmodel_*.json sweeps run with --llc-rescale: one figure of "
                         "RLCT against the class-row width, a line per network over its rescalings")
@@ -1038,6 +1114,11 @@ def main(argv=None):
         sweeps = by_width(args.runs)
         print(widths_markdown(sweeps))
         return draw_one(plot_widths, args.name, sweeps, os.path.join(args.out_dir, f"selfmodel_{args.name}.png"))
+    if args.steps:
+        common.check(args.name and len(args.runs) >= 2, "--steps needs a NAME and two or more results JSON files")
+        sweeps = by_lr(args.runs)
+        print(steps_line(step_points(sweeps)))
+        return draw_one(plot_steps, args.name, sweeps, os.path.join(args.out_dir, f"selfmodel_{args.name}.png"))
     if args.rescaled:
         common.check(args.name and args.runs, "--rescaled needs a NAME and one or more results JSON files")
         common.check(0 < args.match_tol < 1, f"--match-tol {args.match_tol:g}: give a relative gap in (0, 1), e.g. 0.03")

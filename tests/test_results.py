@@ -640,6 +640,49 @@ def test_widths_figure_and_table(split_sweep, tmp_path):
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
 
 
+def test_steps_reads_each_network_against_the_plain_one_at_its_learning_rate_by_hand(split_sweep, tmp_path):
+    """--steps: per learning rate, each AW's width and RLCT as ratios of the same sweep's AW 0 on the same seed,
+    placed at lr x AW; a seed without its AW 0 is left out; sweeps differing in more than lr, or trained with
+    Adam, are refused in one line."""
+    _, outs = split_sweep
+    s = F.merge("h", [outs[0]])
+    def sweep(lr, cells, **cfg):
+        t = json.loads(json.dumps(s))
+        t["config"].update(lr=lr, **cfg)
+        t["runs"] = {f"aw={aw:g},seed={seed}": {"aw": aw, "seed": seed, "width": w, "llc": m} for aw, seed, w, m in cells}
+        f = str(tmp_path / f"lr{lr:g}{''.join(cfg)}.json")
+        common.write_json(f, t)
+        return f
+    fast = sweep(0.1, [(0.0, 0, 2.0, 10.0), (0.0, 1, 2.0, 12.0), (100.0, 0, 1.0, 5.0), (100.0, 1, 1.0, 6.0),
+                       (200.0, 0, 1.5, 7.0)])
+    slow = sweep(0.05, [(0.0, 0, 1.0, 10.0), (200.0, 0, 0.5, 3.5), (200.0, 3, 9.0, 99.0)])  # seed 3: no AW 0
+    sweeps = F.by_lr([fast, slow])
+    assert list(sweeps) == [0.05, 0.1]
+    pts = {(p["lr"], p["aw"]): p for p in F.step_points(sweeps)}
+    assert sorted(pts) == [(0.05, 200.0), (0.1, 100.0), (0.1, 200.0)]
+    assert pts[0.05, 200.0]["step"] == pytest.approx(10.0) and pts[0.05, 200.0]["seeds"] == [0]
+    assert pts[0.05, 200.0]["width"] == [0.5] and pts[0.05, 200.0]["llc"] == [0.35]
+    assert pts[0.1, 100.0]["width"] == [0.5, 0.5] and pts[0.1, 100.0]["llc"] == [0.5, 0.5]
+    assert pts[0.1, 200.0]["step"] == pytest.approx(20.0) and pts[0.1, 200.0]["llc"] == [0.7]
+    line = F.steps_line(F.step_points(sweeps))
+    # ordered by lr x AW: the two points at 10 (lr 0.05 first), then 20; n = 2 with no spread: ± 0.00
+    assert line.endswith(": lr 0.05 AW 200: 10, RLCT x0.35, width x0.50 (1 seed); lr 0.1 AW 100: 10, RLCT x0.50 "
+                         "± 0.00, width x0.50 ± 0.00 (2 seeds); lr 0.1 AW 200: 20, RLCT x0.70, width x0.75 (1 seed).")
+    with pytest.raises(common.UserError, match="differs .* in momentum"):
+        F.by_lr([fast, sweep(0.05, [(0.0, 0, 1.0, 10.0)], momentum=0.5)])
+    with pytest.raises(common.UserError, match="two files have the same learning rate"):
+        F.by_lr([fast, fast])
+    adam = [sweep(lr, [(0.0, 0, 1.0, 10.0)], optimizer="adam", q="") for lr in (1e-3, 1e-4)]
+    with pytest.raises(common.UserError, match="--steps: these sweeps trained with adam"):
+        F.by_lr(adam)
+    p = run_script([os.path.join("results", "selfmodel_figures.py"), "--steps", "x", fast, "--out-dir", str(tmp_path)])
+    assert p.returncode == 2 and "two or more" in p.stderr and "Traceback" not in p.stderr
+    if importlib.util.find_spec("matplotlib"):
+        F.main(["--steps", "st", fast, slow, "--out-dir", str(tmp_path)])
+        png = tmp_path / "selfmodel_st.png"
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
+
+
 def published_sweeps():
     return sorted(f for f in os.listdir(os.path.join(ROOT, "results"))
                   if f.startswith("selfmodel_") and f.endswith(".json"))
