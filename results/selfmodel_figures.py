@@ -610,10 +610,14 @@ def plot_steps(name, sweeps, out_png):
         for i, lr in enumerate(sweeps):
             pts = [p for p in points if p["lr"] == lr]
             stats = [common.mean_ci(p[k]) for p in pts]
-            ax.errorbar([p["step"] for p in pts], [m["mean"] for m in stats], yerr=[m["ci95"] or 0.0 for m in stats],
-                        fmt="o-", capsize=3, color=f"C{i}", label=f"lr {lr:g}: AW " + ", ".join(S.fmt_aw(p["aw"]) for p in pts))
-            for p in pts:
-                ax.plot([p["step"]] * len(p[k]), p[k], ".", color=f"C{i}", alpha=0.45, ms=5)
+            nudge = 1 + 0.04 * (i - (len(sweeps) - 1) / 2)  # learning rates side by side where lr x AW coincide
+            xs = [p["step"] * nudge for p in pts]
+            ax.errorbar(xs, [m["mean"] for m in stats], yerr=[m["ci95"] or 0.0 for m in stats], fmt="o-", capsize=3,
+                        color=f"C{i}", label=f"lr {lr:g}: AW " + ", ".join(S.fmt_aw(p["aw"]) for p in pts))
+            for x, p, m in zip(xs, pts, stats):
+                ax.plot([x] * len(p[k]), p[k], ".", color=f"C{i}", alpha=0.45, ms=5)
+                ax.annotate(S.fmt_aw(p["aw"]), (x, m["mean"]), xytext=(5 if i else -5, -3), textcoords="offset points",
+                            ha="left" if i else "right", fontsize=7, color=f"C{i}")
         ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
         ax.set_xscale("log")
         ax.set_xticks(sorted({p["step"] for p in points}), [f"{v:g}" for v in sorted({p["step"] for p in points})])
@@ -622,8 +626,9 @@ def plot_steps(name, sweeps, out_png):
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"self-modeling, {name}: each network against the plain one trained at its learning rate "
-                 f"(dots: seeds; mean and 95% interval; {device_text(next(iter(sweeps.values())))})", fontsize=10)
+    fig.suptitle("\n".join(textwrap.wrap(f"self-modeling, {name}: each network against the plain one trained at its "
+                                          f"learning rate, labelled by its AW (dots: seeds; mean and 95% interval; "
+                                          f"{device_text(next(iter(sweeps.values())))})", 120)), fontsize=10)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
