@@ -594,7 +594,7 @@ def steps_line(points):
     parts = [f"lr {p['lr']:g} AW {S.fmt_aw(p['aw'])}: {p['step']:g}, RLCT x{pm_stats(common.mean_ci(p['llc']), 2)}, "
              f"width x{pm_stats(common.mean_ci(p['width']), 2)} ({len(p['seeds'])} seed{'s' * (len(p['seeds']) > 1)})"
              for p in sorted(points, key=lambda p: (p["step"], p["lr"]))]
-    return ("Against lr x AW (each network's RLCT and class-row width as ratios of the plain network's at its "
+    return ("By lr x AW (each network's RLCT and class-row width as ratios of the plain network's at its "
             "own learning rate, paired by seed; mean ± 95% interval): " + "; ".join(parts) + ".")
 
 

@@ -834,6 +834,18 @@ def test_readme_matched_lines_are_the_committed_json():
     assert printed and [ln for ln in printed if ln not in lines] == [] and [ln for ln in lines if ln not in printed] == []
 
 
+def test_readme_steps_lines_are_the_committed_json():
+    """Each README `--steps` command's line is in the README as it prints it from the committed JSON files (files
+    that differ in the learning rate alone), and the README has no other."""
+    import shlex
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        readme = fh.read()
+    printed = [F.steps_line(F.step_points(F.by_lr([os.path.join(ROOT, a) for a in shlex.split(cmd)[4:]
+                                                   if a.endswith(".json")])))
+               for cmd in re.findall(r"^python results/selfmodel_figures.py --steps .*$", readme, flags=re.M)]
+    lines = [ln for ln in readme.splitlines() if ln.startswith("By lr x AW")]
+    assert printed and sorted(printed) == sorted(lines)
+
 @pytest.mark.parametrize("figure, suffix", [("mnist_widths", ""), ("mnist_intel_widths", "_intel")])
 def test_readme_widths_table_is_the_committed_json(figure, suffix):
     """A hidden-width table of the README is what `--widths` prints from the committed per-width JSON files."""
