@@ -8,7 +8,7 @@ README rows, the trend lines and each AW's gain over AW 0 paired by seed.
   python results/selfmodel_figures.py --widths mnist_widths results/selfmodel_mnist_h{64,128,256,512}.json
   python results/selfmodel_figures.py imdb_quick_embedding out/... --beside results/selfmodel_imdb_quick.json
   python results/selfmodel_figures.py mnist_h64_intel out/... --against results/selfmodel_mnist_h64.json
-  python results/selfmodel_figures.py --steps imdb_emb_steps results/selfmodel_imdb_paper_embedding_{aws,lr05}.json
+  python results/selfmodel_figures.py --steps imdb_paper_emb_steps results/selfmodel_imdb_paper_embedding_{aws,lr05}.json
   python results/selfmodel_figures.py --rescaled mnist_h64_rlct_width results/selfmodel_mnist_h64_rescale.json ...
   python results/selfmodel_figures.py --rescaled NAME results/...json ... --read results/selfmodel_imdb_paper_embedding_aws.json
 
