@@ -605,6 +605,7 @@ def plot_steps(name, sweeps, out_png):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     points = step_points(sweeps)
+    ticks = sorted({p["step"] for p in points})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (k, label) in zip(axes, (("width", "class-row width / plain network's"), ("llc", "RLCT / plain network's"))):
         for i, lr in enumerate(sweeps):
@@ -620,7 +621,7 @@ def plot_steps(name, sweeps, out_png):
                             ha="left" if i else "right", fontsize=7, color=f"C{i}")
         ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
         ax.set_xscale("log")
-        ax.set_xticks(sorted({p["step"] for p in points}), [f"{v:g}" for v in sorted({p["step"] for p in points})])
+        ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
         ax.minorticks_off()
         ax.set_xlabel("lr x AW (the SGD step on the self-model's term, per unit of its gradient)")
         ax.set_title(label, fontsize=10)
