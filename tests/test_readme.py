@@ -92,3 +92,39 @@ def test_readme_links_reach_their_sections_and_the_results_index_lists_every_one
     sections = [github_anchor(l[4:]) for l in lines[start:end] if l.startswith("### ")]
     assert len(sections) > 10
     assert [s for s in sections if s not in links] == [], "results sections missing from the index under the table"
+
+
+def readme_tables():
+    """[(first line number, [rows as lists of cells])] of every markdown table outside code blocks."""
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        lines = fh.read().splitlines()
+    tables, fenced, cur = [], False, None
+    for n, l in enumerate(lines, 1):
+        fenced ^= l.startswith("```")
+        if not fenced and l.startswith("|"):
+            if cur is None:
+                cur = (n, [])
+                tables.append(cur)
+            cur[1].append([c.strip() for c in re.split(r"(?<!\\)\|", l.strip().strip("|"))])  # '\|' stays text
+        else:
+            cur = None
+    return tables
+
+
+def test_readme_tables_keep_their_columns_and_every_measured_result_names_its_device():
+    """GitHub drops a row's extra cells and leaves missing ones blank without a word, so a stray ' | ' in a
+    long Results cell would silently cut it short; and a measured result is only read with the device it
+    ran on."""
+    tables = readme_tables()
+    assert len(tables) > 20
+    for n, rows in tables:
+        width = len(rows[0])
+        assert all(re.fullmatch(r":?-{3,}:?", c) for c in rows[1]), f"README table at line {n}: no separator row"
+        bad = [n + i for i, r in enumerate(rows) if len(r) != width]
+        assert not bad, f"README lines {bad}: cell count differs from the header's {width}"
+    results = next(rows for _, rows in tables if rows[0] == ["experiment", "paper", "ours", "device"])
+    for exp, paper, ours, device in results[2:]:
+        if ours.startswith("not yet measured"):
+            assert device == "", f"Results row '{exp[:60]}': a device for a result not measured"
+        else:
+            assert re.match(r"(CPU|H100|H200)\b", device), f"Results row '{exp[:60]}': no device ({device!r})"
