@@ -969,3 +969,28 @@ def test_rescaled_figure_writes_close_labels_apart():
     n = len(F.LABEL_SPOTS)
     crowd = F.label_offsets([(0.0, 0.0)] * (n + 2), ["10"] * (n + 2), fs, keep_clear=0.0)
     assert len(crowd) == n + 2 and {s for s, _ in crowd[:n]} == set(F.LABEL_SPOTS)
+
+
+def test_readme_results_row_of_the_lr_test_is_the_committed_json():
+    """The Results-table row of the lr 0.05 test is written by hand: its RLCT ratios (at lr 0.05 and at lr 0.1)
+    and its seed counts are what the two committed sweeps pair by seed today."""
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        row = next(ln for ln in fh.read().splitlines() if ln.startswith("| same at half the learning rate (lr 0.05"))
+    m = re.search(r"AW (\d+) / (\d+) / (\d+): RLCT as a ratio .*? \| x([0-9.]+) / x([0-9.]+) / x([0-9.]+) "
+                  r"\(lr 0\.1: x([0-9.]+) / x([0-9.]+) / x([0-9.]+)\)", row)
+    assert m, row
+    aws = [float(a) for a in m.groups()[:3]]
+    for name, ratios in (("selfmodel_imdb_paper_embedding_lr05.json", m.groups()[3:6]),
+                         ("selfmodel_imdb_paper_embedding_aws.json", m.groups()[6:])):
+        with open(os.path.join(ROOT, "results", name)) as fh:
+            p = F.paired(json.load(fh))
+        assert [f"{p[a]['llc_ratio']['mean']:.2f}" for a in aws] == list(ratios), name
+    with open(os.path.join(ROOT, "results", "selfmodel_imdb_paper_embedding_lr05.json")) as fh:
+        runs = json.load(fh)["runs"].values()
+    counts = {a: sum(float(c["aw"]) == a for c in runs) for a in [0.0] + aws}
+    said = {}
+    seeds_said = re.search(r"\(lr 0\.05; ([^)]*)\)", row).group(1)  # "2 seeds at AW 0 and 200, 1 at AW 100 and 300"
+    for part in re.split(r", (?=\d+ (?:seeds? )?at AW)", seeds_said):
+        n, group = re.fullmatch(r"(\d+) (?:seeds? )?at AW (.*)", part).groups()
+        said.update({float(a): int(n) for a in re.findall(r"\d+", group)})
+    assert said == counts, (said, counts)
