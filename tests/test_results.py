@@ -994,3 +994,17 @@ def test_readme_results_row_of_the_lr_test_is_the_committed_json():
         n, group = re.fullmatch(r"(\d+) (?:seeds? )?at AW (.*)", part).groups()
         said.update({float(a): int(n) for a in re.findall(r"\d+", group)})
     assert said == counts, (said, counts)
+
+
+def test_readme_results_row_of_the_embedding_aw_sweep_is_the_committed_json():
+    """The hand-written Results row of the embedding self-model from AW 50 to 300: its RLCT means and seed
+    counts are the committed sweep's table."""
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        row = next(ln for ln in fh.read().splitlines() if ln.startswith("| same, AW 50 / 150 / 200 / 300 ("))
+    m = re.search(r"\((\d+) seeds each\): RLCT \| — \| ([0-9.]+) / ([0-9.]+) / ([0-9.]+) / ([0-9.]+) "
+                  r"\(AW 100: ([0-9.]+), AW 500: ([0-9.]+)\)", row)
+    assert m, row
+    with open(os.path.join(ROOT, "results", "selfmodel_imdb_paper_embedding_aws.json")) as fh:
+        rows = {r["aw"]: r for r in json.load(fh)["table"]["rows"]}
+    assert [f"{rows[a]['llc_mean']:.1f}" for a in (50.0, 150.0, 200.0, 300.0, 100.0, 500.0)] == list(m.groups()[1:])
+    assert {rows[a]["n"] for a in (50.0, 150.0, 200.0, 300.0)} == {int(m.group(1))}
