@@ -1008,3 +1008,42 @@ def test_readme_results_row_of_the_embedding_aw_sweep_is_the_committed_json():
         rows = {r["aw"]: r for r in json.load(fh)["table"]["rows"]}
     assert [f"{rows[a]['llc_mean']:.1f}" for a in (50.0, 150.0, 200.0, 300.0, 100.0, 500.0)] == list(m.groups()[1:])
     assert {rows[a]["n"] for a in (50.0, 150.0, 200.0, 300.0)} == {int(m.group(1))}
+
+
+def _pub(name):
+    with open(os.path.join(ROOT, "results", name)) as fh:
+        return json.load(fh)
+
+
+def _ratios(name, aw):
+    p = F.paired(_pub(name))[aw]
+    return [f"x{p['width_ratio']['mean']:.2f}", f"x{p['llc_ratio']['mean']:.2f}"]
+
+
+HAND_ROWS = [  # (the row's start, a pattern of the numbers it quotes, what the committed JSON gives for them)
+    ("| same: width of the class rows |", r"\(Spearman (-[0-9.]+) over the runs that learned",
+     lambda: [f"{_pub('selfmodel_mnist_h64.json')['table']['trend_learned']['width']['spearman']:.2f}"]),
+    ("| same: RLCT |", r"\(Spearman (-[0-9.]+) over the runs that learned",
+     lambda: [f"{_pub('selfmodel_mnist_h64.json')['table']['trend_learned']['llc']['spearman']:.2f}"]),
+    ("| control, not in the paper: an activation penalty AW * mean(h^2) instead of the self-model (MNIST hidden 64",
+     r"/ (x[0-9.]+) and (x[0-9.]+) / (x[0-9.]+) and (x[0-9.]+) \(paired, every seed\): the opposite of the self-model "
+     r"\(AW 0\.1: (x[0-9.]+), (x[0-9.]+); AW 3: (x[0-9.]+), (x[0-9.]+)\)",
+     lambda: [r for k in (0, 1) for r in (_ratios("selfmodel_mnist_h64_actl2.json", 0.1)[k],
+                                          _ratios("selfmodel_mnist_h64_actl2.json", 3.0)[k])]
+     + _ratios("selfmodel_mnist_h64.json", 0.1) + _ratios("selfmodel_mnist_h64.json", 3.0)),
+    ("| control at hidden 512, not in the paper:", r"/ (x[0-9.]+) and (x[0-9.]+) / (x[0-9.]+) and (x[0-9.]+) \(paired",
+     lambda: [r for k in (0, 1) for r in (_ratios("selfmodel_mnist_h512_actl2_intel.json", 0.1)[k],
+                                          _ratios("selfmodel_mnist_h512_actl2_intel.json", 10.0)[k])]),
+]
+
+
+@pytest.mark.parametrize("start, pattern, expected", HAND_ROWS, ids=[r[0][2:40] for r in HAND_ROWS])
+def test_readme_hand_written_results_rows_quote_the_committed_json(start, pattern, expected):
+    """Results rows written by hand (trends and paired ratios quoted from the sections below the table) say
+    what the committed JSON gives today, rounded to the digits shown: a sweep that grows without its row
+    being rewritten fails here."""
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        row = next(ln for ln in fh.read().splitlines() if ln.startswith(start))
+    m = re.search(pattern, row)
+    assert m, row[:200]
+    assert list(m.groups()) == expected()
