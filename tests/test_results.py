@@ -1020,6 +1020,16 @@ def _ratios(name, aw):
     return [f"x{p['width_ratio']['mean']:.2f}", f"x{p['llc_ratio']['mean']:.2f}"]
 
 
+def _row(name, aw, key, digits):
+    r = next(r for r in _pub(name)["table"]["rows"] if r["aw"] == aw)
+    return f"{r[key + '_mean']:.{digits}f} ± {r[key + '_ci95']:.{digits}f}"
+
+
+def _gain(name, aw):
+    g = F.paired(_pub(name))[aw]["test_acc_gain"]
+    return f"{g['mean']:+.2f} ± {g['ci95']:.2f}"
+
+
 HAND_ROWS = [  # (the row's start, a pattern of the numbers it quotes, what the committed JSON gives for them)
     ("| same: width of the class rows |", r"\(Spearman (-[0-9.]+) over the runs that learned",
      lambda: [f"{_pub('selfmodel_mnist_h64.json')['table']['trend_learned']['width']['spearman']:.2f}"]),
@@ -1031,6 +1041,21 @@ HAND_ROWS = [  # (the row's start, a pattern of the numbers it quotes, what the 
      lambda: [r for k in (0, 1) for r in (_ratios("selfmodel_mnist_h64_actl2.json", 0.1)[k],
                                           _ratios("selfmodel_mnist_h64_actl2.json", 3.0)[k])]
      + _ratios("selfmodel_mnist_h64.json", 0.1) + _ratios("selfmodel_mnist_h64.json", 3.0)),
+    ("| self-modeling IMDB, the paper's protocol (500 epochs of plain SGD, 10 seeds), AW 0 -> 100 -> 500",
+     r"\| ([0-9.]+ ± [0-9.]+) -> ([0-9.]+ ± [0-9.]+) -> ([0-9.]+ ± [0-9.]+) \(paired over AW 0: ([+-][0-9.]+ ± [0-9.]+) "
+     r"and ([+-][0-9.]+ ± [0-9.]+), .*? / ([0-9.]+ ± [0-9.]+) -> ([0-9.]+ ± [0-9.]+) -> ([0-9.]+ ± [0-9.]+) \(Spearman",
+     lambda: [_row("selfmodel_imdb_paper.json", a, "test_acc", 2) for a in (0.0, 100.0, 500.0)]
+     + [_gain("selfmodel_imdb_paper.json", a) for a in (100.0, 500.0)]
+     + [_row("selfmodel_imdb_paper.json", a, "llc", 1) for a in (0.0, 100.0, 500.0)]),
+    ("| IMDB's embedding self-model with the authors' 500 epochs of plain SGD (6 seeds)",
+     r"\| ([0-9.]+) -> ([0-9.]+) -> ([0-9.]+) \(paired ([+-][0-9.]+ ± [0-9.]+) and ([+-][0-9.]+ ± [0-9.]+), "
+     r"6 of 6 seeds each\) / (x[0-9.]+) and (x[0-9.]+) / ([0-9.]+) -> ([0-9.]+) -> ([0-9.]+) \((x[0-9.]+) and (x[0-9.]+),",
+     lambda: [_row("selfmodel_imdb_paper_embedding_aws.json", a, "test_acc", 2).split(" ±")[0] for a in (0.0, 100.0, 500.0)]
+     + [_gain("selfmodel_imdb_paper_embedding_aws.json", a) for a in (100.0, 500.0)]
+     + [f"x{F.paired(_pub('selfmodel_imdb_paper_embedding_aws.json'))[a]['width_ratio']['mean']:.3f}" for a in (100.0, 500.0)]
+     + [_row("selfmodel_imdb_paper_embedding_aws.json", a, "llc", 1).split(" ±")[0] for a in (0.0, 100.0, 500.0)]
+     + [f"x{F.paired(_pub('selfmodel_imdb_paper_embedding_aws.json'))[a]['llc_ratio']['mean']:.{d}f}"
+        for a, d in ((100.0, 3), (500.0, 2))]),
     ("| control at hidden 512, not in the paper:", r"/ (x[0-9.]+) and (x[0-9.]+) / (x[0-9.]+) and (x[0-9.]+) \(paired",
      lambda: [r for k in (0, 1) for r in (_ratios("selfmodel_mnist_h512_actl2_intel.json", 0.1)[k],
                                           _ratios("selfmodel_mnist_h512_actl2_intel.json", 10.0)[k])]),
