@@ -158,7 +158,7 @@ def add_common_args(p, script):
     p.add_argument("--out", default=None, help=f"output dir (default out/{script}/<run-name>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny CPU-sized run (tests)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's ckpt.pt")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--no-download", action="store_true", help="never try to download data")
