@@ -21,11 +21,13 @@ seed..seed+N-1. Before training, the FLOPs of one training step (torch.utils.flo
 synchronised eager step time of off, full and rho on one real batch are measured (a few seconds on a GPU;
 never compiled, so --compile costs no compilation of modes that are not trained; --bench-steps 0 keeps only
 the FLOPs) and the overheads relative to off printed. On the CPU only the FLOPs are counted unless
---bench-steps is given (timing full batches there takes many minutes) and the log says so. `--cost-only`
+--bench-steps is given (timing full batches there takes many minutes) and the log says so; --smoke times its
+one small step anyway. `--cost-only`
 stops there: results.json holds the cost and nothing is trained (results/sim_figures.py tabulates such
 runs). Each run also logs its own steady-state step time (after its first epoch, compiled with --compile),
 img/s and MFU; the summary gives those step times relative to off.
-Every log line carries the speed of its interval and the run's ETA, so a log file alone shows the progress.
+Every full log line carries the speed of its interval and the run's ETA, so a log file alone shows the
+progress (between two, a run quiet for 30 s logs a short line of its step).
 
 Recipe (one GPU, fast): CIFAR-10 resident on the device (common.GPUBatches: crop with 4 px padding and
 flip, done there), bf16 autocast, channels_last, optional torch.compile, SGD-Nesterov (momentum 0.9, lr 0.4
@@ -141,7 +143,7 @@ def build_parser():
     p.add_argument("--ckpt-every", type=int, default=None, help=_preset("ckpt_every", "epochs between checkpoints"))
     p.add_argument("--bench-steps", type=int, default=None,
                    help=_preset("bench_steps", "timed steps per mode in the cost measurement (0: FLOPs only)")[:-1]
-                   + "; on the CPU 0 unless given)")
+                   + "; on the CPU 0 unless given, except with --smoke)")
     p.add_argument("--cost-only", action="store_true",
                    help="only measure the cost of one training step of off, full and rho (FLOPs; step times as "
                         "--bench-steps says), write it to results.json and stop: nothing is trained")
