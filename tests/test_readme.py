@@ -61,6 +61,17 @@ def test_readme_smoke_command_runs(script, smoke_data, readme_smoke):
     assert re.search(r"(?i)\beta\b", p.stdout), f"{script}: no ETA in its log lines:\n{p.stdout[-2000:]}"
 
 
+def prose_lines():
+    """README.md's lines, those inside ``` code blocks blanked (kept as '' so line numbers hold)."""
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        text = fh.read()
+    lines, fenced = [], False
+    for l in text.splitlines():
+        fenced ^= l.startswith("```")
+        lines.append("" if fenced else l)
+    return lines
+
+
 def github_anchor(heading):
     """The anchor GitHub gives a heading: lower case, punctuation dropped (letters, digits, '_', '-' and spaces
     kept), each space a hyphen."""
@@ -78,10 +89,7 @@ def test_readme_links_reach_their_sections_and_the_results_index_lists_every_one
     unique (GitHub would number a repeat), and the index under the Results table names every results section."""
     with open(os.path.join(ROOT, "README.md")) as fh:
         text = fh.read()
-    lines, fenced = [], False
-    for l in text.splitlines():  # a '# comment' inside a code block is no heading
-        fenced ^= l.startswith("```")
-        lines.append("" if fenced else l)
+    lines = prose_lines()  # a '# comment' inside a code block is no heading
     heads = [github_anchor(l.lstrip("#")) for l in lines if re.match(r"#{1,6} ", l)]
     assert len(heads) == len(set(heads)), "two README headings share an anchor"
     links = re.findall(r"\]\(#([^)\s]+)\)", text)
@@ -96,12 +104,9 @@ def test_readme_links_reach_their_sections_and_the_results_index_lists_every_one
 
 def readme_tables():
     """[(first line number, [rows as lists of cells])] of every markdown table outside code blocks."""
-    with open(os.path.join(ROOT, "README.md")) as fh:
-        lines = fh.read().splitlines()
-    tables, fenced, cur = [], False, None
-    for n, l in enumerate(lines, 1):
-        fenced ^= l.startswith("```")
-        if not fenced and l.startswith("|"):
+    tables, cur = [], None
+    for n, l in enumerate(prose_lines(), 1):
+        if l.startswith("|"):
             if cur is None:
                 cur = (n, [])
                 tables.append(cur)
