@@ -38,7 +38,7 @@ def test_imdb_real_archive(data_dir, tmp_path, monkeypatch):
     need(data_dir, "imdb")
     before = sorted(os.listdir(os.path.join(data_dir, "imdb")))
     d = common.load_imdb(data_dir, vocab_size=5000)
-    assert sorted(os.listdir(os.path.join(data_dir, "imdb"))) == before or os.stat(data_dir).st_mode & 0o222
+    assert sorted(os.listdir(os.path.join(data_dir, "imdb"))) == before  # extracted into the cache, never here
     assert len(d.train_x) == len(d.train_y) == 25000 and len(d.test_x) == len(d.test_y) == 25000
     assert d.train_y.sum() == 12500 and d.test_y.sum() == 12500
     assert len(d.vocab) == 5000 and d.vocab[:2] == ["<pad>", "<unk>"] and "movie" in d.vocab[:50]
@@ -228,6 +228,7 @@ def test_batches_shard_every_index_once():
 def test_batches_union_of_ranks_equals_single_process():
     one = list(_batches(train=True, seed=1).epoch(0))
     r0, r1 = (list(_batches(train=True, seed=1, rank=r, world_size=2).epoch(0)) for r in (0, 1))
+    assert len(one) == len(r0) == len(r1) > 0  # zip below would stop at the shortest
     for (x, y), (x0, y0), (x1, y1) in zip(one, r0, r1):
         assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1) and torch.equal(y[1::2], y1)
 
@@ -332,6 +333,9 @@ def test_knn_hand_case():
     te, tey = torch.tensor([[1.0, 0.0]]), torch.tensor([1])
     assert common.knn_accuracy(tr, ty, te, tey, k=3, T=1.0) == 100.0
     assert common.knn_accuracy(tr, ty, te, tey, k=3, T=0.1) == 0.0
+    # only the k nearest vote: at T = 1, k = 1 hears class 0 alone and k = 2 weighs e^1 against e^0.6
+    assert common.knn_accuracy(tr, ty, te, tey, k=1, T=1.0) == 0.0
+    assert common.knn_accuracy(tr, ty, te, tey, k=2, T=1.0) == 0.0
     # cosine similarity: a neighbour's length does not count (a dot product would make the class-0 row,
     # shrunk to length 0.1, the farthest of the three, and class 1 would win at T = 0.1)
     short = tr * torch.tensor([[0.1], [1.0], [1.0]])

@@ -56,6 +56,27 @@ def test_every_script_end_to_end(ckpts, data_dir, tmp_path, script):
     assert saved["rows"] == json.loads(json.dumps(rows)) and saved["device"].startswith("cpu")
 
 
+def test_sim_cifar_probe_reads_what_its_classifier_reads(ckpts, data_dir, tmp_path, monkeypatch):
+    """probe.py on a sim_cifar checkpoint: its last-layer test features, put through the network's own
+    classifier, score the run's single-view test accuracy. Same images, same normalisation, the block fc reads
+    (raw pixels or another block would score something else: kNN on CIFAR pixels alone clears chance)."""
+    ck, _ = ckpts["sim_cifar"]
+    seen = {}
+    real = common.evaluate_features
+
+    def spy(tr_f, tr_y, te_f, te_y, **kw):
+        seen.update(te_f=te_f, te_y=te_y)
+        return real(tr_f, tr_y, te_f, te_y, **kw)
+    monkeypatch.setattr(common, "evaluate_features", spy)
+    (row,) = _probe(ck, "--probe-epochs", "1", "--data-dir", data_dir, "--out", tmp_path / "p.json")
+    run = json.load(open(ck.parent / "run.json"))
+    _, cfg, net = probe.load_run(str(ck))
+    assert row["layer"] == 8 and len(seen["te_y"]) == run["test_n"] and run["variant"] == cfg["sim"]
+    with torch.no_grad():
+        hits = (net.fc(seen["te_f"].float()).argmax(1) == seen["te_y"]).sum().item()
+    assert 100 * abs(hits - run["test_acc"] * run["test_n"] / 100) / run["test_n"] <= 0.1 + 1e-9, (hits, run["test_acc"])
+
+
 def test_mae_probe_equals_training_eval(ckpts, data_dir, tmp_path):
     ck, res = ckpts["mae_decay"]
     final = json.load(open(res))["metrics"]["final"]
