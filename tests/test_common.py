@@ -319,6 +319,10 @@ def test_knn_and_probe_separable_vs_random():
     te_f, te_y = _clusters(500, seed=1)
     assert common.knn_accuracy(tr_f, tr_y, te_f, te_y) > 99
     assert common.linear_probe(tr_f, tr_y, te_f, te_y, epochs=10) > 99
+    # the test set goes through the head with the training set's BatchNorm statistics: shifted test features
+    # fall off (with the test batch's own statistics the shift would vanish), and one test row is allowed
+    assert common.linear_probe(tr_f, tr_y, te_f + 20, te_y, epochs=10) < 50
+    assert common.linear_probe(tr_f, tr_y, te_f[:1], te_y[:1], epochs=1) in (0.0, 100.0)
     tr_f, tr_y = _clusters(2000, random_labels=True)
     te_f, te_y = _clusters(500, seed=1, random_labels=True)
     assert common.knn_accuracy(tr_f, tr_y, te_f, te_y) < 20  # chance is 10 %

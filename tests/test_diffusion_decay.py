@@ -240,6 +240,10 @@ def test_step_draws_split_by_rank_like_one_process():
         tr, nr, dr = dd.step_draws(3, 7, 8, "cpu", rank=r, world=2)
         assert torch.equal(tr, t[r::2]) and torch.equal(nr, n[r::2]) and torch.equal(dr, d[r::2])
     assert not torch.equal(dd.step_draws(3, 8, 8, "cpu")[1], n) and (t >= dd.T_TRAIN_MIN).all() and (t <= 1).all()
+    # t is the step generator's first uniforms mapped onto [T_TRAIN_MIN, 1] (a draw below T_TRAIN_MIN would
+    # train noise levels the sampler never visits; 8 draws alone would rarely show it)
+    u8 = torch.rand(8, generator=torch.Generator().manual_seed((3 * 1_000_003 + 7) * 7919 % 2 ** 63))
+    assert torch.allclose(t, dd.T_TRAIN_MIN + (1 - dd.T_TRAIN_MIN) * u8, rtol=0, atol=1e-7)
     u = dd.step_draws(0, 0, 4096, "cpu")[0]  # uniform on [T_TRAIN_MIN, 1]: every noise level is trained
     assert u.min() < 0.01 and u.max() > 0.99 and abs(u.mean().item() - 0.5) < 0.02
     # DDP averages per-rank gradients: the mean of the two half-batch losses/gradients equals the full batch

@@ -163,6 +163,12 @@ def test_patches_round_trip_and_the_loss_counts_removed_patches_only():
     t = tiny().target(flat)[0, 0]
     v = flat[0, :, :8, :8].permute(1, 2, 0).reshape(-1).double()
     assert torch.allclose(t.double(), (v - v.mean()) / (v.var() + 1e-6).sqrt(), rtol=1e-4, atol=1e-5)
+    # on ordinary patches the eps is negligible: the unbiased variance leaves each target's variance 1 (a biased
+    # one would leave 192/191)
+    t = tiny().target(imgs)
+    v = p[0, 3].double()
+    assert torch.allclose(t[0, 3].double(), (v - v.mean()) / (v.var() + 1e-6).sqrt(), rtol=1e-5, atol=1e-6)
+    assert (t.double().var(-1) - 1).abs().max() < 1e-4
     model = randomize(tiny(), 0.2)
     noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(3))
     loss, pred, mask = model(imgs, noise)

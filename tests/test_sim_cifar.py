@@ -215,6 +215,8 @@ def test_stride2_block_both_modes(mode):
     assert y.shape == (4, 16, 8, 8)
     if mode == "full":
         assert net[0].decoder(y).shape == x.shape  # decoded back onto the input grid, no resizing needed
+        # full SIM's loss is the mean squared error of the decoded output against the block's input
+        assert net[0].loss.item() == pytest.approx(((net[0].decoder(y) - x) ** 2).mean().item(), rel=1e-6)
     loss = S.sim_loss(net)
     assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
