@@ -241,6 +241,18 @@ def test_batches_resume_and_reshuffle():
     assert not torch.equal(torch.cat(full), torch.cat([y for _, y in b.epoch(2)]))
     b2 = _batches(train=True, seed=6)
     assert not torch.equal(torch.cat(full), torch.cat([y for _, y in b2.epoch(1)]))
+    # every (seed, epoch) its own order: no seed's epoch replays another seed's
+    orders = {tuple(torch.cat([y for _, y in _batches(train=True, seed=s).epoch(e)]).tolist())
+              for s in range(4) for e in range(4)}
+    assert len(orders) == 16
+
+
+def test_batches_normalise_raw_pixels():
+    """mean and std are given on the [0, 1] scale of torchvision's Normalize and applied to raw 0-255 pixels:
+    (v / 255 - mean) / std, by hand."""
+    img = torch.tensor([0, 51, 255], dtype=torch.uint8).view(3, 1, 1, 1)
+    (x, y), = list(common.GPUBatches(img, torch.arange(3), 3, train=False, mean=[0.2], std=[0.4]))
+    assert torch.allclose(x.flatten(), torch.tensor([-0.5, 0.0, 2.0]), atol=1e-6) and y.tolist() == [0, 1, 2]
 
 
 def test_batches_crop_and_flip_are_real_augmentations():
@@ -249,14 +261,16 @@ def test_batches_crop_and_flip_are_real_augmentations():
     b = common.GPUBatches(img, torch.arange(n), 64, train=True, mean=[0, 0, 0], std=[1 / 255] * 3, pad=2, seed=0)
     x, y = next(iter(b))
     padded = torch.nn.functional.pad(img.float(), (2, 2, 2, 2))
-    shifted = flipped = 0
+    shifted = flipped = apart = 0
     for xi, i in zip(x, y):
         hits = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (0, 1)
                 if torch.equal(xi, (lambda w: w.flip(2) if f else w)(padded[i, :, dy:dy + 8, dx:dx + 8]))]
         assert hits, "output is not a crop of the zero-padded image"
         shifted += hits[0][:2] != (2, 2)
         flipped += hits[0][2]
+        apart += hits[0][0] != hits[0][1]
     assert shifted > n // 2 and 10 < flipped < n - 10
+    assert apart > n // 2  # row and column offsets drawn apart (equal about 1 time in 5), each used for its axis
     # offsets 0..2p inclusive: the crop reaches a full `pad` pixels of border on every side
     dy, dx, flip = b._draw(4096, torch.Generator().manual_seed(0))
     assert set(dy.tolist()) == set(dx.tolist()) == set(range(5))
@@ -667,6 +681,12 @@ def test_mean_ci_by_hand():
 def test_spearman_with_ties_and_its_permutation_p():
     rho, p = common.spearman([0, 0, 1, 1], [1, 2, 3, 4])
     assert rho == pytest.approx(4 / math.sqrt(20))  # average ranks (1.5, 1.5, 3.5, 3.5) against 1..4
+    rho, _ = common.spearman([0, 0, 1, 2], [1, 2, 3, 4])  # an uneven tie: ranks (1.5, 1.5, 3, 4), not (1, 1, 3, 4)
+    assert rho == pytest.approx(math.sqrt(0.9))  # centred: (-1, -1, .5, 1.5) . (-1.5, -.5, .5, 1.5) = 4.5 / sqrt(4.5 * 5)
+    # two-sided and counting exact ties as hits: a perfect trend over 4 values is met by 2 of the 4! orders
+    assert common.spearman(range(4), range(4))[1] == pytest.approx(2 / 24, abs=0.01)
+    y = [0.3, 1.2, 0.1, 2.5, 2.0, 3.1]
+    assert common.spearman(range(6), y)[1] == common.spearman(range(6), [-v for v in y])[1]
     rho, p = common.spearman(range(7), [1, 3, 2, 5, 8, 9, 20])
     assert rho == pytest.approx(1 - 6 * 2 / (7 * 48)) and p < 0.01  # one swapped pair; exact p = 2 * 2 / 5040
     rho, p = common.spearman(range(7), [-v for v in range(7)])

@@ -820,6 +820,32 @@ def test_readme_units_and_against_lines_are_the_committed_json(start, line_of):
     assert [ln for ln in lines if ln not in printed] == []
 
 
+def test_readme_trend_lines_are_the_committed_json():
+    """Each README "Trend in AW" line opens with a trend line the publisher prints from a committed JSON (a few go
+    on with a sentence of their own after it)."""
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        lines = [ln for ln in fh.read().splitlines() if ln.startswith("Trend in AW")]
+    printed = set()
+    for name in published_sweeps():
+        with open(os.path.join(ROOT, "results", name)) as fh:
+            printed |= {ln for ln in F.markdown(json.load(fh)).splitlines() if ln.startswith("Trend in AW")}
+    assert lines and [ln for ln in lines if not any(ln.startswith(p) for p in printed)] == []
+
+
+def test_markdown_trend_lines_by_hand():
+    """The two trend lines read their own entries: all runs from `trend`, the runs that learned from
+    `trend_learned`; a constant side (Spearman None) is left out, and p at the permutation floor reads p ≤ 1e-4."""
+    row = {"aw": 0.0, "n": 1, "llc_flat": 1, **{f"{k}_{v}": 1.0 for k in ("test_acc", "width", "llc")
+                                                 for v in ("mean", "ci95")}}
+    table = {"rows": [row], "trend": {"llc": {"spearman": -0.9, "p": 1e-4, "n": 7},
+                                      "width": {"spearman": None, "p": None, "n": 7}},
+             "trend_learned": {"llc": {"spearman": -0.5, "p": 0.2, "n": 6}}}
+    lines = [ln for ln in F.markdown({"table": table, "runs": {}}).splitlines() if ln.startswith("Trend")]
+    assert lines == ["Trend in AW, all runs (Spearman over the seeds, permutation p): llc -0.90 (p ≤ 1e-4, n = 7).",
+                     "Trend in AW, runs that learned (Spearman over the seeds, permutation p): llc -0.50 (p = 0.2, "
+                     "n = 6)."]
+
+
 def test_readme_matched_lines_are_the_committed_json():
     """Each README `--rescaled` command's matched and seed-by-seed lines (every network against the plain one at
     one head width), and its --read lines, are in the README as it prints them from the committed JSON files, and

@@ -448,6 +448,27 @@ def test_evaluate_counts_dead_and_active_units_by_hand():
     assert net.training  # the mode it came in with
 
 
+def test_evaluate_reads_a_batchnorm_network_in_eval_mode():
+    """CIFAR-10's ResNet body has BatchNorm: evaluate() counts with the running statistics (each example on its
+    own, whatever its batch) and leaves them alone; the network returns in the mode it came in."""
+    torch.manual_seed(0)
+    net = S.build_model({"task": "cifar10", "dataset": "cifar10", "hidden": 16, "width": 8}, self_model=False)
+    x, y = torch.randn(6, 3, 32, 32), torch.arange(6)
+    net.train()
+    with torch.no_grad():
+        net.body(x * 2 + 1)  # running statistics away from their initial values
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    got = S.evaluate(net, [(x[:4], y[:4]), (x[4:], y[4:])], torch.device("cpu"), nullcontext())
+    assert net.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    with torch.no_grad():
+        net.eval()
+        h = net.body(x)
+        want_acc = 100 * (net.head(h).argmax(1) == y).float().mean().item()
+        net.train()
+    assert got["test_acc"] == pytest.approx(want_acc) and got["dead_units"] == int(((h > 0).sum(0) == 0).sum())
+    assert got["active_frac"] == pytest.approx((h > 0).float().mean().item())
+
+
 # ----------------------------------------------------------------------------------------------------
 # real data
 
