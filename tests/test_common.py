@@ -739,3 +739,13 @@ def test_profile_step_counts_and_times_a_known_step():
     assert "3 operations dispatched (eager)" in common.profile_text(p) and "aten::mm" in common.profile_text(p)
     # timed: milliseconds per call, not for all n calls together (3 calls of >= 10 ms each)
     assert 10 <= common.timed(lambda: time.sleep(0.01), 3, torch.device("cpu")) < 30
+
+
+def test_linear_probe_with_a_one_row_last_batch():
+    # 1025 training rows in batches of 1024 leave one row: BatchNorm cannot train on it, so it is skipped
+    # (MAE's protocol drops no other data); the probe still learns separable clusters
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 8, generator=g) * 3
+    y = torch.randint(0, 4, (1025,), generator=g)
+    f = centres[y] + 0.1 * torch.randn(1025, 8, generator=g)
+    assert common.linear_probe(f, y, f[:200], y[:200], epochs=3) > 95

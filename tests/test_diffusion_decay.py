@@ -729,3 +729,29 @@ def test_cifar100_class_conditional_run_with_guided_fid(tmp_path):
     assert all(math.isfinite(v["linear_probe"]) and math.isfinite(v["knn"]) for v in m["probe"].values())
     ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)
     assert ck["ema"]["label_emb.weight"].shape[0] == 101  # 100 classes and the null class
+
+
+def test_probe_of_a_conditional_model_feeds_the_null_class():
+    seen = []
+
+    def rec(x, t, y=None, feature_layers=None):
+        seen.append(y)
+        return {l: x.flatten(1)[:, :4] for l in feature_layers}
+    cfg = dict(patch=4, dim=32, depth=5, heads=2, mlp_ratio=2.0, dataset="cifar100", cond=True, alpha_min=0.7,
+               probe_t=[0.3])
+    dd.probe_features(rec, torch.zeros(3, 3, 32, 32), cfg, [1], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(seen[0], torch.full((3,), 100))  # CIFAR-100's null (unconditional) class is 100, not class 0
+
+
+def test_features_pool_the_patch_tokens_only():
+    torch.manual_seed(0)
+    model = randomize(dd.build_model(dict(patch=4, dim=32, depth=5, heads=2, mlp_ratio=2.0, dataset="cifar10",
+                                          cond=True, alpha_min=0.7))).eval()
+    outs = []
+    model.in_blocks[1].register_forward_hook(lambda m, i, o: outs.append(o))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        f = model(x, torch.rand(2), torch.tensor([3, 10]), feature_layers=[2])[2]
+    tokens = outs[0]
+    assert tokens.shape[1] == 2 + 64  # time token, class token, 64 patches
+    assert torch.allclose(f, tokens[:, 2:].mean(1)) and not torch.allclose(f, tokens[:, 1:].mean(1))

@@ -677,3 +677,51 @@ def test_profile_trains_nothing_and_counts_a_step(tmp_path, monkeypatch):
         run_inproc(["--smoke", "--data-dir", data, "--no-skip", "--depth", 4, "--profile", "--out", tmp_path / "d4"])
     with pytest.raises(common.UserError, match="--profile trains nothing"):
         M.parse_args(["--smoke", "--profile", "--resume"])
+
+
+def test_gpu_random_resized_crop_of_a_non_square_box():
+    rows = torch.arange(32.0).view(1, 1, 32, 1).expand(2, 3, 32, 32).contiguous()  # value = row index
+    out = M.gpu_rrc(rows, torch.tensor([[1.0, 0.5, 0.0, 0.0, 0.0]]).repeat(2, 1), 32)  # full width, top half
+    # output row i samples input row i/2 - 1/4 (pixel centres, align_corners=False), border-clamped at 0
+    want = (torch.arange(32.0) / 2 - 0.25).clamp_min(0).view(1, 1, 32, 1).expand_as(out)
+    assert torch.allclose(out, want, atol=1e-4)
+    cols = rows.transpose(2, 3).contiguous()  # value = column index; left half, full height
+    out = M.gpu_rrc(cols, torch.tensor([[0.5, 1.0, 0.0, 0.0, 0.0]]).repeat(2, 1), 32)
+    assert torch.allclose(out, want.transpose(2, 3), atol=1e-4)
+
+
+def test_random_resized_crop_aspect_ratio_is_log_uniform():
+    w, h = M.rrc_params(20000, torch.Generator().manual_seed(0)).unbind(1)[:2]
+    # torchvision draws log(ratio) uniformly on [log 3/4, log 4/3]: symmetric in w <-> h, so wide and tall crops
+    # are equally likely and log(w/h) has mean 0 (uniform on the ratio itself: 57% wide, mean log-ratio > 0)
+    assert abs((w > h).float().mean().item() - 0.5) < 0.02
+    assert abs((w / h).log().mean().item()) < 0.01
+
+
+def test_reconstruction_undoes_the_patch_normalisation(tmp_path, monkeypatch):
+    """The saved reconstruction puts a norm-pix prediction back on the patch's own scale: a fresh model's
+    zero-init head predicts 0, so each removed patch must come back as its own mean, each kept one as itself
+    (12 of 16 patches removed at mask ratio 0.75)."""
+    import torchvision.utils as tvu
+    cfg = dict(img_size=32, patch=8, dim=32, depth=4, heads=2, mlp_ratio=4.0, dec_dim=16, dec_depth=2, dec_heads=2,
+               pos_embed="sincos", alpha_min=0.6, decay="linear", decay_where="both", skip=True, mask_ratio=0.75,
+               norm_pix_loss=True, seed=0, dataset="cifar10")
+    torch.manual_seed(0)
+    model = M.build_model(cfg)
+    seen = {}
+    monkeypatch.setattr(tvu, "save_image", lambda grid, path, nrow: seen.setdefault("grid", grid))
+    imgs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    M.save_reconstructions(model, imgs, cfg, str(tmp_path / "r.png"))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in common.DATASET_STATS["cifar10"])
+    recon = M.patchify((seen["grid"][4:] - mean) / std, 8)  # rows: originals, masked, reconstructions
+    t = M.patchify(imgs, 8)
+    shown = M.patchify(((imgs * std + mean) >= 0) & ((imgs * std + mean) <= 1), 8)  # pixels clamp(0, 1) spares
+    for i in range(2):
+        kind = []
+        for j in range(16):
+            k = shown[i, j]
+            as_is = torch.allclose(recon[i, j][k], t[i, j][k], atol=1e-4)
+            as_mean = torch.allclose(recon[i, j][k], t[i, j].mean().expand(192)[k], atol=1e-4)
+            assert as_is != as_mean, (i, j)
+            kind.append(as_mean)
+        assert sum(kind) == 12

@@ -880,3 +880,22 @@ def test_llc_runs_in_the_default_layout():
     got = S.estimate_llc(model, ce, [(cl[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)], **kw)
     assert len(seen) == 12 and all(seen), seen  # 6 draws: one vmapped gradient and one L_b(w*) each
     assert math.isclose(got, plain, rel_tol=1e-4, abs_tol=1e-6), (got, plain)
+
+
+def test_resnet_basicblock_relu_comes_after_the_sum():
+    blk = S.BasicBlock(4, 4, 1).eval()
+    with torch.no_grad():
+        blk.conv2.weight.zero_()          # branch -> bn2(0) = 0: the block is relu(x)
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(blk(x), x.clamp_min(0))
+
+
+def test_affine_shifts_are_drawn_per_axis():
+    imgs = torch.zeros(2048, 3, 32, 32, dtype=torch.uint8)
+    aug = S.AffineBatches(common.GPUBatches(imgs, torch.zeros(2048, dtype=torch.long), 2048, train=True, pad=0),
+                          (0.5,) * 3, (0.5,) * 3)
+    sx, sy = aug._theta(0, 0)[:, :, 2].unbind(1)
+    # RandomAffine(translate=(0.1, 0.1)) draws the horizontal and vertical shifts independently: uncorrelated,
+    # each reaching +-0.2 grid units (a diagonal-only shift would give correlation 1)
+    assert abs(torch.corrcoef(torch.stack([sx, sy]))[0, 1].item()) < 0.1
+    assert sx.abs().max() > 0.19 and sy.abs().max() > 0.19

@@ -742,3 +742,22 @@ def test_bad_invocations(cifar, tmp_path, capsys):
         err = err.strip()
         assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, (argv, err)
         assert all(w in err for w in words), (argv, err)
+
+
+def test_basicblock_relu_comes_after_the_sum():
+    blk = S.BasicBlock(4, 4, 1).eval()
+    with torch.no_grad():
+        blk.conv2.weight.zero_()          # residual branch -> bn2(0) = 0 (beta 0): block = relu(x + 0)
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(0))
+    y = blk(x)
+    assert (y >= 0).all() and torch.allclose(y, x.clamp_min(0))
+
+
+def test_training_batches_mirror_half_the_images():
+    cpu = common.Dist(0, 0, 1, torch.device("cpu"), True)
+    ramp = (torch.arange(32) * 8).to(torch.uint8).view(1, 1, 1, 32).expand(256, 3, 32, 32).contiguous()
+    data = (ramp, torch.zeros(256, dtype=torch.long), ramp[:8], torch.zeros(8, dtype=torch.long))
+    train, _ = S.make_batches(data, dict(batch_size=64, seed=0), cpu)
+    x = torch.cat([b for b, _ in train.epoch(0)])
+    mirrored = (x[..., :16].mean((1, 2, 3)) > x[..., 16:].mean((1, 2, 3))).float().mean().item()
+    assert 0.35 < mirrored < 0.65  # the standard CIFAR recipe: RandomHorizontalFlip(0.5) (+ 4-px pad and crop)
