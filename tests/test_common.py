@@ -749,3 +749,71 @@ def test_linear_probe_with_a_one_row_last_batch():
     y = torch.randint(0, 4, (1025,), generator=g)
     f = centres[y] + 0.1 * torch.randn(1025, 8, generator=g)
     assert common.linear_probe(f, y, f[:200], y[:200], epochs=3) > 95
+
+
+def test_knn_default_temperature_is_wu_et_als_0_07():
+    """One class-0 neighbour at cosine s1 against two class-1 neighbours at s2:
+    class 0 wins iff exp(s1/T) > 2 exp(s2/T), i.e. iff s1 - s2 > T ln 2. Wu et al. 2018's T = 0.07 gives
+    T ln 2 = 0.0485: a gap of 0.060 goes to class 0, a gap of 0.045 to class 1 (so T lies in (0.065, 0.087))."""
+    def case(s1, s2):
+        r1, r2 = math.sqrt(1 - s1 ** 2), math.sqrt(1 - s2 ** 2)
+        tr = torch.tensor([[s1, r1], [s2, r2], [s2, -r2]], dtype=torch.float64).float()
+        return common.knn_accuracy(tr, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
+    assert case(0.90, 0.84) == 100.0  # 0.060 > 0.0485: the single closer neighbour outvotes the pair
+    assert case(0.90, 0.855) == 0.0   # 0.045 < 0.0485: the pair wins (T = 0.1 or 0.05 would flip one of these)
+
+
+def _imagenet_folder(root):
+    from PIL import Image
+    ramp = np.tile(np.arange(224, dtype=np.uint8), (224, 1))  # pixel value = its column
+    img = np.stack([ramp] * 3, -1)
+    (root / "imagenet100.txt").write_text("n01\n")
+    for split in ("train", "val"):
+        (root / split / "n01").mkdir(parents=True)
+        Image.fromarray(img).save(root / split / "n01" / "0.png")
+    return Image.fromarray(img)
+
+
+def test_imagenet100_train_crop_is_maes_scale_and_flips(tmp_path):
+    """Train transform on a 224 px image whose value is its column: an output's
+    first and last column read the crop's left and right edge. MAE's RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3)
+    keeps a crop width of at least sqrt(0.2 * 3/4) = 0.387 of the side (torchvision's default 0.08 allows 0.245);
+    RandomHorizontalFlip reverses the ramp in about half the draws and never without it."""
+    img = _imagenet_folder(tmp_path)
+    tr, _ = common.imagenet100_datasets(str(tmp_path), img_size=32)
+    mean, std = common.DATASET_STATS["imagenet100"]
+    torch.manual_seed(0)
+    widths, flips = [], 0
+    for _ in range(300):
+        x = tr.transform(img)[0] * std[0] + mean[0]  # back to [0, 1] = column / 255
+        left, right = x[:, 0].mean().item() * 255, x[:, -1].mean().item() * 255
+        widths.append(abs(right - left) * 32 / 31 / 224)  # edge-column centres span 31/32 of the crop
+        flips += left > right
+    assert min(widths) > 0.36, min(widths)  # >= 0.387 up to resampling; scale 0.08 goes well below
+    assert 100 < flips < 200, flips  # Binomial(300, 1/2): a fair flip
+
+
+def test_cifar10_stats_are_the_training_split_s(data_dir):
+    """DATASET_STATS['cifar10'] is the channel mean / std of the training split: recomputed here from the 50,000
+    real images through per-channel pixel histograms (the often-copied std 0.2023, 0.1994, 0.2010 is not it)."""
+    need(data_dir, "cifar10", "cifar-10-batches-py", "data_batch_1")
+    x, _ = common.load_cifar10(data_dir, train=True)
+    v = torch.arange(256, dtype=torch.float64) / 255
+    mean, std = common.DATASET_STATS["cifar10"]
+    for c in range(3):
+        h = torch.bincount(x[:, c].flatten().long(), minlength=256).double()
+        m = (h * v).sum() / h.sum()
+        assert m.item() == pytest.approx(mean[c], abs=1e-4)
+        assert ((h * (v - m) ** 2).sum() / h.sum()).sqrt().item() == pytest.approx(std[c], abs=1e-4)
+
+
+def test_resume_refusal_counts_the_flags_it_leaves_out():
+    """The message lists the first 4 differing flags (sorted) and says how many
+    more there are: 4 differences -> no 'more', 5 -> 'and 1 more' naming only a..d."""
+    saved = {k: 0 for k in "abcde"}
+    with pytest.raises(common.UserError) as e:
+        common.check_resume_config(saved, dict(saved, a=1, b=1, c=1, d=1), set(), "RUN")
+    assert "--d 1 (run: 0)" in str(e.value) and "more" not in str(e.value)
+    with pytest.raises(common.UserError) as e:
+        common.check_resume_config(saved, {k: 1 for k in "abcde"}, set(), "RUN")
+    assert "--d 1 (run: 0) and 1 more;" in str(e.value) and "--e" not in str(e.value)

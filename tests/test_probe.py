@@ -206,3 +206,40 @@ def test_selfmodel_checkpoint_names_its_cell_and_normalisation(ckpts, data_dir, 
     # probes normalise as the run trained: by default the authors' 0.5 / 0.5
     assert S.input_stats({"normalize": "paper"}, "cifar10") == ((0.5,) * 3, (0.5,) * 3)
     assert S.input_stats({"normalize": "dataset"}, "cifar10") == common.DATASET_STATS["cifar10"]
+
+
+def test_pick_layers_by_hand():
+    """Layers count 1..n: 'last' = [n], 'all' = 1..n, a list is kept as given
+    when every entry lies in 1..n (n itself included), else a one-line error."""
+    assert probe.pick_layers("last", 3) == [3]
+    assert probe.pick_layers("all", 3) == [1, 2, 3]
+    assert probe.pick_layers("3", 3) == [3] and probe.pick_layers("1,3", 3) == [1, 3]
+    for bad in ("0", "4", "2,4"):
+        with pytest.raises(common.UserError, match="out of range"):
+            probe.pick_layers(bad, 3)
+
+
+def _planted_ckpt(tmp_path, monkeypatch, **config):
+    mod = _planted_module("planted")
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    monkeypatch.setattr(probe, "SCRIPTS", probe.SCRIPTS + (mod.__name__,))
+    monkeypatch.setattr(common, "load_dataset", _fake_data)  # 1000 train, 400 test images
+    ck = tmp_path / "ckpt.pt"
+    common.save_checkpoint(str(ck), {"script": mod.__name__, "model": {"w": torch.zeros(1)},
+                                     "config": {"dataset": "cifar10", "seed": 0, "probe_epochs": 2, **config}})
+    return ck
+
+
+def test_probe_takes_n_train_n_test_and_k_each_from_its_own_flag_else_the_run(tmp_path, monkeypatch):
+    """--n-train sets the training images only (the test split stays the run's
+    own, here all 400); k is --knn-k, else the run's knn_k (7 here), never silently 20."""
+    ck = _planted_ckpt(tmp_path, monkeypatch, knn_k=7)
+    sizes, ks = [], []
+    batches, evaluate = common.GPUBatches, common.evaluate_features
+    monkeypatch.setattr(common, "GPUBatches", lambda x, *a, **k: sizes.append(len(x)) or batches(x, *a, **k))
+    monkeypatch.setattr(common, "evaluate_features", lambda *a, **kw: ks.append(kw["k"]) or evaluate(*a, **kw))
+    probe.main([str(ck), "--n-train", "300", "--out", str(tmp_path / "p.json")])
+    assert sizes == [300, 400] and ks == [7]
+    sizes.clear(), ks.clear()
+    probe.main([str(ck), "--n-test", "100", "--knn-k", "3", "--out", str(tmp_path / "q.json")])
+    assert sizes == [1000, 100] and ks == [3]

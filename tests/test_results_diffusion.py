@@ -221,3 +221,9 @@ def test_json_and_images_without_matplotlib(runs, tmp_path, monkeypatch, capsys)
     assert sorted(os.listdir(tmp_path)) == ["diffusion_nofig.json", "diffusion_nofig_samples_a0.7_s0.png",
                                             "diffusion_nofig_samples_a1_s0.png"]
     assert "matplotlib is not installed: figure skipped" in capsys.readouterr().out
+
+
+def test_kilo_labels_only_whole_thousands():
+    """FID-50k / FID-10k for whole thousands; any other N as it is
+    (1500 is not '1k')."""
+    assert [F.kilo(n) for n in (50000, 10000, 1000, 1500, 999, 8)] == ["50k", "10k", "1k", "1500", "999", "8"]
