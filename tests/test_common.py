@@ -752,9 +752,9 @@ def test_linear_probe_with_a_one_row_last_batch():
 
 
 def test_knn_default_temperature_is_wu_et_als_0_07():
-    """One class-0 neighbour at cosine s1 against two class-1 neighbours at s2:
-    class 0 wins iff exp(s1/T) > 2 exp(s2/T), i.e. iff s1 - s2 > T ln 2. Wu et al. 2018's T = 0.07 gives
-    T ln 2 = 0.0485: a gap of 0.060 goes to class 0, a gap of 0.045 to class 1 (so T lies in (0.065, 0.087))."""
+    """One class-0 neighbour at cosine s1 against two class-1 neighbours at s2: class 0 wins iff exp(s1/T) > 2
+    exp(s2/T), i.e. iff s1 - s2 > T ln 2. Wu et al. 2018's T = 0.07 gives T ln 2 = 0.0485: a gap of 0.060 goes to
+    class 0, a gap of 0.045 to class 1 (so T lies in (0.065, 0.087))."""
     def case(s1, s2):
         r1, r2 = math.sqrt(1 - s1 ** 2), math.sqrt(1 - s2 ** 2)
         tr = torch.tensor([[s1, r1], [s2, r2], [s2, -r2]], dtype=torch.float64).float()
@@ -775,10 +775,10 @@ def _imagenet_folder(root):
 
 
 def test_imagenet100_train_crop_is_maes_scale_and_flips(tmp_path):
-    """Train transform on a 224 px image whose value is its column: an output's
-    first and last column read the crop's left and right edge. MAE's RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3)
-    keeps a crop width of at least sqrt(0.2 * 3/4) = 0.387 of the side (torchvision's default 0.08 allows 0.245);
-    RandomHorizontalFlip reverses the ramp in about half the draws and never without it."""
+    """Train transform on a 224 px image whose value is its column: an output's first and last column read the crop's
+    left and right edge. MAE's RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3) keeps a crop width of at least sqrt(0.2
+    * 3/4) = 0.387 of the side (torchvision's default 0.08 allows 0.245); RandomHorizontalFlip reverses the ramp in
+    about half the draws and never without it."""
     img = _imagenet_folder(tmp_path)
     tr, _ = common.imagenet100_datasets(str(tmp_path), img_size=32)
     mean, std = common.DATASET_STATS["imagenet100"]
@@ -808,8 +808,8 @@ def test_cifar10_stats_are_the_training_split_s(data_dir):
 
 
 def test_resume_refusal_counts_the_flags_it_leaves_out():
-    """The message lists the first 4 differing flags (sorted) and says how many
-    more there are: 4 differences -> no 'more', 5 -> 'and 1 more' naming only a..d."""
+    """The message lists the first 4 differing flags (sorted) and says how many more there are: 4 differences -> no
+    'more', 5 -> 'and 1 more' naming only a..d."""
     saved = {k: 0 for k in "abcde"}
     with pytest.raises(common.UserError) as e:
         common.check_resume_config(saved, dict(saved, a=1, b=1, c=1, d=1), set(), "RUN")

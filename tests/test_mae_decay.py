@@ -728,9 +728,9 @@ def test_reconstruction_undoes_the_patch_normalisation(tmp_path, monkeypatch):
 
 
 def test_in100_preset_is_maes_vit_b_recipe():
-    """REFERENCE section 1, MAE recipe (He et al.) for ViT-B/16 on ImageNet:
-    blr 1.5e-4, 40 warm-up epochs, weight decay 0.05, mask ratio 0.75, norm-pix loss; ViT-B/16 = dim 768, depth 12,
-    12 heads, patch 16 at 224 px; decoder 512-d, 8 blocks, 16 heads. No test or committed run uses this preset."""
+    """MAE's recipe (He et al.) for ViT-B/16 on ImageNet: blr 1.5e-4, 40 warm-up epochs, weight decay 0.05, mask ratio
+    0.75, norm-pix loss; ViT-B/16 = dim 768, depth 12, 12 heads, patch 16 at 224 px; decoder 512-d, 8 blocks, 16
+    heads. No committed run uses this preset yet: only this test holds it."""
     a = M.parse_args(["--preset", "in100"])
     assert (a.dataset, a.img_size, a.patch, a.dim, a.depth, a.heads) == ("imagenet100", 224, 16, 768, 12, 12)
     assert (a.dec_dim, a.dec_depth, a.dec_heads) == (512, 8, 16)

@@ -209,8 +209,8 @@ def test_selfmodel_checkpoint_names_its_cell_and_normalisation(ckpts, data_dir, 
 
 
 def test_pick_layers_by_hand():
-    """Layers count 1..n: 'last' = [n], 'all' = 1..n, a list is kept as given
-    when every entry lies in 1..n (n itself included), else a one-line error."""
+    """Layers count 1..n: 'last' = [n], 'all' = 1..n, a list is kept as given when every entry lies in 1..n (n itself
+    included), else a one-line error."""
     assert probe.pick_layers("last", 3) == [3]
     assert probe.pick_layers("all", 3) == [1, 2, 3]
     assert probe.pick_layers("3", 3) == [3] and probe.pick_layers("1,3", 3) == [1, 3]
@@ -231,8 +231,8 @@ def _planted_ckpt(tmp_path, monkeypatch, **config):
 
 
 def test_probe_takes_n_train_n_test_and_k_each_from_its_own_flag_else_the_run(tmp_path, monkeypatch):
-    """--n-train sets the training images only (the test split stays the run's
-    own, here all 400); k is --knn-k, else the run's knn_k (7 here), never silently 20."""
+    """--n-train sets the training images only (the test split stays the run's own, here all 400); k is --knn-k, else
+    the run's knn_k (7 here), never silently 20."""
     ck = _planted_ckpt(tmp_path, monkeypatch, knn_k=7)
     sizes, ks = [], []
     batches, evaluate = common.GPUBatches, common.evaluate_features

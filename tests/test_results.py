@@ -65,7 +65,8 @@ def test_merge_writes_the_table_commands_and_rechecked_traces(split_sweep):
         assert cell["llc_trace"]["draws_per_point"] == 1 and len(cell["llc_trace"]["loss_trace"]) == 2
         assert cell["llc_check"]["flat"] == own[key]["flat"] and isinstance(own[key]["flat"], bool)
         for k in ("drift", "noise", "frac_below_init"):
-            assert cell["llc_check"][k] == pytest.approx(own[key][k], rel=1e-4, abs=1e-12), (key, k)  # published at 5 digits
+            # the published JSON keeps 5 significant digits
+            assert cell["llc_check"][k] == pytest.approx(own[key][k], rel=1e-4, abs=1e-12), (key, k)
     text = F.markdown(s)
     assert text.count("\n| ") == 2 and "| 5 | 2 |" in text and "Spearman" in text
     with pytest.raises(common.UserError, match="two runs"):

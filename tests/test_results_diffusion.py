@@ -224,6 +224,5 @@ def test_json_and_images_without_matplotlib(runs, tmp_path, monkeypatch, capsys)
 
 
 def test_kilo_labels_only_whole_thousands():
-    """FID-50k / FID-10k for whole thousands; any other N as it is
-    (1500 is not '1k')."""
+    """FID-50k / FID-10k for whole thousands; any other N as it is (1500 is not '1k')."""
     assert [F.kilo(n) for n in (50000, 10000, 1000, 1500, 999, 8)] == ["50k", "10k", "1k", "1500", "999", "8"]

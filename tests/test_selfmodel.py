@@ -902,9 +902,9 @@ def test_affine_shifts_are_drawn_per_axis():
 
 
 def test_cifar10_task_defaults_are_the_papers():
-    """REFERENCE section 4, CIFAR-10: hidden 2000, targets block + hidden, AW
-    0.5/1/2 (and the AW 0 baseline), Adam 1e-4, batch 64, 250 epochs; SGLD eps 1e-4, gamma 100, 4 chains x 400
-    draws. No committed CIFAR-10 table pins these (the MNIST and IMDB ones do through their commands)."""
+    """The self-modeling paper's CIFAR-10 settings: hidden 2000, targets block + hidden, AW 0.5/1/2 (and the AW 0
+    baseline), Adam 1e-4, batch 64, 250 epochs; SGLD eps 1e-4, gamma 100, 4 chains x 400 draws. No committed
+    CIFAR-10 table pins these (the MNIST and IMDB ones do through their commands)."""
     a = S.get_args(["--task", "cifar10"])
     assert (a.hidden, a.target, a.aw) == (2000, "block,hidden", "0,0.5,1,2")
     assert (a.optimizer, a.lr, a.batch_size, a.epochs) == ("adam", 1e-4, 64, 250)
