@@ -182,3 +182,15 @@ def assert_clean_error(proc, *words):
     last = err.splitlines()[-1] if err else ""
     for w in words:
         assert w in last, f"{w!r} not in error line {last!r}"
+
+
+class FakeClock:
+    """A clock that moves only when a test moves it (`t += seconds`), to be monkeypatched in as a script's `time`
+    module: throughput and step times then have values worked out by hand."""
+    def __init__(self):
+        self.t = 1000.0
+
+    def ns(self):
+        import time, types
+        return types.SimpleNamespace(time=lambda: self.t, perf_counter=lambda: self.t, sleep=time.sleep,
+                                     monotonic=lambda: self.t)

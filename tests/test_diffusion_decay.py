@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import common
 import diffusion_decay as dd
-from conftest import (assert_clean_error, need, randomize, run_script, save_fid_standin, side_by_side, tiny_cifar10,
-                      tiny_cifar100)
+from conftest import (FakeClock, assert_clean_error, need, randomize, run_script, save_fid_standin, side_by_side,
+                      tiny_cifar10, tiny_cifar100)
 
 
 TINY = dict(patch=4, dim=32, depth=5, heads=2, mlp_ratio=2.0, dataset="cifar10", cond=False, alpha_min=0.7)
@@ -755,3 +755,25 @@ def test_features_pool_the_patch_tokens_only():
     tokens = outs[0]
     assert tokens.shape[1] == 2 + 64  # time token, class token, 64 patches
     assert torch.allclose(f, tokens[:, 2:].mean(1)) and not torch.allclose(f, tokens[:, 1:].mean(1))
+
+
+def test_img_per_s_counts_every_step_of_the_interval(tmp_path, monkeypatch):
+    """With a clock that advances exactly 1 s per training step (batch 16), every log interval of 3 steps takes
+    3 s for 3 x 16 images: 16 img/s in each log line and as the run's img_per_s. Dividing one batch by the
+    interval's time (forgetting the step count) would give 16 / 3."""
+    clock = FakeClock()
+    loss = dd.diffusion_loss
+
+    def timed_loss(m, x, t, n, y=None):
+        if len(x) == 16:  # a training batch (the FLOP count runs a batch of 2)
+            clock.t += 1.0
+        return loss(m, x, t, n, y)
+    monkeypatch.setattr(dd, "diffusion_loss", timed_loss)
+    monkeypatch.setattr(dd, "time", clock.ns())
+    out = tmp_path / "run"
+    dd.main(["--smoke", "--data-dir", tiny_cifar10(tmp_path / "data", n_train=64, n_test=32), "--no-download",
+             "--out", str(out), "--iters", "6", "--batch-size", "16", "--log-every", "3", "--grid", "0",
+             "--probe-epochs", "1"])
+    ips = [float(l.split(" img/s")[0].split()[-1]) for l in open(out / "log.txt") if l.startswith("iter ")]
+    assert ips == [16.0, 16.0]
+    assert json.load(open(out / "results.json"))["metrics"]["img_per_s"] == pytest.approx(16.0)

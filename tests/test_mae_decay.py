@@ -10,7 +10,8 @@ import torch
 
 import common
 import mae_decay as M
-from conftest import assert_clean_error, need, randomize, run_script, side_by_side, tiny_cifar10, tiny_cifar100
+from conftest import (FakeClock, assert_clean_error, need, randomize, run_script, side_by_side, tiny_cifar10,
+                      tiny_cifar100)
 
 TINY = dict(img_size=32, patch=8, dim=32, depth=4, heads=2, mlp_ratio=4.0, dec_dim=16, dec_depth=2, dec_heads=2,
             pos_embed="sincos", alpha_min=0.6, decay="linear", decay_where="both", skip=True, mask_ratio=0.75,
@@ -735,3 +736,25 @@ def test_in100_preset_is_maes_vit_b_recipe():
     assert (a.dataset, a.img_size, a.patch, a.dim, a.depth, a.heads) == ("imagenet100", 224, 16, 768, 12, 12)
     assert (a.dec_dim, a.dec_depth, a.dec_heads) == (512, 8, 16)
     assert (a.blr, a.warmup_epochs, a.weight_decay, a.mask_ratio, a.norm_pix_loss) == (1.5e-4, 40, 0.05, 0.75, True)
+
+
+def test_img_per_s_counts_the_steps_since_the_last_line(tmp_path, monkeypatch):
+    """With a clock that advances exactly 1 s per training step, each log interval of k steps of batch B takes
+    k seconds: B img/s in every line, the first and the later ones alike, and B as the run's img_per_s.
+    Counting all steps since the start (not since the last line) would double the second interval's rate."""
+    clock = FakeClock()
+    mask_noise = M.mask_noise
+
+    def timed_noise(a, step, *r):
+        clock.t += 1.0
+        return mask_noise(a, step, *r)
+    monkeypatch.setattr(M, "mask_noise", timed_noise)
+    monkeypatch.setattr(M, "time", clock.ns())
+    out = tmp_path / "out"
+    run_inproc(["--smoke", "--data-dir", tiny_cifar10(tmp_path / "data"), "--out", out, "--epochs", 2,
+                "--log-every", 4, "--eval-every", 3, "--no-download"])
+    res = json.load(open(out / "results.json"))
+    b = res["config"]["batch_size"]
+    ips = [float(l.split(" img/s")[0].split()[-1]) for l in open(out / "log.txt") if l.startswith("step ")]
+    assert len(ips) >= 2 and ips == [float(b)] * len(ips)
+    assert res["metrics"]["img_per_s"] == pytest.approx(b)

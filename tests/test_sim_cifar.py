@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import common
 import sim_cifar as S
-from conftest import ROOT, assert_clean_error, need, run_in_process, run_script, side_by_side
+from conftest import ROOT, FakeClock, assert_clean_error, need, run_in_process, run_script, side_by_side
 
 CPU = common.Dist(0, 0, 1, torch.device("cpu"), True)
 # a tiny real-data configuration: 256 training images, batch 64 -> 4 steps per epoch
@@ -761,3 +761,68 @@ def test_training_batches_mirror_half_the_images():
     x = torch.cat([b for b, _ in train.epoch(0)])
     mirrored = (x[..., :16].mean((1, 2, 3)) > x[..., 16:].mean((1, 2, 3))).float().mean().item()
     assert 0.35 < mirrored < 0.65  # the standard CIFAR recipe: RandomHorizontalFlip(0.5) (+ 4-px pad and crop)
+
+
+def test_warmup_is_rounded_steps_not_whole_epochs(cifar, tmp_path, monkeypatch):
+    """--warmup-epochs 0.5 at 7 steps an epoch (448 images, batch 64) is round(3.5) = 4 warm-up steps, so
+    steps 0..3 train at lr * 1/4, 2/4, 3/4, 4/4 (linear from 0, per step). Truncating the warm-up to whole
+    epochs (int(0.5) = 0) would start at the full peak instead."""
+    argv = TINY + ["--data-dir", cifar, "--train-subset", "448", "--warmup-epochs", "0.5", "--log-every", "100"]
+    args = S.parse_args(argv)
+    data = S.load_data(args, CPU)
+    cfg = dict(vars(args), dataset="cifar10")
+    seen = []
+    lr_at = S.lr_at
+    monkeypatch.setattr(S, "lr_at", lambda *a: seen.append(lr_at(*a)) or seen[-1])
+    assert _train_in_process(args, cfg, data, str(tmp_path / "run"), stop_at=4) is None
+    peak = cfg["lr"]
+    assert seen == pytest.approx([peak * k / 4 for k in (1, 2, 3, 4)])
+
+
+def test_resumed_process_leaves_its_own_first_epoch_out_of_the_timing(cifar, tmp_path):
+    """Steady-state timing skips each process's first epoch (compile, warm-up). A 2-epoch run of 7 steps an
+    epoch, stopped at step 7 and resumed, has its resumed process train only steps 8..14 -- that process's
+    first epoch -- and the stopped one logged only at steps 3 and 6, inside its own first epoch. So no
+    interval anywhere is steady-state: the timing stays empty. Counting from step 0 instead of the process's
+    start step would wrongly time the intervals ending at 12 and 14 after the resume."""
+    argv = TINY + ["--data-dir", cifar, "--train-subset", "448", "--log-every", "3"]
+    args = S.parse_args(argv)
+    data = S.load_data(args, CPU)
+    cfg = dict(vars(args), dataset="cifar10")
+    out = str(tmp_path / "run")
+    assert _train_in_process(args, cfg, data, out, stop_at=7) is None
+    ck = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ck["step"] == 7 and ck["timing"] == []
+    _train_in_process(args, cfg, data, out, ck=ck)
+    end = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert end["step"] == 14 and [h[0] for h in end["history"]["loss"]] == [3, 6, 9, 12, 14]
+    assert end["timing"] == []
+
+
+def test_step_time_leaves_the_evaluation_pause_out(cifar, tmp_path, monkeypatch):
+    """With a clock that moves 1 s per training step and 100 s per evaluation, every steady-state interval
+    (those ending at steps 9, 12, 14 of a 2 x 7-step run logged every 3 steps) must read exactly 1000 ms a step:
+    the epoch-1 evaluation at step 7 sits inside the 6..9 interval, and its 100 s is not training time.
+    Counting the pause would give (3 + 100) / 3 s a step there."""
+    clock = FakeClock()
+    loss_of, evaluate = S.training_loss, S.evaluate
+
+    def timed_loss(*a):
+        clock.t += 1.0
+        return loss_of(*a)
+
+    def slow_eval(*a):
+        clock.t += 100.0
+        return evaluate(*a)
+    monkeypatch.setattr(S, "training_loss", timed_loss)
+    monkeypatch.setattr(S, "evaluate", slow_eval)
+    monkeypatch.setattr(S, "time", clock.ns())
+    argv = TINY + ["--data-dir", cifar, "--train-subset", "448", "--log-every", "3"]
+    args = S.parse_args(argv)
+    data = S.load_data(args, CPU)
+    cfg = dict(vars(args), dataset="cifar10")
+    out = str(tmp_path / "run")
+    _train_in_process(args, cfg, data, out, clock=clock.t)
+    ck = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert [e[0] for e in ck["history"]["eval"]][:1] == [1]  # the step-7 evaluation ran inside an interval
+    assert ck["timing"] == [[pytest.approx(1000.0), 3], [pytest.approx(1000.0), 3], [pytest.approx(1000.0), 2]]
