@@ -151,15 +151,21 @@ def _fake_data(name, data_dir, train=True, download=False):
     return x, y
 
 
-@pytest.mark.parametrize("kind,lo,hi", [("planted", 98, 100), ("random", 0, 20)])
-def test_planted_vs_random_representation(tmp_path, monkeypatch, kind, lo, hi):
+def _planted_ckpt(tmp_path, monkeypatch, kind="planted", **config):
+    """A checkpoint of the stand-in script, probed on fake data (1000 train, 400 test images)."""
     mod = _planted_module(kind)
     monkeypatch.setitem(sys.modules, mod.__name__, mod)
     monkeypatch.setattr(probe, "SCRIPTS", probe.SCRIPTS + (mod.__name__,))
-    monkeypatch.setattr(common, "load_dataset", _fake_data)
+    monkeypatch.setattr(common, "load_dataset", _fake_data)  # 1000 train, 400 test images
     ck = tmp_path / "ckpt.pt"
     common.save_checkpoint(str(ck), {"script": mod.__name__, "model": {"w": torch.zeros(1)},
-                                     "config": {"dataset": "cifar10", "seed": 0, "probe_epochs": 20}})
+                                     "config": {"dataset": "cifar10", "seed": 0, "probe_epochs": 2, **config}})
+    return ck
+
+
+@pytest.mark.parametrize("kind,lo,hi", [("planted", 98, 100), ("random", 0, 20)])
+def test_planted_vs_random_representation(tmp_path, monkeypatch, kind, lo, hi):
+    ck = _planted_ckpt(tmp_path, monkeypatch, kind, probe_epochs=20)
     (row,) = _probe(ck, "--out", tmp_path / "p.json")
     assert lo <= row["linear_probe"] <= hi and lo <= row["knn"] <= hi, row
 
@@ -217,17 +223,6 @@ def test_pick_layers_by_hand():
     for bad in ("0", "4", "2,4"):
         with pytest.raises(common.UserError, match="out of range"):
             probe.pick_layers(bad, 3)
-
-
-def _planted_ckpt(tmp_path, monkeypatch, **config):
-    mod = _planted_module("planted")
-    monkeypatch.setitem(sys.modules, mod.__name__, mod)
-    monkeypatch.setattr(probe, "SCRIPTS", probe.SCRIPTS + (mod.__name__,))
-    monkeypatch.setattr(common, "load_dataset", _fake_data)  # 1000 train, 400 test images
-    ck = tmp_path / "ckpt.pt"
-    common.save_checkpoint(str(ck), {"script": mod.__name__, "model": {"w": torch.zeros(1)},
-                                     "config": {"dataset": "cifar10", "seed": 0, "probe_epochs": 2, **config}})
-    return ck
 
 
 def test_probe_takes_n_train_n_test_and_k_each_from_its_own_flag_else_the_run(tmp_path, monkeypatch):
