@@ -615,10 +615,13 @@ def plot_steps(name, sweeps, out_png):
             xs = [p["step"] * nudge for p in pts]
             ax.errorbar(xs, [m["mean"] for m in stats], yerr=[m["ci95"] or 0.0 for m in stats], fmt="o-", capsize=3,
                         color=f"C{i}", label=f"lr {lr:g}: AW " + ", ".join(S.fmt_aw(p["aw"]) for p in pts))
+            # AW labels: the lowest lr's to the left, the highest's to the right, any between above its point
+            side = "right" if i == 0 else "left" if i == len(sweeps) - 1 else "center"
+            offset = {"right": (-5, -3), "left": (5, -3), "center": (0, 6)}[side]
             for x, p, m in zip(xs, pts, stats):
                 ax.plot([x] * len(p[k]), p[k], ".", color=f"C{i}", alpha=0.45, ms=5)
-                ax.annotate(S.fmt_aw(p["aw"]), (x, m["mean"]), xytext=(5 if i else -5, -3), textcoords="offset points",
-                            ha="left" if i else "right", fontsize=7, color=f"C{i}")
+                ax.annotate(S.fmt_aw(p["aw"]), (x, m["mean"]), xytext=offset, textcoords="offset points",
+                            ha=side, fontsize=7, color=f"C{i}")
         ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
         ax.set_xscale("log")
         ax.set_xticks(ticks, [f"{v:g}" for v in ticks])

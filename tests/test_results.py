@@ -688,7 +688,8 @@ def test_steps_reads_each_network_against_the_plain_one_at_its_learning_rate_by_
     p = run_script([os.path.join("results", "selfmodel_figures.py"), "--steps", "x", fast, "--out-dir", str(tmp_path)])
     assert p.returncode == 2 and "two or more" in p.stderr and "Traceback" not in p.stderr
     if importlib.util.find_spec("matplotlib"):
-        F.main(["--steps", "st", fast, slow, "--out-dir", str(tmp_path)])
+        quarter = sweep(0.025, [(0.0, 0, 1.0, 10.0), (400.0, 0, 0.4, 3.0)])  # three lrs: one labelled above
+        F.main(["--steps", "st", fast, slow, quarter, "--out-dir", str(tmp_path)])
         png = tmp_path / "selfmodel_st.png"
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
 
