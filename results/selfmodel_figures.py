@@ -585,7 +585,7 @@ def step_points(sweeps):
     """[{lr, aw, step = lr x AW, seeds, width, llc}] for every AW > 0 of each sweep: its width and RLCT per
     seed as ratios of the same sweep's AW 0 on that seed (the plain network at that learning rate)."""
     return [{"lr": lr, "aw": aw, "step": lr * aw, "seeds": [c["seed"] for _, c in pairs],
-             **{k: [c[k] / b[k] for b, c in pairs] for k in ("width", "llc")}}
+             **{k: [c[k] / b[k] for b, c in pairs] for k in ("width", "llc")}, "llc_abs": [c["llc"] for _, c in pairs]}
             for lr, s in sweeps.items() for aw, pairs in seed_pairs(list(s["runs"].values())).items() if pairs]
 
 
@@ -599,15 +599,17 @@ def steps_line(points):
 
 
 def plot_steps(name, sweeps, out_png):
-    """Width and RLCT ratios (to each sweep's AW 0) against lr x AW, a colour per learning rate: a dot per
-    seed, the mean and its 95% interval joined per learning rate."""
+    """Width and RLCT ratios (to each sweep's AW 0), and the RLCT itself, against lr x AW, a colour per learning
+    rate: a dot per seed, the mean and its 95% interval joined per learning rate; on the RLCT itself a dashed line
+    per learning rate marks its plain network (the mean of its AW 0 runs), the base of the ratios."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     points = step_points(sweeps)
     ticks = sorted({p["step"] for p in points})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (k, label) in zip(axes, (("width", "class-row width / plain network's"), ("llc", "RLCT / plain network's"))):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for ax, (k, label) in zip(axes, (("width", "class-row width / plain network's"), ("llc", "RLCT / plain network's"),
+                                     ("llc_abs", "RLCT itself (dashed: the plain network at each lr)"))):
         for i, lr in enumerate(sweeps):
             pts = [p for p in points if p["lr"] == lr]
             stats = [common.mean_ci(p[k]) for p in pts]
@@ -622,7 +624,11 @@ def plot_steps(name, sweeps, out_png):
                 ax.plot([x] * len(p[k]), p[k], ".", color=f"C{i}", alpha=0.45, ms=5)
                 ax.annotate(S.fmt_aw(p["aw"]), (x, m["mean"]), xytext=offset, textcoords="offset points",
                             ha=side, fontsize=7, color=f"C{i}")
-        ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
+            if k == "llc_abs":
+                plain = [c["llc"] for c in sweeps[lr]["runs"].values() if float(c["aw"]) == 0.0]
+                ax.axhline(sum(plain) / len(plain), color=f"C{i}", lw=0.8, ls="--")
+        if k != "llc_abs":
+            ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
         ax.set_xscale("log")
         ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
         ax.minorticks_off()
@@ -631,7 +637,7 @@ def plot_steps(name, sweeps, out_png):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("\n".join(textwrap.wrap(f"self-modeling, {name}: each network against the plain one trained at its "
-                                          f"learning rate, labelled by its AW (dots: seeds; mean and 95% interval; "
+                                          f"learning rate, and its RLCT itself, labelled by its AW (dots: seeds; mean and 95% interval; "
                                           f"{device_text(next(iter(sweeps.values())))})", 120)), fontsize=10)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)

@@ -672,6 +672,7 @@ def test_steps_reads_each_network_against_the_plain_one_at_its_learning_rate_by_
     assert sorted(pts) == [(0.05, 200.0), (0.1, 100.0), (0.1, 200.0)]
     assert pts[0.05, 200.0]["step"] == pytest.approx(10.0) and pts[0.05, 200.0]["seeds"] == [0]
     assert pts[0.05, 200.0]["width"] == [0.5] and pts[0.05, 200.0]["llc"] == [0.35]
+    assert pts[0.05, 200.0]["llc_abs"] == [3.5] and pts[0.1, 100.0]["llc_abs"] == [5.0, 6.0]  # the RLCT itself
     assert pts[0.1, 100.0]["width"] == [0.5, 0.5] and pts[0.1, 100.0]["llc"] == [0.5, 0.5]
     assert pts[0.1, 200.0]["step"] == pytest.approx(20.0) and pts[0.1, 200.0]["llc"] == [0.7]
     line = F.steps_line(F.step_points(sweeps))
@@ -1039,6 +1040,30 @@ def test_readme_results_row_of_the_lr_test_is_the_committed_json():
     said = {}
     seeds_said = re.search(r"\(lr 0\.05; ([^)]*)\)", row).group(1)  # "2 seeds at AW 0 and 200, 1 at AW 100 and 300"
     for part in re.split(r", (?=\d+ (?:seeds? )?at AW)", seeds_said):
+        n, group = re.fullmatch(r"(\d+) (?:seeds? )?at AW (.*)", part).groups()
+        said.update({float(a): int(n) for a in re.findall(r"\d+", group)})
+    assert said == counts, (said, counts)
+
+
+def test_readme_results_row_of_the_quarter_lr_is_the_committed_json():
+    """The Results-table row of lr 0.025 is written by hand: its RLCT ratios at lr x AW 5 / 10 / 15, those of lr 0.05
+    and lr 0.1 at the same lr x AW beside them, and its seed counts are what the committed sweeps pair by seed."""
+    row = _results_row("| same at a quarter of the learning rate (lr 0.025")
+    num = r"x([0-9.]+) / x([0-9.]+) / x([0-9.]+)"
+    m = re.search(rf"AW (\d+) / (\d+) / (\d+): RLCT as a ratio .*? \| {num} \(lr 0\.05 at AW (\d+) / (\d+) / (\d+): {num}; "
+                  rf"lr 0\.1 at AW (\d+) / (\d+) / (\d+): {num}\)", row)
+    assert m, row
+    g = m.groups()
+    for lr, (name, aws, ratios) in {0.025: ("selfmodel_imdb_paper_embedding_lr025.json", g[0:3], g[3:6]),
+                                    0.05: ("selfmodel_imdb_paper_embedding_lr05.json", g[6:9], g[9:12]),
+                                    0.1: (EMB_AWS, g[12:15], g[15:18])}.items():
+        assert [lr * float(a) for a in aws] == pytest.approx([5.0, 10.0, 15.0]), (lr, aws)  # one lr x AW a column
+        p = F.paired(_pub(name))
+        assert [f"{p[float(a)]['llc_ratio']['mean']:.2f}" for a in aws] == list(ratios), name
+    runs = _pub("selfmodel_imdb_paper_embedding_lr025.json")["runs"].values()
+    counts = {a: sum(float(c["aw"]) == a for c in runs) for a in {float(c["aw"]) for c in runs}}
+    said = {}
+    for part in re.split(r", (?=\d+ (?:seeds? )?at AW)", re.search(r"\(lr 0\.025; ([^)]*)\)", row).group(1)):
         n, group = re.fullmatch(r"(\d+) (?:seeds? )?at AW (.*)", part).groups()
         said.update({float(a): int(n) for a in re.findall(r"\d+", group)})
     assert said == counts, (said, counts)
