@@ -8,7 +8,7 @@ README rows, the trend lines and each AW's gain over AW 0 paired by seed.
   python results/selfmodel_figures.py --widths mnist_widths results/selfmodel_mnist_h{64,128,256,512}.json
   python results/selfmodel_figures.py imdb_quick_embedding out/... --beside results/selfmodel_imdb_quick.json
   python results/selfmodel_figures.py mnist_h64_intel out/... --against results/selfmodel_mnist_h64.json
-  python results/selfmodel_figures.py --steps imdb_paper_emb_steps results/selfmodel_imdb_paper_embedding_{aws,lr05}.json
+  python results/selfmodel_figures.py --steps imdb_paper_emb_steps results/selfmodel_imdb_paper_embedding_{aws,lr05,lr025}.json
   python results/selfmodel_figures.py --rescaled mnist_h64_rlct_width results/selfmodel_mnist_h64_rescale.json ...
   python results/selfmodel_figures.py --rescaled NAME results/...json ... --read results/selfmodel_imdb_paper_embedding_aws.json
 
@@ -33,8 +33,9 @@ of that sweep against each rescaled one at its own head width, seed by seed, and
 quantities against the width, one line per AW (the paper's Fig. 2 B-D), as NAME.png with its markdown table
 (and the dead units, as a share of the width, where every sweep counted them).
 `--steps NAME JSON...` takes SGD sweeps that differ only in the learning rate and draws NAME.png, each
-network's width and RLCT as ratios of the plain network trained at its own learning rate, against lr x AW (the
-step SGD takes on the self-model's term per unit of its gradient), with one README line.
+network's width and RLCT as ratios of the plain network trained at its own learning rate, and the RLCT itself
+beside its plain networks', against lr x AW (the step SGD takes on the self-model's term per unit of its
+gradient), with one README line.
 `--against PUBLISHED.json` compares the cells (AW, seed) this sweep shares with a sweep of the same settings made
 elsewhere (another CPU maker, say, or with extra estimates: --llc-rescale, --llc-grid-*): per AW, how many repeat
 it and the largest differences; one README line.
