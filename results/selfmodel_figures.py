@@ -583,8 +583,9 @@ def by_lr(files):
 
 
 def step_points(sweeps):
-    """[{lr, aw, step = lr x AW, seeds, width, llc}] for every AW > 0 of each sweep: its width and RLCT per
-    seed as ratios of the same sweep's AW 0 on that seed (the plain network at that learning rate)."""
+    """[{lr, aw, step = lr x AW, seeds, width, llc, llc_abs}] for every AW > 0 of each sweep: its width and RLCT
+    per seed as ratios of the same sweep's AW 0 on that seed (the plain network at that learning rate), and the
+    RLCT itself (llc_abs) of the same seeds."""
     return [{"lr": lr, "aw": aw, "step": lr * aw, "seeds": [c["seed"] for _, c in pairs],
              **{k: [c[k] / b[k] for b, c in pairs] for k in ("width", "llc")}, "llc_abs": [c["llc"] for _, c in pairs]}
             for lr, s in sweeps.items() for aw, pairs in seed_pairs(list(s["runs"].values())).items() if pairs]
@@ -627,7 +628,7 @@ def plot_steps(name, sweeps, out_png):
                             ha=side, fontsize=7, color=f"C{i}")
             if k == "llc_abs":
                 plain = [c["llc"] for c in sweeps[lr]["runs"].values() if float(c["aw"]) == 0.0]
-                ax.axhline(sum(plain) / len(plain), color=f"C{i}", lw=0.8, ls="--")
+                ax.axhline(common.mean_ci(plain)["mean"], color=f"C{i}", lw=0.8, ls="--")
         if k != "llc_abs":
             ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
         ax.set_xscale("log")

@@ -1023,6 +1023,15 @@ def _results_row(start):
         return next(ln for ln in fh.read().splitlines() if ln.startswith(start))
 
 
+def _seeds_said(row, lr):
+    """{aw: seeds} as a Results row says them after "(lr LR; ", e.g. "2 seeds at AW 0 and 200, 1 at AW 100 and 300"."""
+    said = {}
+    for part in re.split(r", (?=\d+ (?:seeds? )?at AW)", re.search(rf"\(lr {re.escape(lr)}; ([^)]*)\)", row).group(1)):
+        n, group = re.fullmatch(r"(\d+) (?:seeds? )?at AW (.*)", part).groups()
+        said.update({float(a): int(n) for a in re.findall(r"\d+", group)})
+    return said
+
+
 def test_readme_results_row_of_the_lr_test_is_the_committed_json():
     """The Results-table row of the lr 0.05 test is written by hand: its RLCT ratios (at lr 0.05 and at lr 0.1)
     and its seed counts are what the two committed sweeps pair by seed today."""
@@ -1037,12 +1046,7 @@ def test_readme_results_row_of_the_lr_test_is_the_committed_json():
         assert [f"{p[a]['llc_ratio']['mean']:.2f}" for a in aws] == list(ratios), name
     runs = _pub("selfmodel_imdb_paper_embedding_lr05.json")["runs"].values()
     counts = {a: sum(float(c["aw"]) == a for c in runs) for a in [0.0] + aws}
-    said = {}
-    seeds_said = re.search(r"\(lr 0\.05; ([^)]*)\)", row).group(1)  # "2 seeds at AW 0 and 200, 1 at AW 100 and 300"
-    for part in re.split(r", (?=\d+ (?:seeds? )?at AW)", seeds_said):
-        n, group = re.fullmatch(r"(\d+) (?:seeds? )?at AW (.*)", part).groups()
-        said.update({float(a): int(n) for a in re.findall(r"\d+", group)})
-    assert said == counts, (said, counts)
+    assert _seeds_said(row, "0.05") == counts
 
 
 def test_readme_results_row_of_the_quarter_lr_is_the_committed_json():
@@ -1062,11 +1066,7 @@ def test_readme_results_row_of_the_quarter_lr_is_the_committed_json():
         assert [f"{p[float(a)]['llc_ratio']['mean']:.2f}" for a in aws] == list(ratios), name
     runs = _pub("selfmodel_imdb_paper_embedding_lr025.json")["runs"].values()
     counts = {a: sum(float(c["aw"]) == a for c in runs) for a in {float(c["aw"]) for c in runs}}
-    said = {}
-    for part in re.split(r", (?=\d+ (?:seeds? )?at AW)", re.search(r"\(lr 0\.025; ([^)]*)\)", row).group(1)):
-        n, group = re.fullmatch(r"(\d+) (?:seeds? )?at AW (.*)", part).groups()
-        said.update({float(a): int(n) for a in re.findall(r"\d+", group)})
-    assert said == counts, (said, counts)
+    assert _seeds_said(row, "0.025") == counts
 
 
 def _table_row(name, aw):
